@@ -1,0 +1,72 @@
+"""The two tf.distribute idioms the optimizers and the training step rely on.
+
+* `update_on_each_device` runs an update function once on every device that
+  holds a (mirrored) variable, from replica or cross-replica context. Inside
+  it every distributed variable reads and writes its local copy, so replicas
+  apply the same all-reduced update without any further communication. It
+  works the same under the default strategy, `MirroredStrategy`,
+  `MultiWorkerMirroredStrategy` and `TPUStrategy`.
+* `replica_local_statistics` makes non-trainable variables created in its
+  scope (BatchNorm moving averages) replica-local, as Keras does for its own
+  BatchNorm, so the forward pass may update them in replica context.
+"""
+
+import contextlib
+
+import tensorflow as tf
+
+
+def update_on_each_device(colocate_with: tf.Variable, update_fn, *args):
+  """Calls `update_fn(*args)` on every device that holds `colocate_with`.
+
+  Args:
+    colocate_with: a variable; `update_fn` runs once per copy of it.
+    update_fn: builds the update; returns nothing useful.
+    *args: tensors or per-replica values, unwrapped to the local device.
+  """
+
+  def merge_fn(strategy, *merged_args):
+    def device_fn(unused_local_copy, *local_args):
+      update_fn(*local_args)
+      return tf.constant(0)
+
+    strategy.extended.update(
+        colocate_with, device_fn, args=merged_args, group=False)
+
+  if tf.distribute.in_cross_replica_context():
+    merge_fn(tf.distribute.get_strategy(), *args)
+  else:
+    tf.distribute.get_replica_context().merge_call(merge_fn, args=args)
+
+
+def _variable_dtype(kwargs):
+  if kwargs.get("dtype") is not None:
+    return tf.as_dtype(kwargs["dtype"])
+  initial_value = kwargs["initial_value"]
+  if callable(initial_value):
+    initial_value = initial_value()
+  return tf.convert_to_tensor(initial_value).dtype
+
+
+def _replica_local_creator(next_creator, **kwargs):
+  auto = tf.VariableSynchronization.AUTO
+  if (kwargs.get("trainable") is False and
+      kwargs.get("synchronization", auto) == auto):
+    kwargs["synchronization"] = tf.VariableSynchronization.ON_READ
+    if _variable_dtype(kwargs).is_floating:
+      kwargs["aggregation"] = tf.VariableAggregation.MEAN
+    else:
+      kwargs["aggregation"] = tf.VariableAggregation.ONLY_FIRST_REPLICA
+  return next_creator(**kwargs)
+
+
+@contextlib.contextmanager
+def replica_local_statistics():
+  """Creates non-trainable variables as replica-local (ON_READ) variables.
+
+  Build models in this scope (inside `strategy.scope()`). Each replica then
+  keeps BatchNorm statistics of its own batches; reading them outside a
+  replica (checkpoints, cross-replica evaluation) averages the replicas.
+  """
+  with tf.variable_creator_scope(_replica_local_creator):
+    yield

@@ -1,0 +1,530 @@
+"""Entropy-SGD and its SGD baselines as Sonnet 2 modules.
+
+All optimizers share one interface, so one training step drives them all:
+
+    optimizer.initialize(parameters)          # once, inside strategy.scope()
+    optimizer.begin_outer_step(parameters)
+    for _ in range(optimizer.gradient_evaluations_per_step):
+      optimizer.apply(gradients_on_a_fresh_minibatch, parameters)
+    metrics = optimizer.end_outer_step(parameters)
+
+For SGD the "outer step" is one gradient step. For Entropy-SGD it is one
+iteration of Algorithm 1 (Chaudhari et al., ICLR 2017): `begin_outer_step`
+sets x' = mu = x, each `apply` is one SGLD step of the inner loop and
+`end_outer_step` moves x along the local-entropy gradient. The update math
+lives in `updates.py`; here live the state variables, created once and
+placed like their parameters, and the distribution plumbing.
+
+They work under the default strategy, `MirroredStrategy` and `TPUStrategy`:
+`apply` may be called in replica context with all-reduced gradients, and
+every replica then applies the same update to its own copies.
+"""
+
+import dataclasses
+from typing import Mapping, Optional, Sequence, Union
+
+import sonnet as snt
+import tensorflow as tf
+
+from entropy_sgd import distribution
+from entropy_sgd import updates as update_rules
+
+FloatLike = Union[float, tf.Variable, tf.Tensor]
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+
+
+def _check_range(name, value, low, high):
+  if not low <= value < high:
+    raise ValueError(f"{name} must be in [{low}, {high}); got {value}")
+
+
+def _check_positive(name, value):
+  if isinstance(value, (int, float)) and not value > 0:
+    raise ValueError(f"{name} must be > 0; got {value}")
+
+
+def _check_non_negative(name, value):
+  if isinstance(value, (int, float)) and not value >= 0:
+    raise ValueError(f"{name} must be >= 0; got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Conventions:
+  """Where the paper and the reference implementations of Entropy-SGD differ.
+
+  Attributes:
+    alpha_weights: what `alpha` multiplies in the running mean.
+      "new_sample" (paper, Alg. 1): mu <- (1 - alpha) * mu + alpha * x'.
+      "old_mean" (Lua/PyTorch `beta1`): mu <- alpha * mu + (1 - alpha) * x'.
+    noise_scale: standard deviation of the SGLD noise per step.
+      "sqrt_lr" (paper): sqrt(eta') * eps.
+      "sqrt_2lr" (reference code): sqrt(2 * eta') * eps.
+    outer_scale: scale s of the outer step x <- x - eta * s * (x - mu).
+      "gamma" (paper ICLR version, Alg. 1) or "one" (reference code).
+    inner_momentum: momentum of the SGLD steps (0 in the paper, 0.9 in Lua);
+      its buffer restarts at every outer step.
+    inner_nesterov: Nesterov form of the inner momentum.
+    inner_weight_decay: where weight decay enters the SGLD step:
+      "before_momentum" (PyTorch reference) or "after_momentum" (Lua).
+    outer_momentum: momentum of the outer step (0 in paper and Lua).
+    outer_nesterov: Nesterov form of the outer momentum.
+    outer_weight_decay: whether weight decay is added to the outer
+      direction too (PyTorch reference) or only in the inner loop.
+    scoping_offset: gamma_t = gamma0 * (1 + gamma1)**(t + offset) for the
+      t-th outer step (t from 0). Lua increments its counter first: 1.
+  """
+  alpha_weights: str = "new_sample"
+  noise_scale: str = "sqrt_lr"
+  outer_scale: str = "gamma"
+  inner_momentum: float = 0.0
+  inner_nesterov: bool = False
+  inner_weight_decay: str = "before_momentum"
+  outer_momentum: float = 0.0
+  outer_nesterov: bool = False
+  outer_weight_decay: bool = False
+  scoping_offset: int = 0
+
+  def __post_init__(self):
+    _check_choice("alpha_weights", self.alpha_weights,
+                  ("new_sample", "old_mean"))
+    _check_choice("noise_scale", self.noise_scale, ("sqrt_lr", "sqrt_2lr"))
+    _check_choice("outer_scale", self.outer_scale, ("gamma", "one"))
+    _check_choice("inner_weight_decay", self.inner_weight_decay,
+                  ("before_momentum", "after_momentum"))
+    _check_range("inner_momentum", self.inner_momentum, 0.0, 1.0)
+    _check_range("outer_momentum", self.outer_momentum, 0.0, 1.0)
+    if self.scoping_offset < 0:
+      raise ValueError(
+          f"scoping_offset must be >= 0; got {self.scoping_offset}")
+
+
+# Algorithm 1 of the paper, with no momentum.
+PAPER = Conventions()
+
+# ucla-vision/entropy-sgd `entropyoptim.lua` with `train.lua`'s settings
+# (momentum 0.9, Nesterov, dampening 0): the code behind the paper's numbers.
+LUA_REFERENCE = Conventions(
+    alpha_weights="old_mean",
+    noise_scale="sqrt_2lr",
+    outer_scale="one",
+    inner_momentum=0.9,
+    inner_nesterov=True,
+    inner_weight_decay="after_momentum",
+    outer_momentum=0.0,
+    outer_weight_decay=False,
+    scoping_offset=1,
+)
+
+PRESETS: Mapping[str, Conventions] = {
+    "paper": PAPER,
+    "lua_reference": LUA_REFERENCE,
+}
+
+
+def langevin_noise(seed, step, inner_step, parameter_index, shape, dtype):
+  """N(0, I) noise for one parameter, keyed by (seed, t, l, parameter).
+
+  Stateless, so runs are reproducible and every replica draws the same
+  noise without communicating.
+  """
+  key = tf.constant([seed, 0], dtype=tf.int64)
+  for data in (step, inner_step, parameter_index):
+    key = tf.random.experimental.stateless_fold_in(
+        key, tf.cast(data, tf.int64), alg="philox")
+  return tf.random.stateless_normal(
+      shape, seed=key, dtype=dtype, alg="philox")
+
+
+def _state_like(parameter, name, trainable=False):
+  """A zero variable shaped like `parameter` and placed like it."""
+  initial_value = tf.zeros(parameter.shape, parameter.dtype)
+  if tf.distribute.has_strategy():
+    return tf.Variable(initial_value, trainable=trainable, name=name)
+  with tf.device(parameter.device):
+    return tf.Variable(initial_value, trainable=trainable, name=name)
+
+
+def _counter(name):
+  return tf.Variable(
+      tf.constant(0, tf.int64),
+      trainable=False,
+      name=name,
+      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+def _maybe_jit(fn, jit_compile):
+  return tf.function(fn, jit_compile=True) if jit_compile else fn
+
+
+def _read(variables):
+  return [v.read_value() for v in variables]
+
+
+def _assign(variables, values):
+  for variable, value in zip(variables, values):
+    variable.assign(value)
+
+
+class Optimizer(snt.Module):
+  """Shared interface and checks; subclasses define the per-device math."""
+
+  gradient_evaluations_per_step = 1
+
+  def __init__(self, jit_compile: bool, name: Optional[str]):
+    super().__init__(name=name)
+    self.jit_compile = jit_compile
+    self.step = None  # Outer steps taken; an int64 variable.
+    self._parameter_signature = None
+
+  def initialize(self, parameters: Sequence[tf.Variable]):
+    """Creates the state, once. Call inside `strategy.scope()`."""
+    if self._parameter_signature is not None:
+      self._check_parameters(parameters)
+      return
+    if not parameters:
+      raise ValueError("`parameters` cannot be empty.")
+    if not tf.distribute.in_cross_replica_context() and (
+        tf.distribute.has_strategy()):
+      raise RuntimeError(
+          "Optimizer state must be created outside the replica function: "
+          "call optimizer.initialize(parameters) inside strategy.scope() "
+          "before strategy.run.")
+    self._parameter_signature = [(p.shape, p.dtype) for p in parameters]
+    with self.name_scope:
+      self.step = _counter("step")
+      self._create_state(parameters)
+
+  def begin_outer_step(self, parameters: Sequence[tf.Variable]):
+    """Prepares one outer step (no-op for SGD)."""
+    self._check_parameters(parameters)
+
+  def apply(self, updates: Sequence[tf.Tensor],
+            parameters: Sequence[tf.Variable]):
+    """Applies one gradient evaluation: `updates[i]` is dL/d`parameters[i]`.
+
+    May be called in replica context with all-reduced gradients.
+    """
+    self._check_parameters(parameters)
+    self._check_updates(updates, parameters)
+    distribution.update_on_each_device(
+        self.step, lambda *g: self._apply_on_device(list(g), parameters),
+        *updates)
+
+  def end_outer_step(
+      self, parameters: Sequence[tf.Variable]) -> Mapping[str, tf.Tensor]:
+    """Finishes one outer step and returns scalar diagnostics."""
+    self._check_parameters(parameters)
+    distribution.update_on_each_device(
+        self.step, lambda: self.step.assign_add(1))
+    return {}
+
+  def _check_parameters(self, parameters):
+    if self._parameter_signature is None:
+      raise RuntimeError(
+          "Call optimizer.initialize(parameters) first (inside "
+          "strategy.scope() when using a distribution strategy).")
+    signature = [(p.shape, p.dtype) for p in parameters]
+    if signature != self._parameter_signature:
+      raise ValueError(
+          f"`parameters` ({len(signature)} variables) do not match those "
+          f"the optimizer was initialized with "
+          f"({len(self._parameter_signature)} variables); pass the same "
+          f"list, in the same order, every time.")
+
+  def _check_updates(self, updates, parameters):
+    if len(updates) != len(parameters):
+      raise ValueError(
+          f"`updates` and `parameters` must be the same length; got "
+          f"{len(updates)} updates for {len(parameters)} parameters.")
+    for update, parameter in zip(updates, parameters):
+      if update is None:
+        raise ValueError(
+            f"The gradient of parameter {parameter.name!r} is None: the "
+            f"loss does not depend on it. Pass only the parameters the loss "
+            f"uses.")
+      if isinstance(update, tf.IndexedSlices):
+        raise ValueError(
+            f"Sparse (IndexedSlices) gradient for {parameter.name!r}; "
+            f"convert it with tf.convert_to_tensor first.")
+      if update.dtype != parameter.dtype:
+        raise ValueError(
+            f"The gradient of {parameter.name!r} has dtype "
+            f"{update.dtype.name}, the parameter {parameter.dtype.name}.")
+      if not update.shape.is_compatible_with(parameter.shape):
+        raise ValueError(
+            f"The gradient of {parameter.name!r} has shape {update.shape}, "
+            f"the parameter {parameter.shape}.")
+
+  def _create_state(self, parameters):
+    raise NotImplementedError
+
+  def _apply_on_device(self, gradients, parameters):
+    raise NotImplementedError
+
+
+class SGD(Optimizer):
+  """SGD with optional (Nesterov) momentum and L2 weight decay.
+
+      d <- g + weight_decay * x
+      v <- momentum * v + d;  d <- d + momentum * v (Nesterov) or v
+      x <- x - learning_rate * d
+  """
+
+  def __init__(self,
+               learning_rate: FloatLike,
+               momentum: float = 0.0,
+               nesterov: bool = False,
+               weight_decay: float = 0.0,
+               jit_compile: bool = False,
+               name: Optional[str] = None):
+    super().__init__(jit_compile, name)
+    _check_positive("learning_rate", learning_rate)
+    _check_range("momentum", momentum, 0.0, 1.0)
+    _check_non_negative("weight_decay", weight_decay)
+    if nesterov and not momentum > 0:
+      raise ValueError("Nesterov momentum needs momentum > 0.")
+    self.learning_rate = learning_rate
+    self.momentum = momentum
+    self.nesterov = nesterov
+    self.weight_decay = weight_decay
+    self.velocities = []
+    self._math = _maybe_jit(self._step_math, jit_compile)
+
+  def _create_state(self, parameters):
+    if self.momentum > 0:
+      self.velocities = [
+          _state_like(p, f"velocity_{i}") for i, p in enumerate(parameters)]
+
+  def _step_math(self, parameters, gradients, velocities):
+    new_parameters, new_velocities = [], []
+    for i, (x, g) in enumerate(zip(parameters, gradients)):
+      x, v = update_rules.sgd_step(
+          x, g, velocities[i] if velocities else None,
+          learning_rate=tf.cast(self.learning_rate, x.dtype),
+          weight_decay=self.weight_decay,
+          momentum=self.momentum,
+          nesterov=self.nesterov)
+      new_parameters.append(x)
+      new_velocities.append(v)
+    return new_parameters, new_velocities if velocities else []
+
+  def _apply_on_device(self, gradients, parameters):
+    new_parameters, new_velocities = self._math(
+        _read(parameters), gradients, _read(self.velocities))
+    _assign(parameters, new_parameters)
+    _assign(self.velocities, new_velocities)
+    self.step.assign_add(1)
+
+  def end_outer_step(self, parameters):
+    self._check_parameters(parameters)  # `apply` already counted the step.
+    return {}
+
+
+class EntropySGD(Optimizer):
+  """Entropy-SGD, Algorithm 1 of Chaudhari et al. (ICLR 2017).
+
+  One outer step, on weights x:
+
+      gamma <- gamma0 * (1 + gamma1)**(t + scoping_offset)
+      x', mu <- x
+      for l = 1..L, each on a fresh minibatch:            (`apply`)
+        dx' <- grad f(x') + wd * x' - gamma * (x - x')
+        x'  <- x' - eta' * dx' + noise_std * N(0, I)
+        mu  <- (1 - alpha) * mu + alpha * x'
+      x <- x - eta * s * (x - mu)                         (`end_outer_step`)
+
+  The paper's conventions are the default; `conventions="lua_reference"`
+  reproduces the code that produced the paper's numbers. See `Conventions`.
+  Noise is drawn from a stateless RNG keyed by (seed, t, l, parameter).
+
+  The model's variables hold x' during the inner loop and x after
+  `end_outer_step`; `anchor` holds x and `mean` holds mu meanwhile.
+  """
+
+  def __init__(self,
+               learning_rate: FloatLike = 1.0,
+               num_langevin_steps: int = 20,
+               langevin_learning_rate: FloatLike = 0.1,
+               gamma: float = 0.03,
+               scoping: float = 1e-3,
+               noise: float = 1e-4,
+               alpha: float = 0.75,
+               weight_decay: float = 0.0,
+               conventions: Union[str, Conventions] = "paper",
+               seed: int = 0,
+               jit_compile: bool = False,
+               name: Optional[str] = None):
+    """Constructs Entropy-SGD.
+
+    Args:
+      learning_rate: eta, the outer step size.
+      num_langevin_steps: L, SGLD steps (gradient evaluations) per update.
+      langevin_learning_rate: eta', the SGLD step size.
+      gamma: gamma0, the initial scope (coupling of x' to x).
+      scoping: gamma1; gamma grows by a factor (1 + gamma1) per outer step.
+      noise: eps, the thermal noise of the SGLD steps.
+      alpha: weight of the running mean; see `Conventions.alpha_weights`.
+      weight_decay: L2 weight decay, see `Conventions.inner_weight_decay`.
+      conventions: a `Conventions` or the name of one of `PRESETS`.
+      seed: seed of the Langevin noise.
+      jit_compile: compile the per-device update math with XLA.
+      name: module name.
+    """
+    super().__init__(jit_compile, name)
+    if isinstance(conventions, str):
+      if conventions not in PRESETS:
+        raise ValueError(f"Unknown conventions preset {conventions!r}; "
+                         f"choose one of {sorted(PRESETS)}.")
+      conventions = PRESETS[conventions]
+    if (not isinstance(num_langevin_steps, int) or
+        isinstance(num_langevin_steps, bool) or num_langevin_steps < 1):
+      raise ValueError(
+          f"num_langevin_steps (L) must be an integer >= 1; got "
+          f"{num_langevin_steps!r}")
+    _check_positive("learning_rate", learning_rate)
+    _check_positive("langevin_learning_rate", langevin_learning_rate)
+    _check_positive("gamma", gamma)
+    _check_non_negative("scoping", scoping)
+    _check_non_negative("noise", noise)
+    _check_non_negative("weight_decay", weight_decay)
+    if not 0.0 < alpha <= 1.0:
+      raise ValueError(f"alpha must be in (0, 1]; got {alpha}")
+    self.learning_rate = learning_rate
+    self.gradient_evaluations_per_step = num_langevin_steps
+    self.langevin_learning_rate = langevin_learning_rate
+    self.gamma0 = gamma
+    self.scoping = scoping
+    self.noise = noise
+    self.alpha = alpha
+    self.weight_decay = weight_decay
+    self.conventions = conventions
+    self.seed = seed
+    self.anchor, self.mean = [], []
+    self.inner_velocities, self.outer_velocities = [], []
+    self.inner_step = None
+    self._langevin_math = _maybe_jit(self._langevin_step_math, jit_compile)
+    self._outer_math = _maybe_jit(self._outer_step_math, jit_compile)
+
+  @property
+  def num_langevin_steps(self) -> int:
+    return self.gradient_evaluations_per_step
+
+  def _create_state(self, parameters):
+    c = self.conventions
+    self.inner_step = _counter("inner_step")
+    for i, p in enumerate(parameters):
+      self.anchor.append(_state_like(p, f"anchor_{i}"))
+      self.mean.append(_state_like(p, f"mean_{i}"))
+      if c.inner_momentum > 0:
+        self.inner_velocities.append(_state_like(p, f"inner_velocity_{i}"))
+      if c.outer_momentum > 0:
+        self.outer_velocities.append(_state_like(p, f"outer_velocity_{i}"))
+
+  def gamma(self, step=None) -> tf.Tensor:
+    """gamma_t for outer step `step` (default: the current one)."""
+    step = self.step if step is None else step
+    return update_rules.scoped_gamma(
+        self.gamma0, self.scoping,
+        tf.cast(step, tf.int64) + self.conventions.scoping_offset)
+
+  def begin_outer_step(self, parameters):
+    """x', mu <- x; restarts the inner momentum."""
+    self._check_parameters(parameters)
+
+    def restart():
+      _assign(self.anchor, _read(parameters))
+      _assign(self.mean, _read(parameters))
+      for v in self.inner_velocities:
+        v.assign(tf.zeros_like(v))
+      self.inner_step.assign(0)
+
+    distribution.update_on_each_device(self.step, restart)
+
+  def _langevin_step_math(self, samples, anchors, means, gradients,
+                          velocities, step, inner_step):
+    c = self.conventions
+    new_samples, new_means, new_velocities = [], [], []
+    gamma = self.gamma(step)
+    for i, (x_prime, x, mu, g) in enumerate(
+        zip(samples, anchors, means, gradients)):
+      dtype = x_prime.dtype
+      learning_rate = tf.cast(self.langevin_learning_rate, dtype)
+      noise_std = update_rules.langevin_noise_std(learning_rate,
+                                                  tf.cast(self.noise, dtype),
+                                                  c.noise_scale)
+      standard_normal = langevin_noise(self.seed, step, inner_step, i,
+                                       x_prime.shape, dtype)
+      x_prime, v = update_rules.langevin_step(
+          x_prime, x, g, velocities[i] if velocities else None,
+          standard_normal,
+          gamma=tf.cast(gamma, dtype),
+          learning_rate=learning_rate,
+          noise_std=noise_std,
+          weight_decay=self.weight_decay,
+          momentum=c.inner_momentum,
+          nesterov=c.inner_nesterov,
+          decay_before_momentum=c.inner_weight_decay == "before_momentum")
+      new_samples.append(x_prime)
+      new_means.append(
+          update_rules.running_mean_step(mu, x_prime,
+                                         self._new_sample_weight))
+      new_velocities.append(v)
+    return new_samples, new_means, new_velocities if velocities else []
+
+  @property
+  def _new_sample_weight(self):
+    if self.conventions.alpha_weights == "new_sample":
+      return self.alpha
+    return 1.0 - self.alpha
+
+  def _apply_on_device(self, gradients, parameters):
+    samples, means, velocities = self._langevin_math(
+        _read(parameters), _read(self.anchor), _read(self.mean), gradients,
+        _read(self.inner_velocities), self.step.read_value(),
+        self.inner_step.read_value())
+    _assign(parameters, samples)
+    _assign(self.mean, means)
+    _assign(self.inner_velocities, velocities)
+    self.inner_step.assign_add(1)
+
+  def _outer_step_math(self, anchors, means, velocities, step):
+    c = self.conventions
+    scale = self.gamma(step) if c.outer_scale == "gamma" else 1.0
+    new_anchors, new_velocities = [], []
+    for i, (x, mu) in enumerate(zip(anchors, means)):
+      x, v = update_rules.outer_step(
+          x, mu, velocities[i] if velocities else None,
+          learning_rate=tf.cast(self.learning_rate, x.dtype),
+          scale=tf.cast(scale, x.dtype),
+          weight_decay=self.weight_decay if c.outer_weight_decay else 0.0,
+          momentum=c.outer_momentum,
+          nesterov=c.outer_nesterov)
+      new_anchors.append(x)
+      new_velocities.append(v)
+    return new_anchors, new_velocities if velocities else []
+
+  def end_outer_step(self, parameters):
+    """x <- x - eta * s * (x - mu); returns gamma and ||x - mu||."""
+    self._check_parameters(parameters)
+    metrics = {
+        "gamma": self.gamma(),
+        "anchor_to_mean_distance": tf.sqrt(
+            tf.add_n([tf.reduce_sum(tf.square(x - mu))
+                      for x, mu in zip(_read(self.anchor),
+                                       _read(self.mean))])),
+    }
+
+    def outer_update():
+      anchors, velocities = self._outer_math(
+          _read(self.anchor), _read(self.mean),
+          _read(self.outer_velocities), self.step.read_value())
+      _assign(parameters, anchors)
+      _assign(self.outer_velocities, velocities)
+      self.step.assign_add(1)
+
+    distribution.update_on_each_device(self.step, outer_update)
+    return metrics

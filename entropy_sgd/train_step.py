@@ -1,0 +1,110 @@
+"""One compiled training step for SGD, Nesterov and Entropy-SGD.
+
+`make_train_step` returns a `tf.function` that performs one outer step of
+the given optimizer: for Entropy-SGD, L inner SGLD iterations, each pulling
+its own minibatch from the iterator, then the outer update, all in one graph.
+Each gradient evaluation runs under `strategy.run`, with gradients
+all-reduced across replicas before the update.
+"""
+
+from typing import Callable, Mapping, Sequence
+
+import sonnet as snt
+import tensorflow as tf
+
+from entropy_sgd import distribution
+from entropy_sgd import optimizers
+
+
+def build_model(strategy: tf.distribute.Strategy,
+                model_fn: Callable[[], snt.Module],
+                input_shape: Sequence[int]) -> snt.Module:
+  """Constructs `model_fn()` and creates its variables in `strategy.scope()`.
+
+  BatchNorm statistics become replica-local (see `distribution`).
+  """
+  with strategy.scope(), distribution.replica_local_statistics():
+    model = model_fn()
+    model(tf.zeros([1, *input_shape]), is_training=False)
+  return model
+
+
+def classification_loss(logits, labels):
+  """Per-example softmax cross-entropy."""
+  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+
+
+def make_train_step(
+    model: snt.Module,
+    optimizer: optimizers.Optimizer,
+    strategy: tf.distribute.Strategy,
+    global_batch_size: int,
+    jit_compile: bool = False,
+) -> Callable[[tf.distribute.DistributedIterator], Mapping[str, tf.Tensor]]:
+  """Builds `train_step(iterator) -> metrics` for any of our optimizers.
+
+  Args:
+    model: a built module called as `model(images, is_training=...)`,
+      returning logits.
+    optimizer: `optimizers.SGD` or `optimizers.EntropySGD`.
+    strategy: the strategy whose scope holds the model.
+    global_batch_size: examples per gradient evaluation, over all replicas;
+      the loss of each replica is divided by it.
+    jit_compile: compile each replica's forward and backward pass with XLA.
+      (The optimizer's own `jit_compile` covers the update math.)
+
+  Returns:
+    A `tf.function` taking an iterator over (per-replica) `(images, labels)`
+    batches. Each call consumes `optimizer.gradient_evaluations_per_step`
+    batches and returns the mean training `loss` and `accuracy` over them,
+    plus the optimizer's diagnostics (`gamma`, `anchor_to_mean_distance`).
+  """
+  if global_batch_size % strategy.num_replicas_in_sync:
+    raise ValueError(
+        f"The global batch size {global_batch_size} is not divisible by the "
+        f"{strategy.num_replicas_in_sync} replicas; choose a multiple.")
+  parameters = list(model.trainable_variables)
+  if not parameters:
+    raise ValueError("The model has no trainable variables; build it first "
+                     "(see build_model).")
+  with strategy.scope():
+    optimizer.initialize(parameters)
+
+  def forward_backward(images, labels):
+    with tf.GradientTape() as tape:
+      logits = model(images, is_training=True)
+      per_example_loss = classification_loss(logits, labels)
+      loss = tf.reduce_sum(per_example_loss) / global_batch_size
+    gradients = tape.gradient(loss, parameters)
+    correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype),
+                       labels)
+    return (gradients, tf.reduce_sum(per_example_loss),
+            tf.reduce_sum(tf.cast(correct, tf.float32)))
+
+  if jit_compile:
+    forward_backward = tf.function(forward_backward, jit_compile=True)
+
+  def replica_step(images, labels):
+    gradients, loss_sum, num_correct = forward_backward(images, labels)
+    gradients = tf.distribute.get_replica_context().all_reduce(
+        tf.distribute.ReduceOp.SUM, gradients)
+    optimizer.apply(gradients, parameters)
+    num_examples = tf.cast(tf.shape(labels)[0], tf.float32)
+    return tf.stack([loss_sum, num_correct, num_examples])
+
+  @tf.function
+  def train_step(iterator):
+    with strategy.scope():
+      optimizer.begin_outer_step(parameters)
+      totals = tf.zeros([3])
+      for _ in tf.range(optimizer.gradient_evaluations_per_step):
+        images, labels = next(iterator)
+        per_replica = strategy.run(replica_step, args=(images, labels))
+        totals += strategy.reduce(
+            tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+      metrics = dict(optimizer.end_outer_step(parameters))
+    metrics["loss"] = totals[0] / totals[2]
+    metrics["accuracy"] = totals[1] / totals[2]
+    return metrics
+
+  return train_step

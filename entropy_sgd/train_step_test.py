@@ -1,0 +1,340 @@
+"""The compiled training step against an independent NumPy Algorithm 1.
+
+The reference below shares no code with the library: it has its own MLP
+forward/backward pass and its own transcription of Algorithm 1 and of the
+reference-code variants, in float64. Only the noise draws (the stateless
+`langevin_noise`) and the minibatches are fed to both sides.
+"""
+
+import dataclasses
+
+from absl.testing import parameterized
+import numpy as np
+import sonnet as snt
+import tensorflow as tf
+
+from entropy_sgd import optimizers
+from entropy_sgd import train_step as train_step_lib
+
+NUM_FEATURES, NUM_HIDDEN, NUM_CLASSES = 6, 5, 3
+BATCH = 8
+
+
+class MLP(snt.Module):
+  """x -> tanh(x W1 + b1) W2 + b2; no BatchNorm, so replicas are exact."""
+
+  def __init__(self):
+    super().__init__(name="mlp")
+    self.hidden = snt.Linear(NUM_HIDDEN, name="hidden")
+    self.logits = snt.Linear(NUM_CLASSES, name="logits")
+
+  def __call__(self, x, is_training):
+    del is_training
+    return self.logits(tf.tanh(self.hidden(x)))
+
+
+# ---------------------------------------------------------------- NumPy side.
+
+
+def np_gradients(w, x, y):
+  """Mean softmax cross-entropy of the MLP and its gradients, by hand."""
+  pre = x @ w["hidden/w"] + w["hidden/b"]
+  h = np.tanh(pre)
+  logits = h @ w["logits/w"] + w["logits/b"]
+  logits = logits - logits.max(axis=1, keepdims=True)
+  p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  onehot = np.eye(NUM_CLASSES)[y]
+  d_logits = (p - onehot) / len(y)
+  d_h = d_logits @ w["logits/w"].T
+  d_pre = d_h * (1.0 - h**2)
+  return {
+      "logits/w": h.T @ d_logits,
+      "logits/b": d_logits.sum(axis=0),
+      "hidden/w": x.T @ d_pre,
+      "hidden/b": d_pre.sum(axis=0),
+  }
+
+
+def np_momentum(d, v, mu, nesterov):
+  v = mu * v + d
+  return (d + mu * v if nesterov else v), v
+
+
+def np_sgd(w, batches, lr, mom, nesterov, wd):
+  vel = {k: np.zeros_like(a) for k, a in w.items()}
+  for x, y in batches:
+    g = np_gradients(w, x, y)
+    for k in w:
+      d = g[k] + wd * w[k]
+      if mom:
+        d, vel[k] = np_momentum(d, vel[k], mom, nesterov)
+      w[k] = w[k] - lr * d
+  return w
+
+
+def np_entropy_sgd(w, batches, noise_of, num_outer, hp, conv):
+  """Algorithm 1 of Chaudhari et al. (2017) plus the reference variants.
+
+  `noise_of(t, l, name)` returns the N(0, I) draw for step t, inner step l.
+  """
+  L = hp["L"]
+  lr, llr, g0, g1, eps, alpha, wd = (hp[k] for k in (
+      "lr", "llr", "gamma", "scoping", "eps", "alpha", "wd"))
+  outer_vel = {k: np.zeros_like(a) for k, a in w.items()}
+  batch_iter = iter(batches)
+  for t in range(num_outer):
+    gamma = g0 * (1.0 + g1)**(t + conv.scoping_offset)
+    x = {k: a.copy() for k, a in w.items()}
+    xp = {k: a.copy() for k, a in w.items()}
+    mu = {k: a.copy() for k, a in w.items()}
+    inner_vel = {k: np.zeros_like(a) for k, a in w.items()}
+    if conv.noise_scale == "sqrt_lr":
+      sigma = np.sqrt(llr) * eps
+    else:  # Lua: eps / sqrt(0.5 llr) added to the gradient, times llr.
+      sigma = llr * eps / np.sqrt(0.5 * llr)
+    new_weight = alpha if conv.alpha_weights == "new_sample" else 1 - alpha
+    for l in range(L):
+      bx, by = next(batch_iter)
+      g = np_gradients(xp, bx, by)
+      for k in w:
+        d = g[k]
+        if conv.inner_weight_decay == "before_momentum":
+          d = d + wd * xp[k]
+        if conv.inner_momentum:
+          d, inner_vel[k] = np_momentum(d, inner_vel[k], conv.inner_momentum,
+                                        conv.inner_nesterov)
+        if conv.inner_weight_decay == "after_momentum":
+          d = d + wd * xp[k]
+        d = d - gamma * (x[k] - xp[k])
+        xp[k] = xp[k] - llr * d + sigma * noise_of(t, l, k)
+        mu[k] = (1 - new_weight) * mu[k] + new_weight * xp[k]
+    scale = gamma if conv.outer_scale == "gamma" else 1.0
+    for k in w:
+      d = scale * (x[k] - mu[k])
+      if conv.outer_weight_decay:
+        d = d + wd * x[k]
+      if conv.outer_momentum:
+        d, outer_vel[k] = np_momentum(d, outer_vel[k], conv.outer_momentum,
+                                      conv.outer_nesterov)
+      w[k] = x[k] - lr * d
+  return w
+
+
+# ------------------------------------------------------------ Shared set-up.
+
+
+def make_data(num_batches, seed=0):
+  rng = np.random.RandomState(seed)
+  x = rng.normal(size=(num_batches * BATCH, NUM_FEATURES)).astype(np.float32)
+  y = rng.randint(NUM_CLASSES, size=num_batches * BATCH).astype(np.int32)
+  return x, y
+
+
+def batches_of(x, y):
+  return [(x[i:i + BATCH].astype(np.float64), y[i:i + BATCH])
+          for i in range(0, len(y), BATCH)]
+
+
+def short_name(variable):
+  # "mlp/hidden/w:0" -> "hidden/w"
+  return "/".join(variable.name.split(":")[0].split("/")[-2:])
+
+
+def run_tf(strategy, optimizer, x, y, num_outer, jit_compile=False):
+  model = train_step_lib.build_model(strategy, MLP, [NUM_FEATURES])
+  rng = np.random.RandomState(42)  # The same start under every strategy.
+  for v in model.trainable_variables:
+    v.assign(rng.normal(scale=0.5, size=v.shape).astype(np.float32))
+  initial = {short_name(v): v.numpy().astype(np.float64)
+             for v in model.trainable_variables}
+  dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+  iterator = iter(strategy.experimental_distribute_dataset(dataset))
+  step = train_step_lib.make_train_step(
+      model, optimizer, strategy, global_batch_size=BATCH,
+      jit_compile=jit_compile)
+  metrics = [step(iterator) for _ in range(num_outer)]
+  final = {short_name(v): v for v in model.trainable_variables}
+  return model, initial, final, metrics
+
+
+def noise_lookup(model, seed, jit_compile=False):
+  """The optimizer's noise draws; XLA and TF kernels draw differently."""
+  draw = optimizers.langevin_noise
+  if jit_compile:
+    draw = tf.function(draw, jit_compile=True)
+  index = {short_name(v): i for i, v in enumerate(model.trainable_variables)}
+  shape = {short_name(v): v.shape for v in model.trainable_variables}
+
+  def noise_of(t, l, name):
+    return draw(seed, tf.constant(t, tf.int64), tf.constant(l, tf.int64),
+                index[name], shape[name], tf.float32).numpy().astype(np.float64)
+
+  return noise_of
+
+
+def assert_close_relative(test, actual, expected, rtol=1e-5):
+  for name in expected:
+    a = np.asarray(actual[name], np.float64)
+    e = expected[name]
+    scale = max(np.abs(e).max(), 1e-3)
+    test.assertLessEqual(
+        np.abs(a - e).max() / scale, rtol,
+        f"{name}: TF and NumPy differ by {np.abs(a - e).max():.3g}")
+
+
+HYPER = dict(L=4, lr=0.7, llr=0.05, gamma=0.3, scoping=0.2, eps=0.05,
+             alpha=0.75, wd=0.01)
+
+CONVENTIONS = {
+    "paper": optimizers.PAPER,
+    "lua_reference": optimizers.LUA_REFERENCE,
+    "outer_nesterov_pytorch_decay": dataclasses.replace(
+        optimizers.PAPER, inner_momentum=0.5, inner_nesterov=False,
+        outer_momentum=0.9, outer_nesterov=True, outer_weight_decay=True),
+}
+
+
+class EntropySGDStepTest(tf.test.TestCase, parameterized.TestCase):
+
+  def make_optimizer(self, conventions, jit_compile=False):
+    return optimizers.EntropySGD(
+        learning_rate=HYPER["lr"], num_langevin_steps=HYPER["L"],
+        langevin_learning_rate=HYPER["llr"], gamma=HYPER["gamma"],
+        scoping=HYPER["scoping"], noise=HYPER["eps"], alpha=HYPER["alpha"],
+        weight_decay=HYPER["wd"], conventions=CONVENTIONS[conventions], seed=7,
+        jit_compile=jit_compile)
+
+  @parameterized.product(
+      conventions=sorted(CONVENTIONS), jit_compile=[False, True])
+  def test_matches_numpy_algorithm_1(self, conventions, jit_compile):
+    num_outer = 3
+    x, y = make_data(num_outer * HYPER["L"])
+    optimizer = self.make_optimizer(conventions, jit_compile)
+    model, initial, final, metrics = run_tf(
+        tf.distribute.get_strategy(), optimizer, x, y, num_outer,
+        jit_compile=jit_compile)
+    expected = np_entropy_sgd(initial, batches_of(x, y),
+                              noise_lookup(model, 7, jit_compile), num_outer, HYPER,
+                              CONVENTIONS[conventions])
+    assert_close_relative(self, final, expected)
+    # Scoping really advances: gamma of the last step is gamma0 (1+g1)^t.
+    offset = CONVENTIONS[conventions].scoping_offset
+    self.assertAllClose(metrics[-1]["gamma"],
+                        HYPER["gamma"] * 1.2**(num_outer - 1 + offset),
+                        rtol=1e-6)
+
+  def test_conventions_change_the_trajectory(self):
+    x, y = make_data(2 * HYPER["L"])
+    finals = []
+    for name in ("paper", "lua_reference"):
+      _, _, final, _ = run_tf(tf.distribute.get_strategy(),
+                              self.make_optimizer(name), x, y, 2)
+      finals.append(np.concatenate([v.numpy().ravel()
+                                    for v in final.values()]))
+    self.assertGreater(np.abs(finals[0] - finals[1]).max(), 1e-3)
+
+  def test_noise_enters_the_trajectory(self):
+    x, y = make_data(HYPER["L"])
+    finals = []
+    for seed in (1, 2):
+      optimizer = self.make_optimizer("paper")
+      optimizer.seed = seed
+      _, _, final, _ = run_tf(tf.distribute.get_strategy(), optimizer, x, y,
+                              1)
+      finals.append(final["hidden/w"].numpy())
+    self.assertGreater(np.abs(finals[0] - finals[1]).max(), 1e-5)
+
+  def test_returns_metrics_of_the_outer_step(self):
+    x, y = make_data(HYPER["L"])
+    _, _, _, metrics = run_tf(tf.distribute.get_strategy(),
+                              self.make_optimizer("paper"), x, y, 1)
+    self.assertEqual(set(metrics[0]), {"loss", "accuracy", "gamma",
+                                       "anchor_to_mean_distance"})
+    self.assertBetween(float(metrics[0]["accuracy"]), 0.0, 1.0)
+    self.assertGreater(float(metrics[0]["anchor_to_mean_distance"]), 0.0)
+
+
+class SGDStepTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("plain", 0.0, False, 0.0),
+      ("momentum", 0.9, False, 5e-3),
+      ("nesterov", 0.9, True, 5e-3),
+  )
+  def test_matches_numpy_sgd(self, momentum, nesterov, weight_decay):
+    x, y = make_data(5)
+    optimizer = optimizers.SGD(0.3, momentum=momentum, nesterov=nesterov,
+                               weight_decay=weight_decay)
+    _, initial, final, metrics = run_tf(tf.distribute.get_strategy(),
+                                        optimizer, x, y, 5)
+    expected = np_sgd(initial, batches_of(x, y), 0.3, momentum, nesterov,
+                      weight_decay)
+    assert_close_relative(self, final, expected)
+    self.assertEqual(int(optimizer.step.numpy()), 5)
+    self.assertEqual(set(metrics[0]), {"loss", "accuracy"})
+
+  def test_loss_and_accuracy_match_numpy(self):
+    x, y = make_data(1)
+    _, initial, _, metrics = run_tf(tf.distribute.get_strategy(),
+                                    optimizers.SGD(0.1), x, y, 1)
+    w = initial
+    logits = (np.tanh(x @ w["hidden/w"] + w["hidden/b"]) @ w["logits/w"] +
+              w["logits/b"])
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    self.assertAllClose(metrics[0]["loss"],
+                        -log_p[np.arange(len(y)), y].mean(), rtol=1e-5)
+    self.assertAllClose(metrics[0]["accuracy"],
+                        (logits.argmax(axis=1) == y).mean())
+
+
+class MirroredStrategyTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters("entropy_sgd", "nesterov")
+  def test_two_replicas_follow_the_default_strategy(self, name):
+    devices = tf.config.list_logical_devices("CPU")
+    self.assertLen(devices, 2, "the test main sets up 2 logical CPUs")
+
+    def make():
+      if name == "nesterov":
+        return optimizers.SGD(0.3, momentum=0.9, nesterov=True,
+                              weight_decay=1e-3)
+      return optimizers.EntropySGD(
+          learning_rate=0.7, num_langevin_steps=3, langevin_learning_rate=0.05,
+          gamma=0.3, scoping=0.2, noise=0.05, weight_decay=0.01,
+          conventions="lua_reference", seed=3)
+
+    num_outer = 3
+    x, y = make_data(num_outer * 3)
+    mirrored = tf.distribute.MirroredStrategy([d.name for d in devices])
+    self.assertEqual(mirrored.num_replicas_in_sync, 2)
+    _, _, single, single_metrics = run_tf(tf.distribute.get_strategy(),
+                                          make(), x, y, num_outer)
+    _, _, replicated, replicated_metrics = run_tf(mirrored, make(), x, y,
+                                                  num_outer)
+    for name_ in single:
+      copies = replicated[name_].values
+      self.assertLen(copies, 2)
+      # Same all-reduced gradient and same noise: bit-identical replicas.
+      self.assertAllEqual(copies[0].numpy(), copies[1].numpy())
+      self.assertAllClose(copies[0].numpy(), single[name_].numpy(),
+                          rtol=1e-5, atol=1e-6)
+    self.assertAllClose(single_metrics[-1]["loss"],
+                        replicated_metrics[-1]["loss"], rtol=1e-5)
+
+  def test_batch_not_divisible_by_replicas_is_refused(self):
+    mirrored = tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")])
+    model = train_step_lib.build_model(mirrored, MLP, [NUM_FEATURES])
+    with self.assertRaisesRegex(ValueError, "not divisible by the 2"):
+      train_step_lib.make_train_step(model, optimizers.SGD(0.1), mirrored,
+                                     global_batch_size=7)
+
+
+def setUpModule():
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  tf.config.set_logical_device_configuration(
+      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+if __name__ == "__main__":
+  tf.test.main()

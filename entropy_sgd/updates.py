@@ -1,0 +1,120 @@
+"""Pure update rules of Entropy-SGD and its SGD baselines.
+
+Every function here maps tensors to tensors and touches no variable, so the
+same math serves the Sonnet optimizers (`optimizers.py`), the Keras plugin and
+the NumPy-checked tests. Notation follows Algorithm 1 of Chaudhari et al.,
+"Entropy-SGD: Biasing Gradient Descent Into Wide Valleys" (ICLR 2017):
+
+    x   anchor (the weights being trained)      x'  Langevin sample
+    mu  running mean of the samples              eta outer learning rate
+    eta' Langevin (SGLD) step size               eps thermal noise
+    gamma scope, grown as gamma0 * (1 + gamma1)**t
+"""
+
+import math
+
+import tensorflow as tf
+
+
+def momentum_direction(direction, velocity, momentum, nesterov):
+  """Heavy-ball or Nesterov momentum, as in Sonnet and PyTorch (no dampening).
+
+      v <- momentum * v + d
+      d <- d + momentum * v   (Nesterov)   or   d <- v   (heavy ball)
+
+  Returns `(direction, velocity)`. With `momentum == 0` the direction is
+  returned unchanged.
+  """
+  velocity = momentum * velocity + direction
+  if nesterov:
+    return direction + momentum * velocity, velocity
+  return velocity, velocity
+
+
+def descent_step(parameter, direction, velocity, learning_rate, momentum,
+                 nesterov):
+  """One (momentum) descent step `x <- x - lr * d`.
+
+  `velocity` is None when no momentum is used. Returns `(parameter, velocity)`.
+  """
+  if velocity is not None:
+    direction, velocity = momentum_direction(direction, velocity, momentum,
+                                             nesterov)
+  return parameter - learning_rate * direction, velocity
+
+
+def sgd_step(parameter, gradient, velocity, learning_rate, weight_decay,
+             momentum=0.0, nesterov=False):
+  """SGD with L2 weight decay inside the (optional) momentum buffer."""
+  direction = gradient + weight_decay * parameter
+  return descent_step(parameter, direction, velocity, learning_rate, momentum,
+                      nesterov)
+
+
+def scoped_gamma(gamma, scoping, step):
+  """gamma_t = gamma0 * (1 + gamma1)**t, computed as exp(t * log1p(gamma1)).
+
+  `log1p` is taken in float64 on the host, so the result stays accurate in
+  float32 (no float64 on TPU) for hundreds of thousands of steps.
+  """
+  log_growth = math.log1p(scoping)
+  step = tf.cast(step, tf.float32)
+  return gamma * tf.exp(step * log_growth)
+
+
+def langevin_noise_std(langevin_learning_rate, noise, noise_scale):
+  """Standard deviation of the noise added to x' in one SGLD step.
+
+  noise_scale="sqrt_lr":  sqrt(eta') * eps        (paper, Algorithm 1)
+  noise_scale="sqrt_2lr": sqrt(2 * eta') * eps    (Lua and PyTorch reference:
+      eps / sqrt(eta'/2) is added to the gradient, then multiplied by eta')
+  """
+  if noise_scale == "sqrt_lr":
+    return tf.sqrt(langevin_learning_rate) * noise
+  if noise_scale == "sqrt_2lr":
+    return tf.sqrt(2.0 * langevin_learning_rate) * noise
+  raise ValueError(f"noise_scale must be 'sqrt_lr' or 'sqrt_2lr'; got "
+                   f"{noise_scale!r}")
+
+
+def langevin_step(sample, anchor, gradient, velocity, standard_normal, *,
+                  gamma, learning_rate, noise_std, weight_decay, momentum,
+                  nesterov, decay_before_momentum):
+  """One SGLD step of the inner loop (Algorithm 1, lines 5-6).
+
+      dx' = grad f(x') [+ wd * x'] -> momentum [+ wd * x'] - gamma * (x - x')
+      x'  <- x' - eta' * dx' + noise_std * N(0, I)
+
+  Weight decay enters before the momentum buffer when
+  `decay_before_momentum` (PyTorch reference) and after it otherwise (Lua
+  reference). The coupling to the anchor and the noise never enter momentum.
+  Returns `(sample, velocity)`.
+  """
+  direction = gradient
+  if decay_before_momentum:
+    direction = direction + weight_decay * sample
+  if velocity is not None:
+    direction, velocity = momentum_direction(direction, velocity, momentum,
+                                             nesterov)
+  if not decay_before_momentum:
+    direction = direction + weight_decay * sample
+  direction = direction - gamma * (anchor - sample)
+  sample = sample - learning_rate * direction + noise_std * standard_normal
+  return sample, velocity
+
+
+def running_mean_step(mean, sample, new_sample_weight):
+  """mu <- (1 - w) * mu + w * x' (Algorithm 1, line 7, with w = alpha)."""
+  return mean + new_sample_weight * (sample - mean)
+
+
+def outer_step(anchor, mean, velocity, *, learning_rate, scale, weight_decay,
+               momentum, nesterov):
+  """The outer update x <- x - eta * (scale * (x - mu) [+ wd * x]).
+
+  `scale * (x - mu)` is the local-entropy gradient estimate; the paper uses
+  scale = gamma, the reference code scale = 1. Returns `(anchor, velocity)`.
+  """
+  direction = scale * (anchor - mean) + weight_decay * anchor
+  return descent_step(anchor, direction, velocity, learning_rate, momentum,
+                      nesterov)

@@ -91,28 +91,6 @@ def _conv(channels: int, kernel: int, stride: int, name: str) -> snt.Conv2D:
       name=name)
 
 
-def _replica_consistent_statistics(next_creator, **kwargs):
-  """Variable creator that keeps BN moving statistics in sync across replicas.
-
-  Under MirroredStrategy, Sonnet's BatchNorm updates its (non-trainable)
-  moving statistics inside the replica context. With the default aggregation
-  (NONE) each replica would silently keep its own copy; MEAN averages the
-  updates instead (ONLY_FIRST_REPLICA for integer step counters). Without a
-  strategy the aggregation setting has no effect.
-  """
-  if (kwargs.get("trainable") is False and
-      kwargs.get("aggregation") in (None, tf.VariableAggregation.NONE)):
-    dtype = kwargs.get("dtype")
-    if dtype is None:
-      initial_value = kwargs.get("initial_value")
-      dtype = getattr(initial_value, "dtype", None)
-    is_float = dtype is not None and tf.as_dtype(dtype).is_floating
-    kwargs["aggregation"] = (
-        tf.VariableAggregation.MEAN
-        if is_float else tf.VariableAggregation.ONLY_FIRST_REPLICA)
-  return next_creator(**kwargs)
-
-
 class PreActBasicBlock(snt.Module):
   """Pre-activation residual block with two 3x3 convolutions."""
 
@@ -240,11 +218,10 @@ class WideResNet(snt.Module):
     if images.shape.rank != 4:
       raise ValueError(
           f"WideResNet expects NHWC images of rank 4; got shape {images.shape}")
-    with tf.variable_creator_scope(_replica_consistent_statistics):
-      net = self.stem(images)
-      for block in self.blocks:
-        net = block(net, is_training=is_training)
-      net = tf.nn.relu(
-          self._final_bn(net, is_training=is_training, test_local_stats=False))
-      net = tf.reduce_mean(net, axis=[1, 2])
-      return self.logits_layer(net)
+    net = self.stem(images)
+    for block in self.blocks:
+      net = block(net, is_training=is_training)
+    net = tf.nn.relu(
+        self._final_bn(net, is_training=is_training, test_local_stats=False))
+    net = tf.reduce_mean(net, axis=[1, 2])
+    return self.logits_layer(net)

@@ -4,6 +4,7 @@ from absl.testing import parameterized
 import sonnet as snt
 import tensorflow as tf
 
+from entropy_sgd import distribution
 from entropy_sgd import wide_resnet
 
 _NUM_LOGICAL_CPUS = 2
@@ -274,7 +275,7 @@ class WideResNetTest(tf.test.TestCase, parameterized.TestCase):
     strategy = tf.distribute.MirroredStrategy(
         [d.name for d in devices[:_NUM_LOGICAL_CPUS]])
     per_replica_images = [_images(2, seed=10 + i) for i in range(2)]
-    with strategy.scope():
+    with strategy.scope(), distribution.replica_local_statistics():
       model = wide_resnet.WideResNet(10, 1, 10)
       model(per_replica_images[0], is_training=False)  # Creates variables.
     for variable in model.variables:
@@ -302,18 +303,18 @@ class WideResNetTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllEqual(replica_logits, tf.zeros([2, 10]))
     self.assertLen(grads, len(model.trainable_variables))
 
-    # Moving statistics stay identical across replicas and average the
-    # per-replica batch statistics.
-    for bn in model.batch_norms:
-      copies = strategy.experimental_local_results(bn.moving_mean.average)
-      self.assertAllClose(copies[0], copies[1])
+    # Each replica keeps the statistics of its own batches (replica-local
+    # variables); reading them across replicas averages the replicas.
     first_bn = model.batch_norms[0]
-    expected_mean = tf.reduce_mean(
-        [tf.reduce_mean(model.stem(x), axis=[0, 1, 2])
-         for x in per_replica_images], axis=0)
+    replica_means = [tf.reduce_mean(model.stem(x), axis=[0, 1, 2])
+                     for x in per_replica_images]
+    copies = strategy.experimental_local_results(first_bn.moving_mean.average)
+    for copy, expected in zip(copies, replica_means):
+      self.assertAllClose(tf.reshape(copy, [-1]), expected, atol=1e-5)
+    self.assertNotAllClose(copies[0], copies[1])
     self.assertAllClose(
-        tf.reshape(first_bn.moving_mean.value, [-1]), expected_mean,
-        atol=1e-5)
+        tf.reshape(first_bn.moving_mean.value, [-1]),
+        tf.reduce_mean(replica_means, axis=0), atol=1e-5)
 
 
 if __name__ == "__main__":

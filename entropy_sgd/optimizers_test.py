@@ -1,0 +1,314 @@
+"""Analytic and API tests of the optimizers.
+
+The step-by-step comparison with an independent NumPy Algorithm 1 is in
+`train_step_test.py`; here the optimizers meet closed-form answers on the
+quadratic f(x) = 1/2 x^T A x, and misuse meets clear errors.
+"""
+
+import dataclasses
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from entropy_sgd import optimizers
+
+A_DIAG = np.array([0.5, 1.0, 2.0, 4.0])
+X0 = np.array([1.0, -2.0, 0.5, 3.0])
+
+
+def gibbs_mean(x, a, gamma):
+  """E[x'] under exp(-(f(x') + gamma/2 |x - x'|^2) / T): gamma (A+gamma)^-1 x."""
+  return gamma * x / (a + gamma)
+
+
+def run_langevin_on_quadratic(a, x0, gamma, num_steps, langevin_lr, noise,
+                              alpha, conventions="paper", learning_rate=1.0,
+                              seed=0):
+  """One outer step of Entropy-SGD on f = 1/2 sum(a x^2).
+
+  Returns (final x', mu before the outer step, x after it, metrics).
+  """
+  x = tf.Variable(x0.astype(np.float32))
+  a = tf.constant(a.astype(np.float32))
+  optimizer = optimizers.EntropySGD(
+      learning_rate=learning_rate, num_langevin_steps=num_steps,
+      langevin_learning_rate=langevin_lr, gamma=gamma, scoping=0.0,
+      noise=noise, alpha=alpha, conventions=conventions, seed=seed)
+  optimizer.initialize([x])
+
+  @tf.function
+  def inner_loop():
+    optimizer.begin_outer_step([x])
+    for _ in tf.range(num_steps):
+      optimizer.apply([a * x], [x])
+
+  inner_loop()
+  sample, mean = x.numpy().astype(np.float64), optimizer.mean[0].numpy()
+  metrics = optimizer.end_outer_step([x])
+  return sample, mean.astype(np.float64), x.numpy().astype(np.float64), metrics
+
+
+class LocalEntropyAnalyticTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_noiseless_mean_reaches_the_gibbs_mean(self):
+    gamma = 1.0
+    _, mu, _, _ = run_langevin_on_quadratic(
+        A_DIAG, X0, gamma, num_steps=3000, langevin_lr=0.01, noise=0.0,
+        alpha=0.75)
+    self.assertAllClose(mu, gibbs_mean(X0, A_DIAG, gamma), atol=1e-5)
+
+  def test_noisy_mean_is_within_its_standard_error(self):
+    gamma, lr, eps, alpha, steps = 1.0, 0.01, 1e-2, 2e-3, 6000
+    _, mu, _, _ = run_langevin_on_quadratic(
+        A_DIAG, X0, gamma, num_steps=steps, langevin_lr=lr, noise=eps,
+        alpha=alpha)
+    # x' is an AR(1) process around mu*: rho = 1 - lr k, k = a + gamma,
+    # stationary variance lr eps^2 / (1 - rho^2). An exponential average with
+    # weight alpha has variance var * alpha / (2 - alpha) * (1 + r) / (1 - r)
+    # with r = rho (1 - alpha), to first order.
+    k = A_DIAG + gamma
+    rho = 1 - lr * k
+    variance = lr * eps**2 / (1 - rho**2)
+    r = rho * (1 - alpha)
+    mean_std = np.sqrt(variance * alpha / (2 - alpha) * (1 + r) / (1 - r))
+    tolerance = 5 * mean_std + 1e-5
+    error = np.abs(mu - gibbs_mean(X0, A_DIAG, gamma))
+    self.assertTrue(np.all(error <= tolerance), f"{error} > {tolerance}")
+    self.assertLess(tolerance.max(), 0.02)  # The claim is not vacuous.
+
+  @parameterized.parameters(("sqrt_lr", 1.0), ("sqrt_2lr", 2.0))
+  def test_noise_convention_sets_the_stationary_variance(
+      self, noise_scale, variance_factor):
+    # Many identical coordinates: the spread of x' across them after a long
+    # loop is the stationary variance lr eps^2 / (1 - rho^2) of the AR(1)
+    # process x' follows, times 2 for the reference code's noise scale.
+    dim, a_value, gamma, lr, eps = 4000, 1.0, 1.0, 0.05, 0.1
+    sample, _, _, _ = run_langevin_on_quadratic(
+        np.full(dim, a_value), np.zeros(dim), gamma, num_steps=400,
+        langevin_lr=lr, noise=eps, alpha=0.75,
+        conventions=dataclasses.replace(optimizers.PAPER,
+                                        noise_scale=noise_scale))
+    rho = 1 - lr * (a_value + gamma)
+    expected = variance_factor * lr * eps**2 / (1 - rho**2)
+    self.assertAllClose(sample.var(), expected, rtol=0.1)
+
+  def test_local_entropy_gradient_limits(self):
+    # gamma (x - mu*) = gamma A (A + gamma)^-1 x: -> A x as gamma -> inf,
+    # -> 0 as gamma -> 0. Checked through the optimizer's own outer step.
+    errors_to_ax, norms = [], []
+    for gamma in (1e-3, 1e-1, 1.0, 10.0, 1e3):
+      lr = 0.5 / (A_DIAG.max() + gamma)  # Stable SGLD step.
+      steps = int(40 / (lr * (A_DIAG.min() + gamma))) + 10
+      _, mu, x_after, metrics = run_langevin_on_quadratic(
+          A_DIAG, X0, gamma, num_steps=steps, langevin_lr=lr, noise=0.0,
+          alpha=1.0, learning_rate=0.5)
+      gradient = gamma * (X0 - mu)
+      analytic = gamma * A_DIAG * X0 / (A_DIAG + gamma)
+      self.assertAllClose(gradient, analytic, rtol=2e-3, atol=1e-7)
+      # Paper convention: x <- x - eta * gamma (x - mu).
+      self.assertAllClose(x_after, X0 - 0.5 * gradient, rtol=1e-5,
+                          atol=1e-6)
+      self.assertAllClose(metrics["anchor_to_mean_distance"],
+                          np.linalg.norm(X0 - mu), rtol=1e-4)
+      errors_to_ax.append(np.linalg.norm(gradient - A_DIAG * X0))
+      norms.append(np.linalg.norm(gradient))
+    self.assertLess(norms[0], 1.01e-3 * np.linalg.norm(X0))
+    self.assertLess(errors_to_ax[-1], 5e-3 * np.linalg.norm(A_DIAG * X0))
+    self.assertEqual(errors_to_ax, sorted(errors_to_ax, reverse=True))
+
+
+class ScopingTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters(("paper", 0), ("lua_reference", 1))
+  def test_gamma_follows_the_closed_form(self, conventions, offset):
+    optimizer = optimizers.EntropySGD(gamma=0.03, scoping=1e-3,
+                                      conventions=conventions)
+    for t in (0, 1, 2, 10, 1000, 20000):
+      self.assertAllClose(optimizer.gamma(t),
+                          0.03 * (1 + 1e-3)**(t + offset), rtol=2e-6)
+
+  def test_gamma_grows_with_every_outer_step(self):
+    x = tf.Variable([1.0, 2.0])
+    optimizer = optimizers.EntropySGD(num_langevin_steps=2, gamma=0.5,
+                                      scoping=0.1)
+    optimizer.initialize([x])
+    gammas = []
+    for _ in range(4):
+      optimizer.begin_outer_step([x])
+      for _ in range(2):
+        optimizer.apply([x * 1.0], [x])
+      gammas.append(float(optimizer.end_outer_step([x])["gamma"]))
+    self.assertAllClose(gammas, [0.5 * 1.1**t for t in range(4)], rtol=1e-6)
+    self.assertEqual(int(optimizer.step.numpy()), 4)
+
+
+class OptimizerTestBase(tf.test.TestCase, parameterized.TestCase):
+  """Behaviour every optimizer shares; subclasses say how to build one."""
+
+  def make_optimizer(self, **kwargs):
+    raise NotImplementedError
+
+  def test_apply_before_initialize(self):
+    x = tf.Variable([1.0])
+    with self.assertRaisesRegex(RuntimeError, "initialize"):
+      self.make_optimizer().apply([x * 1.0], [x])
+
+  def test_length_mismatch(self):
+    x, y = tf.Variable([1.0]), tf.Variable([2.0])
+    optimizer = self.make_optimizer()
+    optimizer.initialize([x, y])
+    optimizer.begin_outer_step([x, y])
+    with self.assertRaisesRegex(ValueError, "same length; got 1 updates for 2"):
+      optimizer.apply([x * 1.0], [x, y])
+
+  def test_different_parameters(self):
+    x, y = tf.Variable([1.0]), tf.Variable([2.0, 3.0])
+    optimizer = self.make_optimizer()
+    optimizer.initialize([x])
+    with self.assertRaisesRegex(ValueError, "do not match"):
+      optimizer.apply([y * 1.0], [y])
+
+  def test_empty_parameters(self):
+    with self.assertRaisesRegex(ValueError, "cannot be empty"):
+      self.make_optimizer().initialize([])
+
+  def test_none_gradient(self):
+    x = tf.Variable([1.0])
+    optimizer = self.make_optimizer()
+    optimizer.initialize([x])
+    optimizer.begin_outer_step([x])
+    with self.assertRaisesRegex(ValueError, "gradient of parameter .* is None"):
+      optimizer.apply([None], [x])
+
+  def test_dtype_mismatch(self):
+    x = tf.Variable([1.0])
+    optimizer = self.make_optimizer()
+    optimizer.initialize([x])
+    optimizer.begin_outer_step([x])
+    with self.assertRaisesRegex(ValueError, "dtype float64, the parameter "
+                                "float32"):
+      optimizer.apply([tf.constant([1.0], tf.float64)], [x])
+
+  def test_shape_mismatch(self):
+    x = tf.Variable([1.0, 2.0])
+    optimizer = self.make_optimizer()
+    optimizer.initialize([x])
+    optimizer.begin_outer_step([x])
+    with self.assertRaisesRegex(ValueError, "has shape"):
+      optimizer.apply([tf.constant([1.0, 2.0, 3.0])], [x])
+
+  @parameterized.parameters(0.0, -0.1)
+  def test_non_positive_learning_rate(self, learning_rate):
+    with self.assertRaisesRegex(ValueError, "learning_rate must be > 0"):
+      self.make_optimizer(learning_rate=learning_rate)
+
+  def test_state_is_created_in_the_strategy_scope(self):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+      x = tf.Variable([1.0, 2.0])
+      optimizer = self.make_optimizer()
+      optimizer.initialize([x])
+    for variable in optimizer.variables:
+      self.assertTrue(strategy.extended.variable_created_in_scope(variable))
+
+  def test_initialize_inside_the_replica_function_is_refused(self):
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+      x = tf.Variable([1.0])
+    optimizer = self.make_optimizer()
+    with self.assertRaisesRegex(RuntimeError, "inside strategy.scope"):
+      strategy.run(lambda: optimizer.initialize([x]))
+
+
+class SGDTest(OptimizerTestBase):
+
+  def make_optimizer(self, **kwargs):
+    return optimizers.SGD(**{"learning_rate": 0.1, **kwargs})
+
+  def test_nesterov_needs_momentum(self):
+    with self.assertRaisesRegex(ValueError, "Nesterov momentum needs"):
+      optimizers.SGD(0.1, nesterov=True)
+
+  def test_bad_momentum(self):
+    with self.assertRaisesRegex(ValueError, "momentum must be in"):
+      optimizers.SGD(0.1, momentum=1.0)
+
+
+class NesterovTest(OptimizerTestBase):
+
+  def make_optimizer(self, **kwargs):
+    return optimizers.SGD(**{"learning_rate": 0.1, "momentum": 0.9,
+                             "nesterov": True, "weight_decay": 5e-4,
+                             **kwargs})
+
+
+class EntropySGDTest(OptimizerTestBase):
+
+  def make_optimizer(self, **kwargs):
+    return optimizers.EntropySGD(**{"num_langevin_steps": 3, **kwargs})
+
+  @parameterized.parameters(0, -1, 2.5, True, None)
+  def test_bad_num_langevin_steps(self, value):
+    with self.assertRaisesRegex(ValueError, r"num_langevin_steps \(L\) must "
+                                "be an integer >= 1"):
+      optimizers.EntropySGD(num_langevin_steps=value)
+
+  @parameterized.parameters(0.0, -1e-3)
+  def test_non_positive_langevin_learning_rate(self, value):
+    with self.assertRaisesRegex(ValueError,
+                                "langevin_learning_rate must be > 0"):
+      optimizers.EntropySGD(langevin_learning_rate=value)
+
+  @parameterized.parameters(
+      dict(gamma=0.0), dict(scoping=-1.0), dict(noise=-1.0), dict(alpha=0.0),
+      dict(alpha=1.5), dict(weight_decay=-1e-4))
+  def test_bad_hyperparameters(self, **kwargs):
+    with self.assertRaises(ValueError):
+      optimizers.EntropySGD(**kwargs)
+
+  def test_unknown_preset(self):
+    with self.assertRaisesRegex(ValueError, "Unknown conventions preset"):
+      optimizers.EntropySGD(conventions="torch")
+
+  @parameterized.parameters(
+      dict(alpha_weights="newest"), dict(noise_scale="sqrt"),
+      dict(outer_scale="eta"), dict(inner_weight_decay="never"),
+      dict(inner_momentum=1.0), dict(outer_momentum=-0.1),
+      dict(scoping_offset=-1))
+  def test_bad_conventions(self, **kwargs):
+    with self.assertRaises(ValueError):
+      optimizers.Conventions(**kwargs)
+
+  def test_presets_differ_where_documented(self):
+    paper, lua = optimizers.PAPER, optimizers.LUA_REFERENCE
+    self.assertEqual((paper.alpha_weights, lua.alpha_weights),
+                     ("new_sample", "old_mean"))
+    self.assertEqual((paper.noise_scale, lua.noise_scale),
+                     ("sqrt_lr", "sqrt_2lr"))
+    self.assertEqual((paper.outer_scale, lua.outer_scale), ("gamma", "one"))
+    self.assertEqual((paper.scoping_offset, lua.scoping_offset), (0, 1))
+
+  def test_momentum_state_only_when_used(self):
+    x = tf.Variable([1.0])
+    paper = optimizers.EntropySGD(conventions="paper")
+    paper.initialize([x])
+    lua = optimizers.EntropySGD(conventions="lua_reference")
+    lua.initialize([x])
+    self.assertEmpty(paper.inner_velocities)
+    self.assertLen(lua.inner_velocities, 1)
+
+  def test_noise_is_reproducible_and_distinct_per_step(self):
+    draw = lambda t, l, i: optimizers.langevin_noise(  # pylint: disable=g-long-lambda
+        5, t, l, i, [1000], tf.float32).numpy()
+    self.assertAllEqual(draw(3, 2, 1), draw(3, 2, 1))
+    for other in (draw(4, 2, 1), draw(3, 3, 1), draw(3, 2, 2)):
+      self.assertLess(abs(np.corrcoef(draw(3, 2, 1), other)[0, 1]), 0.15)
+    sample = draw(0, 0, 0)
+    self.assertAllClose([sample.mean(), sample.std()], [0.0, 1.0], atol=0.1)
+
+
+del OptimizerTestBase  # Only its subclasses run.
+
+if __name__ == "__main__":
+  tf.test.main()

@@ -1,0 +1,84 @@
+"""Presets, schedule and validation of training configurations."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from entropy_sgd import config as config_lib
+
+
+class PresetTest(parameterized.TestCase):
+
+  def test_sgd_presets_follow_the_wrn_recipe(self):
+    for opt in ("sgd", "nesterov"):
+      c = config_lib.from_preset(opt)
+      self.assertEqual((c.model, c.epochs, c.batch_size, c.lr, c.momentum,
+                        c.weight_decay),
+                       ("wrn-28-10", 200, 128, 0.1, 0.9, 5e-4))
+      self.assertEqual(c.lr_decay_epochs, (60, 120, 160))
+      self.assertEqual(c.gradient_evaluations_per_step, 1)
+
+  def test_entropy_sgd_preset_follows_the_paper(self):
+    c = config_lib.from_preset("entropy_sgd")
+    self.assertEqual((c.L, c.epochs, c.lr, c.langevin_lr, c.noise, c.gamma,
+                      c.scoping), (20, 10, 1.0, 0.1, 1e-4, 0.03, 1e-3))
+    self.assertEqual(c.gradient_evaluations_per_step, 20)
+    # lr 1 divided by 5 every 4 epochs.
+    self.assertEqual([config_lib.learning_rate_at(c, e) for e in range(10)],
+                     [1.0] * 4 + [0.2] * 4 + [0.2 * 0.2] * 2)
+
+  def test_overrides_win_over_the_preset(self):
+    c = config_lib.from_preset("entropy_sgd", L=5, model="wrn-16-1")
+    self.assertEqual((c.L, c.model, c.gamma), (5, "wrn-16-1", 0.03))
+
+  def test_sgd_schedule(self):
+    c = config_lib.from_preset("nesterov")
+    lrs = [config_lib.learning_rate_at(c, e) for e in (0, 59, 60, 120, 199)]
+    self.assertSequenceAlmostEqual(lrs, [0.1, 0.1, 0.02, 0.004, 0.0008])
+
+  def test_run_names(self):
+    self.assertEqual(
+        config_lib.from_preset("entropy_sgd", seed=3).default_run_name(),
+        "cifar10_wrn-28-10_entropy_sgd_L20_seed3")
+    self.assertEqual(config_lib.from_preset("sgd").default_run_name(),
+                     "cifar10_wrn-28-10_sgd_seed0")
+
+
+class ValidationTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (dict(L=0), "--L must be >= 1"),
+      (dict(lr=0.0), "--lr must be > 0"),
+      (dict(lr=-1.0), "--lr must be > 0"),
+      (dict(langevin_lr=0.0), "--langevin_lr must be > 0"),
+      (dict(model="resnet50"), "--model='resnet50' is unknown"),
+      (dict(model="wrn-27-10"), "depth must be 6n\\+4"),
+      (dict(dataset="mnist"), "--dataset='mnist' is unknown"),
+      (dict(strategy="tpu_pod"), "--strategy='tpu_pod' is unknown"),
+      (dict(epochs=0), "--epochs must be >= 1"),
+      (dict(batch_size=0), "--batch_size must be >= 1"),
+      (dict(momentum=1.0), "--momentum must be in"),
+      (dict(gamma=0.0), "--gamma must be > 0"),
+      (dict(alpha=0.0), "--alpha must be in"),
+      (dict(conventions="torch"), "--conventions='torch' is unknown"),
+      (dict(max_steps=0), "--max_steps must be >= 1"),
+      (dict(augment="mixup"), "--augment='mixup' is unknown"),
+      (dict(validation_examples=-1), "--validation_examples must be >= 0"),
+  )
+  def test_bad_values_name_the_flag(self, overrides, message):
+    with self.assertRaisesRegex(config_lib.ConfigError, message):
+      config_lib.from_preset("entropy_sgd", **overrides)
+
+  def test_unknown_opt(self):
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                "--opt='adam' is unknown"):
+      config_lib.from_preset("adam")
+
+  def test_messages_are_one_line(self):
+    try:
+      config_lib.from_preset("sgd", model="wrn-27-10")
+    except config_lib.ConfigError as e:
+      self.assertNotIn("\n", str(e))
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,486 @@
+"""CIFAR-10/100 input pipelines for training and evaluation.
+
+Data come from tensorflow-datasets (the default), or from the original binary
+files when `data_dir` is given: `cifar-10-batches-bin/` (data_batch_1..5.bin,
+test_batch.bin) or `cifar-100-binary/` (train.bin, test.bin), each file plain
+or gzipped (`.bin.gz`). Files are checked before training; problems raise
+`DataError` with a one-line explanation.
+
+Training pipeline, per input pipeline (worker):
+
+  records -> enumerate (example index) -> drop the held-out validation tail
+  -> shard -> shuffle(seed, reshuffled each epoch) -> repeat -> decode and
+  draw augmentation parameters keyed by (seed, epoch, example index)
+  -> batch -> augment (one projective transform per image) and normalise.
+
+For a fixed seed the batches are identical across runs. Augmentations: random
+horizontal flip; rotation by an angle uniform in [-rotation_degrees,
++rotation_degrees] about the image centre (bilinear); pad-4-and-crop, done as
+an integer translation. Pixels moved in from outside the image are 0 (black,
+before normalisation), as with zero padding. Images are normalised per
+channel with the mean and std of the training images (after removing the
+validation hold-out), in [0, 1] pixel scale.
+"""
+
+import dataclasses
+import functools
+import gzip
+import math
+import os
+import struct
+import zlib
+from typing import Iterator, Optional, Tuple
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+DATASETS = {"cifar10": 10, "cifar100": 100}
+AUGMENTATIONS = ("flip_rotate", "flip_crop", "flip_crop_rotate", "none")
+SPLITS = ("train", "validation", "test")
+IMAGE_SIZE = 32
+CROP_PADDING = 4
+_PIXEL_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
+_PRETTY_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+class DataError(ValueError):
+  """The CIFAR data are missing, unreadable or corrupt."""
+
+
+def num_classes(name: str) -> int:
+  """Number of classes of dataset `name` ("cifar10" or "cifar100")."""
+  if name not in DATASETS:
+    raise ValueError(f"Unknown dataset {name!r}; choose from {list(DATASETS)}.")
+  return DATASETS[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """What to read and how to feed it.
+
+  Attributes:
+    dataset: "cifar10" or "cifar100".
+    batch_size: GLOBAL training batch size (over all replicas).
+    data_dir: directory holding the binary layout (or the layout folder
+      itself); None reads tensorflow-datasets.
+    validation_examples: the last N training images, held out of training
+      and served as the "validation" split.
+    augment: training augmentation, one of `AUGMENTATIONS`.
+    rotation_degrees: maximum absolute rotation angle, for "*rotate".
+    seed: seeds shuffling and augmentation.
+    shuffle_buffer: shuffle buffer size (default: a whole CIFAR split).
+    eval_batch_size: global evaluation batch size; None uses batch_size.
+    tfds_data_dir: tensorflow-datasets data_dir; None uses its default.
+    download: let tensorflow-datasets download and prepare missing data.
+  """
+  dataset: str = "cifar10"
+  batch_size: int = 128
+  data_dir: Optional[str] = None
+  validation_examples: int = 0
+  augment: str = "flip_crop"
+  rotation_degrees: float = 10.0
+  seed: int = 0
+  shuffle_buffer: int = 50_000
+  eval_batch_size: Optional[int] = None
+  tfds_data_dir: Optional[str] = None
+  download: bool = True
+
+  def __post_init__(self):
+    num_classes(self.dataset)
+    if self.augment not in AUGMENTATIONS:
+      raise ValueError(f"Unknown augment {self.augment!r}; choose from "
+                       f"{AUGMENTATIONS}.")
+    if self.batch_size < 1 or (self.eval_batch_size or 1) < 1:
+      raise ValueError("Batch sizes must be positive.")
+    if self.validation_examples < 0 or self.shuffle_buffer < 1:
+      raise ValueError("validation_examples must be >= 0 and shuffle_buffer "
+                       ">= 1.")
+
+
+# ------------------------------------------------------------------ Sources.
+
+
+@dataclasses.dataclass(frozen=True)
+class _BinaryLayout:
+  folder: str
+  files: dict  # split -> file names (without .gz)
+  label_bytes: int  # Bytes before the pixels of each record.
+  label_offset: int  # Which of them is the (fine) label.
+  description: str
+
+  @property
+  def record_bytes(self):
+    return self.label_bytes + _PIXEL_BYTES
+
+
+_LAYOUTS = {
+    "cifar10": _BinaryLayout(
+        "cifar-10-batches-bin",
+        {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+         "test": ("test_batch.bin",)},
+        label_bytes=1, label_offset=0,
+        description="cifar-10-batches-bin/ (data_batch_1..5.bin, "
+        "test_batch.bin; plain or .gz)"),
+    "cifar100": _BinaryLayout(
+        "cifar-100-binary", {"train": ("train.bin",), "test": ("test.bin",)},
+        label_bytes=2, label_offset=1,
+        description="cifar-100-binary/ (train.bin, test.bin; plain or .gz)"),
+}
+
+
+def _corrupt(path, problem):
+  return DataError(f"corrupt or truncated CIFAR file {path}: {problem}; "
+                   "re-download it")
+
+
+def _stored_bytes(path):
+  """Size of the (decompressed) content; reads only the gzip trailer."""
+  if not path.endswith(".gz"):
+    return os.path.getsize(path)
+  with open(path, "rb") as f:
+    magic = f.read(2)
+    file_size = f.seek(0, os.SEEK_END)
+    if magic != b"\x1f\x8b" or file_size < 18:
+      raise _corrupt(path, "not a gzip file")
+    f.seek(-4, os.SEEK_END)
+    return struct.unpack("<I", f.read(4))[0]  # ISIZE: size mod 2**32.
+
+
+class _BinarySource:
+  """The original binary files; records are raw byte strings."""
+
+  def __init__(self, dataset, data_dir):
+    self._layout = layout = _LAYOUTS[dataset]
+    self._num_classes = DATASETS[dataset]
+    if not os.path.isdir(data_dir):
+      raise DataError(f"--data_dir={data_dir} does not exist; it should hold "
+                      f"{layout.description}")
+    folder = os.path.join(data_dir, layout.folder)
+    if not os.path.isdir(folder):
+      folder = data_dir  # data_dir may be the layout folder itself.
+    self._files, missing = {}, []
+    for split, names in layout.files.items():
+      self._files[split] = []
+      for name in names:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path) and os.path.exists(path + ".gz"):
+          path += ".gz"
+        (self._files[split] if os.path.exists(path) else missing).append(path)
+    if missing:
+      raise DataError(
+          f"No {_PRETTY_NAMES[dataset]} data in --data_dir={data_dir}: "
+          f"expected {layout.description}; missing {', '.join(missing)}")
+    self._counts = {split: sum(self._check_size(p) for p in paths)
+                    for split, paths in self._files.items()}
+    self.key = ("binary", os.path.realpath(folder))
+
+  def _check_size(self, path, size=None):
+    """Records in `path` (of `size` bytes); DataError if the size is wrong."""
+    size = _stored_bytes(path) if size is None else size
+    if size == 0 or size % self._layout.record_bytes:
+      raise _corrupt(path, f"{size} bytes is not a positive multiple of the "
+                     f"{self._layout.record_bytes}-byte record")
+    return size // self._layout.record_bytes
+
+  def num_records(self, split):
+    return self._counts[split]
+
+  def records(self, split):
+    return functools.reduce(tf.data.Dataset.concatenate, [
+        tf.data.FixedLengthRecordDataset(
+            path, self._layout.record_bytes,
+            compression_type="GZIP" if path.endswith(".gz") else None)
+        for path in self._files[split]])
+
+  def decode(self, record):
+    """Raw record -> (uint8 image [32, 32, 3], int32 label)."""
+    values = tf.io.decode_raw(record, tf.uint8)
+    label = tf.cast(values[self._layout.label_offset], tf.int32)
+    planes = tf.reshape(values[self._layout.label_bytes:],
+                        [3, IMAGE_SIZE, IMAGE_SIZE])
+    return tf.transpose(planes, [1, 2, 0]), label
+
+  def numpy_chunks(self, split) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Yields (pixels uint8 [n, 3, 1024], labels) per file, fully checked."""
+    for path in self._files[split]:
+      try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+          content = f.read()
+      except (OSError, EOFError, zlib.error) as e:
+        raise _corrupt(path, f"{type(e).__name__}: {e}") from e
+      self._check_size(path, len(content))
+      rows = np.frombuffer(content, np.uint8).reshape(
+          -1, self._layout.record_bytes)
+      labels = rows[:, self._layout.label_offset]
+      bad = np.flatnonzero(labels >= self._num_classes)
+      if bad.size:
+        raise _corrupt(path, f"record {bad[0]} has label {labels[bad[0]]}, "
+                       f"outside [0, {self._num_classes})")
+      yield rows[:, self._layout.label_bytes:].reshape(-1, 3, 1024), labels
+
+
+class _TfdsSource:
+  """tensorflow-datasets; records are (uint8 image, label) pairs."""
+
+  def __init__(self, dataset, data_dir, download):
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      self._tfds = tfds
+      self._builder = tfds.builder(dataset, data_dir=data_dir)
+      if download:
+        self._builder.download_and_prepare()
+      # as_dataset fails if the data are absent.
+      self._counts = {split: self._count(split) for split in ("train", "test")}
+    except Exception as e:  # pylint: disable=broad-except
+      reason = (str(e).strip().splitlines() or [""])[0][:200]
+      raise DataError(
+          f"No {_PRETTY_NAMES[dataset]} data: tensorflow-datasets could not "
+          f"download or find it ({type(e).__name__}: {reason}). Pass "
+          f"--data_dir=DIR where DIR holds {_LAYOUTS[dataset].description}"
+      ) from e
+    self.key = ("tfds", dataset, self._builder.data_dir)
+
+  def _count(self, split):
+    count = int(self._builder.as_dataset(split=split).cardinality())
+    return count if count >= 0 else (
+        self._builder.info.splits[split].num_examples)
+
+  def num_records(self, split):
+    return self._counts[split]
+
+  def records(self, split):
+    dataset = self._builder.as_dataset(
+        split=split, shuffle_files=False,
+        read_config=self._tfds.ReadConfig(interleave_cycle_length=1))
+    return dataset.map(lambda x: (x["image"], tf.cast(x["label"], tf.int32)))
+
+  def decode(self, record):
+    return record
+
+  def numpy_chunks(self, split):
+    batches = self.records(split).batch(10_000)
+    for images, labels in self._tfds.as_numpy(batches):
+      yield images.reshape(len(images), -1, 3).transpose(0, 2, 1), labels
+
+
+def _channel_statistics(chunks, num_images):
+  """Per-channel (mean, std) in [0, 1] scale over the first `num_images`.
+
+  Reads every chunk (so all files get checked) but counts only the first
+  `num_images` images, via exact per-channel histograms.
+  """
+  histogram = np.zeros([3, 256], np.int64)
+  seen = 0
+  for pixels, _ in chunks:
+    pixels = pixels[:max(0, num_images - seen)]
+    seen += len(pixels)
+    for channel in range(3):
+      histogram[channel] += np.bincount(pixels[:, channel].ravel(),
+                                        minlength=256)
+  values = np.arange(256) / 255.0
+  count = histogram.sum(axis=1)
+  mean = histogram @ values / count
+  variance = histogram @ values**2 / count - mean**2
+  return mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
+
+
+_STATISTICS = {}  # (source key, dataset, validation_examples) -> (mean, std)
+
+
+# ----------------------------------------------------------------- Pipeline.
+
+
+class CifarData:
+  """Training and evaluation `tf.data` pipelines for one `PipelineConfig`."""
+
+  def __init__(self, config: PipelineConfig):
+    """Locates and checks the data and computes the normalisation.
+
+    Raises:
+      DataError: the data are missing, unreadable or corrupt.
+    """
+    self.config = config
+    if config.data_dir is None:
+      self._source = _TfdsSource(config.dataset, config.tfds_data_dir,
+                                 config.download)
+    else:
+      self._source = _BinarySource(config.dataset, config.data_dir)
+    total = self._source.num_records("train")
+    if config.validation_examples >= total:
+      raise ValueError(f"validation_examples={config.validation_examples} "
+                       f"leaves no training data (of {total} images).")
+    self._num_train = total - config.validation_examples
+    key = (self._source.key, config.dataset, config.validation_examples)
+    if key not in _STATISTICS:
+      _STATISTICS[key] = _channel_statistics(
+          self._source.numpy_chunks("train"), self._num_train)
+      for _ in self._source.numpy_chunks("test"):  # Just check the files.
+        pass
+      logging.info("%s training images: mean %s, std %s", config.dataset,
+                   *_STATISTICS[key])
+    self.mean, self.std = _STATISTICS[key]
+
+  def num_examples(self, split: str) -> int:
+    """Number of images in "train", "validation" or "test"."""
+    return {"train": self._num_train,
+            "validation": self.config.validation_examples,
+            "test": self._source.num_records("test")}[split]
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Training batches per epoch, at the global batch size."""
+    return self._num_train // self.config.batch_size
+
+  def normalise(self, images: tf.Tensor) -> tf.Tensor:
+    """[0, 1]-scaled images -> zero mean, unit variance per channel."""
+    return (images - self.mean) / self.std
+
+  def train_dataset(
+      self, input_context: Optional[tf.distribute.InputContext] = None,
+      first_batch: int = 0) -> tf.data.Dataset:
+    """Infinite, shuffled, augmented `(images, labels)` training batches.
+
+    Batches hold config.batch_size examples, or with `input_context` the
+    per-replica share of them from this pipeline's shard of the examples.
+    `first_batch` resumes the stream: the result equals the stream from 0
+    with that many batches dropped (skipped as raw records, before decoding).
+    """
+    config = self.config
+    batch_size = _local_batch_size(config.batch_size, input_context)
+    examples, count = _shard(self._examples("train"), self._num_train,
+                             input_context)
+    if count < batch_size:
+      raise ValueError(f"{count} training images per input pipeline are "
+                       f"fewer than a batch of {batch_size}.")
+    dataset = examples.shuffle(min(config.shuffle_buffer, count),
+                               seed=config.seed, reshuffle_each_iteration=True)
+    dataset = dataset.repeat().enumerate().skip(first_batch * batch_size)
+
+    augment = config.augment != "none"
+
+    def prepare(position, example):
+      index, record = example
+      image, label = self._source.decode(record)
+      if not augment:
+        return image, label
+      epoch = position // count
+      return image, label, self._random_transform(epoch, index)
+
+    def finish(images, labels, transforms=None):
+      images = tf.cast(images, tf.float32) / 255.0
+      if augment:
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images, transforms=transforms,
+            output_shape=[IMAGE_SIZE, IMAGE_SIZE], fill_value=0.0,
+            interpolation="BILINEAR" if "rotate" in config.augment
+            else "NEAREST", fill_mode="CONSTANT")
+      return self.normalise(images), labels
+
+    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return _with_options(dataset.prefetch(tf.data.AUTOTUNE))
+
+  def recalibration_dataset(self, epoch: int) -> tf.data.Dataset:
+    """Endless un-augmented training batches, shuffled anew per `epoch`.
+
+    For recomputing BatchNorm statistics; does not touch the training stream.
+    """
+    config = self.config
+    dataset = self._examples("train").shuffle(
+        min(config.shuffle_buffer, self._num_train),
+        seed=config.seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
+    dataset = dataset.map(lambda index, record: self._source.decode(record),
+                          num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.repeat().batch(config.batch_size, drop_remainder=True)
+    dataset = dataset.map(
+        lambda images, labels: (  # pylint: disable=g-long-lambda
+            self.normalise(tf.cast(images, tf.float32) / 255.0), labels),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return _with_options(dataset.prefetch(tf.data.AUTOTUNE))
+
+  def eval_dataset(
+      self, split: str = "test",
+      input_context: Optional[tf.distribute.InputContext] = None
+  ) -> tf.data.Dataset:
+    """One pass over "test" or "validation" in order; last batch may be short.
+
+    Batches hold config.eval_batch_size (default batch_size) examples, or
+    with `input_context` the per-replica share, from this pipeline's shard.
+    """
+    if split not in ("test", "validation"):
+      raise ValueError(f"Unknown eval split {split!r}.")
+    if not self.num_examples(split):
+      raise ValueError(f"The {split} split is empty; set "
+                       "validation_examples > 0.")
+    batch_size = _local_batch_size(
+        self.config.eval_batch_size or self.config.batch_size, input_context)
+    examples, _ = _shard(self._examples(split), self.num_examples(split),
+                         input_context)
+    dataset = examples.map(lambda index, record: self._source.decode(record),
+                           num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size).map(
+        lambda images, labels: (  # pylint: disable=g-long-lambda
+            self.normalise(tf.cast(images, tf.float32) / 255.0), labels),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return _with_options(dataset.prefetch(tf.data.AUTOTUNE))
+
+  def _examples(self, split):
+    """(index within its file split, raw record) pairs of `split`."""
+    if split == "test":
+      return self._source.records("test").enumerate()
+    examples = self._source.records("train").enumerate()
+    if split == "train":
+      return examples.take(self._num_train)
+    return examples.skip(self._num_train)
+
+  def _random_transform(self, epoch, index):
+    """Flat [8] projective transform of one augmentation, output -> input.
+
+    Input point = D R (p + t - c) + c for output point p: t the crop shift,
+    R a rotation about the centre c, D = diag(+-1, 1) the flip.
+    """
+    config = self.config
+    key = tf.constant([config.seed, 0], tf.int64)
+    for data in (epoch, index):
+      key = tf.random.experimental.stateless_fold_in(key, data, alg="philox")
+    uniform = tf.random.stateless_uniform([4], seed=key, alg="philox")
+    flip = tf.where(uniform[0] < 0.5, -1.0, 1.0)
+    angle = 0.0
+    if "rotate" in config.augment:
+      angle = (2.0 * uniform[1] - 1.0) * math.radians(config.rotation_degrees)
+    shift = tf.zeros([2])
+    if "crop" in config.augment:
+      shift = tf.floor(uniform[2:] * (2 * CROP_PADDING + 1)) - CROP_PADDING
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    centre = (IMAGE_SIZE - 1) / 2.0
+    dx, dy = shift[0] - centre, shift[1] - centre
+    return tf.stack([flip * cos, -flip * sin,
+                     flip * (cos * dx - sin * dy) + centre,
+                     sin, cos, sin * dx + cos * dy + centre, 0.0, 0.0])
+
+
+def _local_batch_size(global_batch_size, input_context):
+  if input_context is None:
+    return global_batch_size
+  return input_context.get_per_replica_batch_size(global_batch_size)
+
+
+def _shard(dataset, count, input_context):
+  """This pipeline's share of `dataset` and its size."""
+  if input_context is None or input_context.num_input_pipelines == 1:
+    return dataset, count
+  shards, shard = (input_context.num_input_pipelines,
+                   input_context.input_pipeline_id)
+  return dataset.shard(shards, shard), len(range(shard, count, shards))
+
+
+def _with_options(dataset):
+  options = tf.data.Options()
+  options.deterministic = True
+  # We shard by example ourselves; strategies that shard a dataset
+  # further must do so by example too (per file would break the hold-out).
+  options.experimental_distribute.auto_shard_policy = (
+      tf.data.experimental.AutoShardPolicy.DATA)
+  return dataset.with_options(options)

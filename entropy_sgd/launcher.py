@@ -1,0 +1,129 @@
+"""Command-line flags shared by the per-dataset launchers.
+
+Every `TrainConfig` field is a flag. A flag left unset takes the value of
+the preset of `--opt` (see `config.PRESETS`), so `--opt=entropy_sgd` alone
+gives the paper's Entropy-SGD recipe and any flag overrides one setting.
+"""
+
+import dataclasses
+import sys
+import typing
+
+from absl import flags
+from absl import logging
+
+from entropy_sgd import config as config_lib
+from entropy_sgd import data as data_lib
+from entropy_sgd import training
+
+_HELP = {
+    "dataset": "Dataset (set by the launcher).",
+    "data_dir": "Local copy: a folder holding cifar-10-batches-bin/ or "
+                "cifar-100-binary/ (plain or .gz). Unset: tensorflow-datasets.",
+    "log_dir": "Parent of the run directories (TensorBoard, checkpoints).",
+    "run_name": "Run directory under --log_dir; unset: derived from dataset, "
+                "model, opt, L and seed. An existing run resumes.",
+    "model": "Wide ResNet wrn-DEPTH-WIDTH, e.g. wrn-28-10 or wrn-16-1.",
+    "dropout": "Dropout rate inside the WRN blocks.",
+    "opt": "Optimizer: sgd (heavy-ball momentum --momentum), nesterov or "
+           "entropy_sgd. Chooses the preset of every unset flag.",
+    "epochs": "Outer epochs (train_examples / batch_size outer steps each; "
+              "an Entropy-SGD epoch is L passes over the data).",
+    "batch_size": "Global minibatch size (split over replicas).",
+    "lr": "Learning rate (Entropy-SGD: the outer rate eta).",
+    "lr_decay_epochs": "Outer epochs at which the learning rate is "
+                       "multiplied by --lr_decay_factor.",
+    "lr_decay_factor": "Learning-rate decay factor.",
+    "momentum": "Momentum of sgd/nesterov (Entropy-SGD takes its momentum "
+                "from --conventions).",
+    "weight_decay": "L2 weight decay (Entropy-SGD: in the Langevin steps).",
+    "L": "Entropy-SGD: Langevin steps (gradient evaluations) per update.",
+    "langevin_lr": "Entropy-SGD: SGLD step size eta'.",
+    "noise": "Entropy-SGD: thermal noise eps.",
+    "gamma": "Entropy-SGD: initial scope gamma0.",
+    "scoping": "Entropy-SGD: gamma1; gamma_t = gamma0 (1 + gamma1)^t.",
+    "alpha": "Entropy-SGD: running-mean weight (meaning set by "
+             "--conventions).",
+    "conventions": "Entropy-SGD conventions: paper or lua_reference "
+                   "(README: 'Conventions').",
+    "seed": "Seed of initialisation, data order, augmentation and noise.",
+    "jit": "Compile the per-replica step with XLA.",
+    "max_steps": "Stop after this many outer steps in total (then evaluate "
+                 "and checkpoint); for smoke runs.",
+    "strategy": "default (one device) or mirrored (all GPUs, else "
+                "--num_devices logical CPUs).",
+    "num_devices": "Logical CPU devices for --strategy=mirrored without GPUs.",
+    "validation_examples": "Hold out the last N training images as a clean "
+                           "validation split.",
+    "augment": "Training augmentation: flip_crop (WRN standard), flip_rotate "
+               "(TF1 project), flip_crop_rotate or none.",
+    "rotation_degrees": "Maximum rotation angle of flip_rotate augmentation.",
+    "recalibrate_bn": "Entropy-SGD: recompute BatchNorm statistics at the "
+                      "anchor weights before each evaluation.",
+    "recalibration_batches": "Batches fed to recompute BatchNorm statistics.",
+    "log_every_steps": "Log and summarise every N outer steps.",
+    "keep_checkpoints": "Checkpoints kept in the run directory.",
+    "deterministic": "Enable TF op determinism (bit-reproducible, slower).",
+}
+
+
+def _preset_note(name):
+  values = {opt: preset.get(name, getattr(config_lib.TrainConfig, name))
+            for opt, preset in config_lib.PRESETS.items()}
+  if len(set(map(repr, values.values()))) == 1:
+    return f" [default {next(iter(values.values()))!r}]"
+  return " [" + ", ".join(f"{opt}: {v!r}" for opt, v in values.items()) + "]"
+
+
+def define_flags():
+  """Defines one flag per TrainConfig field, defaulting to 'from preset'."""
+  hints = typing.get_type_hints(config_lib.TrainConfig)
+  for field in dataclasses.fields(config_lib.TrainConfig):
+    name, hint = field.name, hints[field.name]
+    if name == "dataset":
+      continue
+    help_text = _HELP[name] + _preset_note(name)
+    if name == "opt":
+      flags.DEFINE_enum(name, "nesterov", config_lib.OPTIMIZERS, help_text)
+    elif hint is bool:
+      flags.DEFINE_bool(name, None, help_text)
+    elif hint is int or hint == typing.Optional[int]:
+      flags.DEFINE_integer(name, None, help_text)
+    elif hint is float:
+      flags.DEFINE_float(name, None, help_text)
+    elif hint == typing.Tuple[int, ...]:
+      flags.DEFINE_list(name, None, help_text)
+    else:
+      flags.DEFINE_string(name, None, help_text)
+
+
+def config_from_flags(dataset: str) -> config_lib.TrainConfig:
+  """The preset of --opt with every flag given on the command line."""
+  values = flags.FLAGS.flag_values_dict()
+  overrides = {}
+  for field in dataclasses.fields(config_lib.TrainConfig):
+    if field.name in values and values[field.name] is not None:
+      overrides[field.name] = values[field.name]
+  if "lr_decay_epochs" in overrides:
+    try:
+      overrides["lr_decay_epochs"] = tuple(
+          int(e) for e in overrides["lr_decay_epochs"])
+    except ValueError:
+      raise config_lib.ConfigError(
+          f"--lr_decay_epochs must be integers; got "
+          f"{','.join(overrides['lr_decay_epochs'])}.") from None
+  opt = overrides.pop("opt")
+  return config_lib.from_preset(opt, dataset=dataset, **overrides)
+
+
+def run(dataset: str):
+  """Main of a launcher: train, or exit 1 with a one-line error."""
+  try:
+    config = config_from_flags(dataset)
+    summary = training.train(config)
+  except (config_lib.ConfigError, data_lib.DataError,
+          training.DivergenceError) as e:
+    logging.flush()
+    sys.exit(f"error: {e}")
+  print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()),
+        flush=True)

@@ -1,0 +1,355 @@
+"""The one training loop every launcher shares.
+
+`train(config)` builds the data, the Wide ResNet, the optimizer and the
+compiled step, resumes from the run directory's latest checkpoint, trains,
+evaluates every epoch, writes TensorBoard summaries and checkpoints, and
+returns a summary. Bad settings, bad data and divergence raise errors whose
+one-line messages say how to fix them; none of them touches a good
+checkpoint.
+
+Counting: an outer step consumes `L` minibatches (1 for SGD). An (outer)
+epoch is `train_examples // batch_size` outer steps, so an Entropy-SGD epoch
+is L passes over the data. The effective epoch is
+gradient evaluations * batch_size / train_examples. TensorBoard's step axis
+is the number of gradient evaluations, which compares optimizers fairly.
+"""
+
+import dataclasses
+import math
+import os
+import time
+from typing import Dict, Optional
+
+from absl import logging
+import sonnet as snt
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+from entropy_sgd import config as config_lib
+from entropy_sgd import data as data_lib
+from entropy_sgd import optimizers
+from entropy_sgd import train_step as train_step_lib
+from entropy_sgd import wide_resnet
+
+ConfigError = config_lib.ConfigError
+
+
+class DivergenceError(RuntimeError):
+  """The loss became NaN or Inf."""
+
+
+def resolve_user_path(path: Optional[str]) -> Optional[str]:
+  """Resolves a relative path against where `bazel run` was called from."""
+  if path is None or os.path.isabs(path):
+    return path
+  base = os.environ.get("BUILD_WORKING_DIRECTORY", os.getcwd())
+  return os.path.normpath(os.path.join(base, path))
+
+
+def make_strategy(config: config_lib.TrainConfig) -> tf.distribute.Strategy:
+  """The default strategy, or MirroredStrategy over GPUs (else CPUs)."""
+  if config.strategy == "default":
+    return tf.distribute.get_strategy()
+  gpus = tf.config.list_logical_devices("GPU")
+  if gpus:
+    return tf.distribute.MirroredStrategy([d.name for d in gpus])
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * config.num_devices)
+  except RuntimeError:
+    pass  # Already configured (or TF initialised): use what exists.
+  cpus = tf.config.list_logical_devices("CPU")
+  if len(cpus) < config.num_devices:
+    raise ConfigError(
+        f"--strategy=mirrored wants --num_devices={config.num_devices} CPU "
+        f"devices but only {len(cpus)} exist; TensorFlow was initialised "
+        f"before the launcher could create them.")
+  return tf.distribute.MirroredStrategy(
+      [d.name for d in cpus[:config.num_devices]])
+
+
+def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
+  if config.opt == "entropy_sgd":
+    return optimizers.EntropySGD(
+        learning_rate=learning_rate, num_langevin_steps=config.L,
+        langevin_learning_rate=config.langevin_lr, gamma=config.gamma,
+        scoping=config.scoping, noise=config.noise, alpha=config.alpha,
+        weight_decay=config.weight_decay, conventions=config.conventions,
+        seed=config.seed, jit_compile=config.jit)
+  return optimizers.SGD(
+      learning_rate, momentum=config.momentum,
+      nesterov=config.opt == "nesterov", weight_decay=config.weight_decay,
+      jit_compile=config.jit)
+
+
+def _check_writable(run_dir):
+  try:
+    os.makedirs(run_dir, exist_ok=True)
+    probe = os.path.join(run_dir, ".write_probe")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(
+        f"--log_dir: cannot write to {run_dir} ({e.strerror}); pass a "
+        f"writable --log_dir.") from None
+
+
+def _batch_norms(model):
+  return [m for m in model.submodules if isinstance(m, snt.BatchNorm)]
+
+
+class _Evaluator:
+  """Loss and accuracy over a split, with optional BatchNorm recalibration."""
+
+  def __init__(self, model, strategy, dataset, config):
+    self._model, self._strategy = model, strategy
+    self._dataset = dataset
+    self._config = config
+
+    def replica_eval(images, labels):
+      logits = model(images, is_training=False)
+      loss = train_step_lib.classification_loss(logits, labels)
+      correct = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype),
+                         labels)
+      return tf.stack([tf.reduce_sum(loss),
+                       tf.reduce_sum(tf.cast(correct, tf.float32)),
+                       tf.cast(tf.size(labels), tf.float32)])
+
+    @tf.function
+    def eval_batch(images, labels):
+      per_replica = strategy.run(replica_eval, args=(images, labels))
+      return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, None)
+
+    self._eval_batch = eval_batch
+    batch_norms = _batch_norms(model)
+
+    def reset_statistics():
+      for bn in batch_norms:
+        bn.moving_mean.reset()
+        bn.moving_variance.reset()
+
+    @tf.function
+    def recalibrate(iterator, num_batches):
+      strategy.run(reset_statistics)
+      for _ in tf.range(num_batches):
+        images, _ = next(iterator)
+        strategy.run(lambda x: model(x, is_training=True), args=(images,))
+
+    self._recalibrate = recalibrate if batch_norms else None
+
+  def recalibrate_batch_norm(self, epoch: int):
+    """Recomputes BatchNorm statistics at the current weights (x, not x').
+
+    Like the reference code's "dry feed": forward passes in training mode on
+    un-augmented training batches, with no parameter update.
+    """
+    if self._recalibrate is None:
+      return
+    iterator = iter(self._strategy.experimental_distribute_dataset(
+        self._dataset.recalibration_dataset(epoch)))
+    self._recalibrate(iterator,
+                      tf.constant(self._config.recalibration_batches))
+
+  def evaluate(self, split: str) -> Dict[str, float]:
+    totals = tf.zeros([3])
+    dataset = self._strategy.experimental_distribute_dataset(
+        self._dataset.eval_dataset(split))
+    for images, labels in dataset:
+      totals += self._eval_batch(images, labels)
+    loss, correct, count = totals.numpy()
+    return {"loss": loss / count, "accuracy": correct / count}
+
+
+def _format_duration(seconds):
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Trainer:
+  """Everything one run needs, built (and restored) from a TrainConfig."""
+
+  def __init__(self, config: config_lib.TrainConfig):
+    config_lib.validate(config)
+    config = dataclasses.replace(
+        config, data_dir=resolve_user_path(config.data_dir),
+        log_dir=resolve_user_path(config.log_dir))
+    self.config = config
+    self.run_dir = os.path.join(config.log_dir,
+                                config.run_name or config.default_run_name())
+    _check_writable(self.run_dir)
+    if config.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    tf.random.set_seed(config.seed)
+    self.strategy = strategy = make_strategy(config)
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+      raise ConfigError(
+          f"--batch_size={config.batch_size} is not divisible by the "
+          f"{replicas} replicas; use a multiple of {replicas}.")
+
+    self.data = data_lib.CifarData(data_lib.PipelineConfig(
+        dataset=config.dataset, data_dir=config.data_dir,
+        batch_size=config.batch_size,
+        validation_examples=config.validation_examples,
+        augment=config.augment, rotation_degrees=config.rotation_degrees,
+        seed=config.seed))
+    self.train_examples = self.data.num_examples("train")
+    self.steps_per_epoch = self.train_examples // config.batch_size
+    if self.steps_per_epoch < 1:
+      raise ConfigError(
+          f"--batch_size={config.batch_size} exceeds the "
+          f"{self.train_examples} training examples; lower it.")
+    self.evaluations_per_step = config.gradient_evaluations_per_step
+    self.total_steps = config.epochs * self.steps_per_epoch
+    if config.max_steps is not None:
+      self.total_steps = min(self.total_steps, config.max_steps)
+
+    depth, width = wide_resnet.parse_model_name(config.model)
+    self.model = train_step_lib.build_model(
+        strategy, lambda: wide_resnet.WideResNet(
+            depth, width, data_lib.num_classes(config.dataset),
+            dropout_rate=config.dropout), [32, 32, 3])
+    with strategy.scope():
+      self.learning_rate = tf.Variable(config.lr, trainable=False, name="lr")
+      self.best_accuracy = tf.Variable(0.0, trainable=False,
+                                       name="best_accuracy")
+    self.optimizer = make_optimizer(config, self.learning_rate)
+    self.train_step = train_step_lib.make_train_step(
+        self.model, self.optimizer, strategy, config.batch_size,
+        jit_compile=config.jit)
+    self.checkpoint = tf.train.Checkpoint(
+        model=self.model, optimizer=self.optimizer,
+        best_accuracy=self.best_accuracy)
+    self.checkpoints = tf.train.CheckpointManager(
+        self.checkpoint, os.path.join(self.run_dir, "checkpoints"),
+        max_to_keep=config.keep_checkpoints)
+    if self.checkpoints.latest_checkpoint:
+      self.checkpoint.restore(
+          self.checkpoints.latest_checkpoint).assert_existing_objects_matched()
+      logging.info("Resuming from %s (outer step %d).",
+                   self.checkpoints.latest_checkpoint, self.step)
+    self.evaluator = _Evaluator(self.model, strategy, self.data, config)
+
+  @property
+  def step(self) -> int:
+    """Outer steps taken so far."""
+    return int(self.optimizer.step.numpy())
+
+  def effective_epoch(self, step: int) -> float:
+    """Gradient evaluations * batch size / training examples."""
+    return (step * self.evaluations_per_step * self.config.batch_size /
+            self.train_examples)
+
+  def run(self) -> Dict[str, float]:
+    """Trains from the current step to the end; returns the summary."""
+    config, strategy = self.config, self.strategy
+    start_step = step = self.step
+    iterator = iter(strategy.experimental_distribute_dataset(
+        self.data.train_dataset(
+            first_batch=start_step * self.evaluations_per_step)))
+    eval_splits = ["test"] + (["validation"] if config.validation_examples
+                              else [])
+    writer = tf.summary.create_file_writer(self.run_dir)
+    with writer.as_default():
+      hparams_api.hparams({k: (v if isinstance(v, (bool, int, float, str))
+                               else str(v))
+                           for k, v in dataclasses.asdict(config).items()})
+
+    def write_scalars(values, step):
+      with writer.as_default(step=step * self.evaluations_per_step):
+        for name, value in values.items():
+          tf.summary.scalar(name, value)
+
+    logging.info(
+        "%s: %s on %s with %s, %d replica(s); %d outer steps per epoch, "
+        "%d gradient evaluations per step; steps %d..%d; run dir %s",
+        config.opt, config.model, config.dataset, type(strategy).__name__,
+        strategy.num_replicas_in_sync, self.steps_per_epoch,
+        self.evaluations_per_step, start_step, self.total_steps,
+        self.run_dir)
+    results = {}
+    window_start, window_steps = time.perf_counter(), 0
+    run_start = time.perf_counter()
+    while step < self.total_steps:
+      epoch = step // self.steps_per_epoch
+      self.learning_rate.assign(config_lib.learning_rate_at(config, epoch))
+      metrics = self.train_step(iterator)
+      step += 1
+      window_steps += 1
+      loss = float(metrics["loss"])
+      if not math.isfinite(loss):
+        kept = self.checkpoints.latest_checkpoint or "none yet"
+        raise DivergenceError(
+            f"Training diverged at outer step {step} (epoch {epoch + 1}): "
+            f"the loss is {loss}. Nothing was saved; the last good "
+            f"checkpoint ({kept}) is intact. Lower --lr"
+            f"{' or --langevin_lr' if config.opt == 'entropy_sgd' else ''} "
+            f"and rerun: the run resumes from that checkpoint.")
+      if step % config.log_every_steps == 0 or step == self.total_steps:
+        elapsed = time.perf_counter() - window_start
+        images_per_second = (window_steps * self.evaluations_per_step *
+                             config.batch_size / elapsed)
+        remaining = ((time.perf_counter() - run_start) /
+                     (step - start_step) * (self.total_steps - step))
+        scalars = {
+            "train/loss": loss,
+            "train/accuracy": float(metrics["accuracy"]),
+            "optimizer/learning_rate": float(self.learning_rate.numpy()),
+            "perf/images_per_second": images_per_second,
+            "progress/effective_epoch": self.effective_epoch(step),
+            "progress/outer_epoch": step / self.steps_per_epoch,
+        }
+        if config.opt == "entropy_sgd":
+          scalars["entropy_sgd/gamma"] = float(metrics["gamma"])
+          scalars["entropy_sgd/anchor_to_mean_distance"] = float(
+              metrics["anchor_to_mean_distance"])
+          scalars["optimizer/langevin_learning_rate"] = config.langevin_lr
+        write_scalars(scalars, step)
+        logging.info(
+            "epoch %d/%d (effective %.2f) step %d/%d: loss %.4f, accuracy "
+            "%.4f, %.0f images/s, ETA %s", epoch + 1, config.epochs,
+            self.effective_epoch(step), step, self.total_steps, loss,
+            scalars["train/accuracy"], images_per_second,
+            _format_duration(remaining))
+        window_start, window_steps = time.perf_counter(), 0
+
+      if step % self.steps_per_epoch == 0 or step == self.total_steps:
+        if config.opt == "entropy_sgd" and config.recalibrate_bn:
+          self.evaluator.recalibrate_batch_norm(epoch)
+        for split in eval_splits:
+          results[split] = self.evaluator.evaluate(split)
+          write_scalars({f"{split}/loss": results[split]["loss"],
+                         f"{split}/accuracy": results[split]["accuracy"]},
+                        step)
+        monitored = results.get("validation", results["test"])["accuracy"]
+        self.best_accuracy.assign(
+            max(float(self.best_accuracy.numpy()), monitored))
+        path = self.checkpoints.save(checkpoint_number=step)
+        logging.info(
+            "epoch %d done (effective epoch %.2f): %s; checkpoint %s",
+            epoch + 1, self.effective_epoch(step),
+            ", ".join(f"{s} loss {r['loss']:.4f} accuracy "
+                      f"{r['accuracy']:.4f}" for s, r in results.items()),
+            path)
+        writer.flush()
+
+    summary = {
+        "outer_steps": step,
+        "effective_epochs": self.effective_epoch(step),
+        "best_accuracy": float(self.best_accuracy.numpy()),
+        "run_dir": self.run_dir,
+    }
+    for split, values in results.items():
+      summary[f"final_{split}_accuracy"] = values["accuracy"]
+      summary[f"final_{split}_loss"] = values["loss"]
+    logging.info("Finished: %s", ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+        for k, v in summary.items()))
+    return summary
+
+
+def train(config: config_lib.TrainConfig) -> Dict[str, float]:
+  """Trains (or resumes) one run; returns the final summary."""
+  return Trainer(config).run()

@@ -1,0 +1,151 @@
+"""The shared training loop on the tiny CIFAR files in testdata/."""
+
+import glob
+import os
+
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from entropy_sgd import config as config_lib
+from entropy_sgd import training
+
+TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                        "testdata")
+
+
+def tiny_config(opt, log_dir, **overrides):
+  """WRN-10-1 on 200 images in batches of 20: 10 outer steps per epoch."""
+  settings = dict(
+      dataset="cifar10", data_dir=os.path.join(TESTDATA, "cifar10"),
+      log_dir=log_dir, model="wrn-10-1", epochs=1, batch_size=20, lr=0.05,
+      L=2, log_every_steps=3, recalibration_batches=2)
+  if opt == "entropy_sgd":
+    settings.update(lr=0.5, langevin_lr=0.05)
+  settings.update(overrides)
+  return config_lib.from_preset(opt, **settings)
+
+
+def checkpoint_variables(run_dir):
+  reader = tf.train.load_checkpoint(os.path.join(run_dir, "checkpoints"))
+  return {name: reader.get_tensor(name)
+          for name in reader.get_variable_to_shape_map()
+          if name.startswith("model/")}
+
+
+def scalar_tags(run_dir):
+  accumulator = event_accumulator.EventAccumulator(
+      run_dir, size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  return accumulator, set(accumulator.Tags()["tensors"])
+
+
+class TrainingTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters("sgd", "nesterov", "entropy_sgd")
+  def test_smoke_writes_events_and_checkpoints(self, opt):
+    log_dir = self.create_tempdir().full_path
+    summary = training.train(tiny_config(opt, log_dir, max_steps=4))
+    run_dir = summary["run_dir"]
+    self.assertEqual(summary["outer_steps"], 4)
+    evaluations = 2 if opt == "entropy_sgd" else 1
+    self.assertAlmostEqual(summary["effective_epochs"],
+                           4 * evaluations * 20 / 200)
+    self.assertBetween(summary["final_test_accuracy"], 0.0, 1.0)
+    self.assertTrue(np.isfinite(summary["final_test_loss"]))
+    self.assertNotEmpty(glob.glob(os.path.join(run_dir, "checkpoints",
+                                               "ckpt-4.index")))
+    accumulator, tags = scalar_tags(run_dir)
+    expected = {"train/loss", "train/accuracy", "test/loss", "test/accuracy",
+                "optimizer/learning_rate", "perf/images_per_second",
+                "progress/effective_epoch", "progress/outer_epoch"}
+    if opt == "entropy_sgd":
+      expected |= {"entropy_sgd/gamma", "entropy_sgd/anchor_to_mean_distance",
+                   "optimizer/langevin_learning_rate"}
+    self.assertContainsSubset(expected, tags)
+    # The step axis counts gradient evaluations.
+    steps = [e.step for e in accumulator.Tensors("train/loss")]
+    self.assertEqual(steps, [3 * evaluations, 4 * evaluations])
+
+  def test_entropy_sgd_gamma_grows_in_the_summaries(self):
+    log_dir = self.create_tempdir().full_path
+    summary = training.train(tiny_config(
+        "entropy_sgd", log_dir, max_steps=6, scoping=0.5, log_every_steps=1))
+    accumulator, _ = scalar_tags(summary["run_dir"])
+    gammas = [float(tf.make_ndarray(e.tensor_proto))
+              for e in accumulator.Tensors("entropy_sgd/gamma")]
+    # Lua-reference preset: gamma_t = gamma0 (1 + gamma1)^(t + 1).
+    self.assertAllClose(gammas, [0.03 * 1.5**(t + 1) for t in range(6)],
+                        rtol=1e-5)
+
+  def test_resume_equals_an_uninterrupted_run(self):
+    log_dir = self.create_tempdir().full_path
+    common = dict(epochs=2, deterministic=True, validation_examples=40,
+                  augment="flip_crop")
+    whole = training.train(tiny_config("entropy_sgd", log_dir,
+                                       run_name="whole", **common))
+    first = training.train(tiny_config("entropy_sgd", log_dir,
+                                       run_name="split", max_steps=8,
+                                       **common))
+    self.assertEqual(first["outer_steps"], 8)
+    resumed = training.train(tiny_config("entropy_sgd", log_dir,
+                                         run_name="split", **common))
+    self.assertEqual(resumed["outer_steps"], whole["outer_steps"])
+    expected = checkpoint_variables(whole["run_dir"])
+    actual = checkpoint_variables(resumed["run_dir"])
+    self.assertSameElements(expected, actual)
+    for name in expected:
+      self.assertAllClose(actual[name], expected[name], rtol=1e-5, atol=1e-6,
+                          msg=name)
+    self.assertAllClose(resumed["final_validation_accuracy"],
+                        whole["final_validation_accuracy"])
+
+  def test_divergence_keeps_the_last_good_checkpoint(self):
+    log_dir = self.create_tempdir().full_path
+    good = training.train(tiny_config("sgd", log_dir, run_name="run"))
+    checkpoint_dir = os.path.join(good["run_dir"], "checkpoints")
+    before = {path: open(path, "rb").read()
+              for path in glob.glob(os.path.join(checkpoint_dir, "*"))}
+    with self.assertRaisesRegex(training.DivergenceError,
+                                "loss is (nan|inf).*ckpt-10.*is intact"):
+      training.train(tiny_config("sgd", log_dir, run_name="run", epochs=2,
+                                 lr=1e30))
+    after = {path: open(path, "rb").read()
+             for path in glob.glob(os.path.join(checkpoint_dir, "*"))}
+    self.assertEqual(before, after)
+
+  def test_batch_norm_recalibration_uses_the_current_weights(self):
+    log_dir = self.create_tempdir().full_path
+    config = tiny_config("entropy_sgd", log_dir, max_steps=2,
+                         recalibration_batches=1)
+    summary = training.train(config)
+    del summary
+    # Recalibrating with one batch makes the (debiased) moving mean of the
+    # first BatchNorm exactly that batch's mean of the stem output.
+    trainer = training.Trainer(config)  # Restores the trained weights.
+    trainer.evaluator.recalibrate_batch_norm(epoch=0)
+    images, _ = next(iter(trainer.data.recalibration_dataset(0)))
+    first_bn = trainer.model.blocks[0].batch_norms[0]
+    expected = tf.reduce_mean(trainer.model.stem(images), axis=[0, 1, 2])
+    self.assertAllClose(tf.reshape(first_bn.moving_mean.value, [-1]),
+                        expected, atol=1e-5)
+
+  def test_unwritable_log_dir(self):
+    blocker = self.create_tempfile().full_path  # A file, not a directory.
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                "--log_dir: cannot write"):
+      training.train(tiny_config("sgd", os.path.join(blocker, "runs")))
+
+  def test_relative_paths_resolve_against_the_bazel_working_directory(self):
+    os.environ["BUILD_WORKING_DIRECTORY"] = "/some/where"
+    try:
+      self.assertEqual(training.resolve_user_path("runs/x"),
+                       "/some/where/runs/x")
+      self.assertEqual(training.resolve_user_path("/abs"), "/abs")
+    finally:
+      del os.environ["BUILD_WORKING_DIRECTORY"]
+
+
+if __name__ == "__main__":
+  tf.test.main()

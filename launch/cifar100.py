@@ -1,0 +1,14 @@
+"""Train a Wide ResNet on CIFAR-100 with SGD, Nesterov or Entropy-SGD.
+
+    bazel run //launch:cifar100 -- --opt=entropy_sgd --L=20
+    bazel run //launch:cifar100 -- --help
+"""
+
+from absl import app
+
+from entropy_sgd import launcher
+
+launcher.define_flags()
+
+if __name__ == "__main__":
+  app.run(lambda argv: launcher.run("cifar100"))

@@ -1,0 +1,138 @@
+"""The launchers as a user runs them: help, smoke runs and bad input.
+
+Each case runs the real launcher binary in a subprocess and checks its exit
+code and output: errors are one line, without a Python traceback, and come
+before any training starts.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTDATA = os.path.join(HERE, "..", "testdata")
+
+
+def launcher_command(dataset):
+  """The bazel-built launcher when present, else the source file."""
+  built = os.path.join(HERE, dataset)
+  if os.path.exists(built):
+    return [built]
+  return [sys.executable, os.path.join(HERE, dataset + ".py")]
+
+
+def run_launcher(dataset, *args, cwd=None):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  env.setdefault("PYTHONPATH", os.path.join(HERE, ".."))
+  return subprocess.run(
+      launcher_command(dataset) + list(args), capture_output=True, text=True,
+      timeout=600, env=env, cwd=cwd)
+
+
+def error_lines(result):
+  return [line for line in result.stderr.splitlines()
+          if line.startswith(("error:", "FATAL Flags parsing error"))]
+
+
+TINY = ["--model=wrn-10-1", "--batch_size=20", "--log_every_steps=1",
+        "--recalibration_batches=1"]
+
+
+class LauncherTest(parameterized.TestCase):
+
+  def test_help_lists_flags_and_presets(self):
+    result = run_launcher("cifar10", "--helpfull")
+    self.assertEqual(result.returncode, 0, result.stderr)
+    for text in ("--opt", "--L", "--langevin_lr", "--conventions",
+                 "entropy_sgd: 20", "--data_dir", "--max_steps"):
+      self.assertIn(text, result.stdout)
+
+  @parameterized.parameters(("cifar10", "entropy_sgd"),
+                            ("cifar100", "nesterov"))
+  def test_smoke_run(self, dataset, opt):
+    log_dir = self.create_tempdir().full_path
+    data_dir = os.path.join(TESTDATA, dataset + "_gz")
+    result = run_launcher(dataset, f"--opt={opt}", "--L=2", "--max_steps=2",
+                          f"--data_dir={data_dir}", f"--log_dir={log_dir}",
+                          *TINY)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("summary: outer_steps=2", result.stdout)
+    self.assertRegex(result.stderr, r"ETA \d+:\d\d:\d\d")
+    run_dir = os.path.join(log_dir, os.listdir(log_dir)[0])
+    self.assertTrue(os.path.exists(os.path.join(run_dir, "checkpoints",
+                                                "checkpoint")))
+    self.assertTrue(any(name.startswith("events.out.tfevents")
+                        for name in os.listdir(run_dir)))
+
+  def test_relative_paths_follow_the_working_directory(self):
+    # `bazel run` starts the launcher in its runfiles; relative paths the
+    # user typed must resolve against BUILD_WORKING_DIRECTORY instead.
+    work = self.create_tempdir().full_path
+    shutil.copytree(os.path.join(TESTDATA, "cifar10"),
+                    os.path.join(work, "data"))
+    os.environ["BUILD_WORKING_DIRECTORY"] = work
+    try:
+      result = run_launcher("cifar10", "--opt=sgd", "--max_steps=1",
+                            "--data_dir=data", "--log_dir=runs", *TINY)
+    finally:
+      del os.environ["BUILD_WORKING_DIRECTORY"]
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertTrue(os.path.isdir(os.path.join(work, "runs")))
+
+  @parameterized.named_parameters(
+      ("zero_L", ["--opt=entropy_sgd", "--L=0"], "--L must be >= 1"),
+      ("zero_lr", ["--lr=0"], "--lr must be > 0"),
+      ("negative_langevin_lr", ["--opt=entropy_sgd", "--langevin_lr=-1"],
+       "--langevin_lr must be > 0"),
+      ("unknown_opt", ["--opt=adam"], "--opt"),
+      ("unknown_model", ["--model=resnet50"], "--model='resnet50' is unknown"),
+      ("bad_depth", ["--model=wrn-27-10"], "depth must be 6n\\+4"),
+      ("bad_conventions", ["--conventions=torch"], "--conventions"),
+      ("batch_not_divisible", ["--strategy=mirrored", "--num_devices=2",
+                               "--batch_size=7"], "not divisible by the 2"),
+      ("missing_data", ["--data_dir=/nonexistent/cifar"], "--data_dir"),
+  )
+  def test_bad_input_is_one_line(self, args, message):
+    log_dir = self.create_tempdir().full_path
+    data_args = ([] if any(a.startswith("--data_dir") for a in args)
+                 else [f"--data_dir={os.path.join(TESTDATA, 'cifar10')}"])
+    result = run_launcher("cifar10", f"--log_dir={log_dir}", *data_args,
+                          *args)
+    self.assertNotEqual(result.returncode, 0)
+    self.assertNotIn("Traceback", result.stderr)
+    errors = error_lines(result)
+    self.assertLen(errors, 1, result.stderr[-2000:])
+    self.assertRegex(errors[0], message)
+    self.assertEmpty(os.listdir(log_dir) if message != "--data_dir" else [])
+
+  def test_truncated_data_file(self):
+    data_dir = self.create_tempdir().full_path
+    shutil.copytree(os.path.join(TESTDATA, "cifar10", "cifar-10-batches-bin"),
+                    os.path.join(data_dir, "cifar-10-batches-bin"))
+    victim = os.path.join(data_dir, "cifar-10-batches-bin",
+                          "data_batch_3.bin")
+    with open(victim, "r+b") as f:
+      f.truncate(os.path.getsize(victim) - 100)
+    result = run_launcher("cifar10", f"--data_dir={data_dir}",
+                          f"--log_dir={self.create_tempdir().full_path}")
+    self.assertNotEqual(result.returncode, 0)
+    self.assertNotIn("Traceback", result.stderr)
+    self.assertLen(error_lines(result), 1, result.stderr[-2000:])
+    self.assertIn("data_batch_3.bin", error_lines(result)[0])
+
+  def test_unwritable_log_dir(self):
+    blocker = self.create_tempfile().full_path
+    result = run_launcher(
+        "cifar10", f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
+        f"--log_dir={blocker}/runs")
+    self.assertNotEqual(result.returncode, 0)
+    self.assertNotIn("Traceback", result.stderr)
+    self.assertRegex(error_lines(result)[0], "--log_dir: cannot write")
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -77,6 +77,8 @@ def _preset_note(name):
 
 def define_flags():
   """Defines one flag per TrainConfig field, defaulting to 'from preset'."""
+  if "log_dir" in flags.FLAGS:  # absl.logging's, for log files we never write.
+    delattr(flags.FLAGS, "log_dir")
   hints = typing.get_type_hints(config_lib.TrainConfig)
   for field in dataclasses.fields(config_lib.TrainConfig):
     name, hint = field.name, hints[field.name]

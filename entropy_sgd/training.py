@@ -50,9 +50,8 @@ def make_strategy(config: config_lib.TrainConfig) -> tf.distribute.Strategy:
   """The default strategy, or MirroredStrategy over GPUs (else CPUs)."""
   if config.strategy == "default":
     return tf.distribute.get_strategy()
-  gpus = tf.config.list_logical_devices("GPU")
-  if gpus:
-    return tf.distribute.MirroredStrategy([d.name for d in gpus])
+  if tf.config.list_physical_devices("GPU"):  # Does not start TF up.
+    return tf.distribute.MirroredStrategy()
   cpu = tf.config.list_physical_devices("CPU")[0]
   try:
     tf.config.set_logical_device_configuration(
@@ -179,10 +178,10 @@ class Trainer:
     self.run_dir = os.path.join(config.log_dir,
                                 config.run_name or config.default_run_name())
     _check_writable(self.run_dir)
+    self.strategy = strategy = make_strategy(config)  # Before TF starts up.
     if config.deterministic:
       tf.config.experimental.enable_op_determinism()
     tf.random.set_seed(config.seed)
-    self.strategy = strategy = make_strategy(config)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
       raise ConfigError(
@@ -276,6 +275,8 @@ class Trainer:
       epoch = step // self.steps_per_epoch
       self.learning_rate.assign(config_lib.learning_rate_at(config, epoch))
       metrics = self.train_step(iterator)
+      if step == start_step:
+        run_start = time.perf_counter()
       step += 1
       window_steps += 1
       loss = float(metrics["loss"])
@@ -291,8 +292,11 @@ class Trainer:
         elapsed = time.perf_counter() - window_start
         images_per_second = (window_steps * self.evaluations_per_step *
                              config.batch_size / elapsed)
-        remaining = ((time.perf_counter() - run_start) /
-                     (step - start_step) * (self.total_steps - step))
+        if step - start_step > 1:  # The first step includes compilation.
+          remaining = ((time.perf_counter() - run_start) /
+                       (step - start_step - 1) * (self.total_steps - step))
+        else:
+          remaining = elapsed * (self.total_steps - step)
         scalars = {
             "train/loss": loss,
             "train/accuracy": float(metrics["accuracy"]),

@@ -46,7 +46,7 @@ class LauncherTest(parameterized.TestCase):
 
   def test_help_lists_flags_and_presets(self):
     result = run_launcher("cifar10", "--helpfull")
-    self.assertEqual(result.returncode, 0, result.stderr)
+    self.assertIn(result.returncode, (0, 1), result.stderr)  # absl: 1.
     for text in ("--opt", "--L", "--langevin_lr", "--conventions",
                  "entropy_sgd: 20", "--data_dir", "--max_steps"):
       self.assertIn(text, result.stdout)

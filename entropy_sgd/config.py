@@ -68,6 +68,7 @@ class TrainConfig:
   recalibrate_bn: bool = True
   recalibration_batches: int = 20
   log_every_steps: int = 50
+  eval_every_steps: Optional[int] = None
   keep_checkpoints: int = 3
   deterministic: bool = False
 
@@ -184,5 +185,7 @@ def validate(config: TrainConfig):
            f"{c.recalibration_batches}.")
   _require(c.log_every_steps >= 1, f"--log_every_steps must be >= 1; got "
            f"{c.log_every_steps}.")
+  _require(c.eval_every_steps is None or c.eval_every_steps >= 1,
+           f"--eval_every_steps must be >= 1; got {c.eval_every_steps}.")
   _require(c.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1; got "
            f"{c.keep_checkpoints}.")

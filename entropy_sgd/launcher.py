@@ -62,6 +62,8 @@ _HELP = {
                       "anchor weights before each evaluation.",
     "recalibration_batches": "Batches fed to recompute BatchNorm statistics.",
     "log_every_steps": "Log and summarise every N outer steps.",
+    "eval_every_steps": "Also evaluate and checkpoint every N outer steps "
+                        "(besides every epoch).",
     "keep_checkpoints": "Checkpoints kept in the run directory.",
     "deterministic": "Enable TF op determinism (bit-reproducible, slower).",
 }

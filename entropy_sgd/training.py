@@ -319,7 +319,8 @@ class Trainer:
             _format_duration(remaining))
         window_start, window_steps = time.perf_counter(), 0
 
-      if step % self.steps_per_epoch == 0 or step == self.total_steps:
+      if (step % self.steps_per_epoch == 0 or step == self.total_steps or
+          (config.eval_every_steps and step % config.eval_every_steps == 0)):
         if config.opt == "entropy_sgd" and config.recalibrate_bn:
           self.evaluator.recalibrate_batch_norm(epoch)
         for split in eval_splits:
@@ -332,8 +333,8 @@ class Trainer:
             max(float(self.best_accuracy.numpy()), monitored))
         path = self.checkpoints.save(checkpoint_number=step)
         logging.info(
-            "epoch %d done (effective epoch %.2f): %s; checkpoint %s",
-            epoch + 1, self.effective_epoch(step),
+            "evaluated at epoch %.2f (effective epoch %.2f): %s; checkpoint "
+            "%s", step / self.steps_per_epoch, self.effective_epoch(step),
             ", ".join(f"{s} loss {r['loss']:.4f} accuracy "
                       f"{r['accuracy']:.4f}" for s, r in results.items()),
             path)

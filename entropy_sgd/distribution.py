@@ -12,6 +12,9 @@
 """
 
 import contextlib
+import dataclasses
+from typing import List
+from unittest import mock
 
 import tensorflow as tf
 
@@ -70,3 +73,48 @@ def replica_local_statistics():
   """
   with tf.variable_creator_scope(_replica_local_creator):
     yield
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedAllReduce:
+  """One `ReplicaContext.all_reduce` call seen while tracing a step."""
+  inside_loop: bool  # Traced in a while-loop body: runs once per iteration.
+  num_tensors: int
+  num_bytes: int  # Per replica.
+
+
+@contextlib.contextmanager
+def record_all_reduces():
+  """Records the all-reduce calls traced inside this scope.
+
+  Used to count cross-replica reductions and bytes per step: a call inside
+  a `tf.range` loop body runs once per iteration. Metric reductions through
+  `strategy.reduce` (a few scalars) are not counted.
+  """
+  calls: List[TracedAllReduce] = []
+  original = tf.distribute.ReplicaContext.all_reduce
+
+  def recording_all_reduce(context, reduce_op, value, options=None):
+    replica_id = tf.get_static_value(context.replica_id_in_sync_group)
+    if replica_id:  # Count each call once, on replica 0.
+      return original(context, reduce_op, value, options)
+    tensors = tf.nest.flatten(value)
+    graph_name = getattr(tf.compat.v1.get_default_graph(), "name", "")
+    calls.append(TracedAllReduce(
+        inside_loop="while_body" in graph_name,
+        num_tensors=len(tensors),
+        num_bytes=sum(t.shape.num_elements() * t.dtype.size
+                      for t in tensors)))
+    return original(context, reduce_op, value, options)
+
+  with mock.patch.object(tf.distribute.ReplicaContext, "all_reduce",
+                         recording_all_reduce):
+    yield calls
+
+
+def per_step(calls: List[TracedAllReduce], loop_iterations: int):
+  """(all-reduce calls, bytes) executed per step, per replica."""
+  count = sum(loop_iterations if c.inside_loop else 1 for c in calls)
+  num_bytes = sum((loop_iterations if c.inside_loop else 1) * c.num_bytes
+                  for c in calls)
+  return count, num_bytes

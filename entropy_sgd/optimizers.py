@@ -125,13 +125,15 @@ PRESETS: Mapping[str, Conventions] = {
 }
 
 
-def langevin_noise(seed, step, inner_step, parameter_index, shape, dtype):
-  """N(0, I) noise for one parameter, keyed by (seed, t, l, parameter).
+def langevin_noise(seed, step, inner_step, parameter_index, shape, dtype,
+                   stream=0):
+  """N(0, I) noise for one parameter, keyed by (seed, stream, t, l, param).
 
   Stateless, so runs are reproducible and every replica draws the same
-  noise without communicating.
+  noise without communicating. `stream` separates independent chains
+  (Parle's replicas); the synchronous optimizer uses stream 0 everywhere.
   """
-  key = tf.constant([seed, 0], dtype=tf.int64)
+  key = tf.stack([tf.constant(seed, tf.int64), tf.cast(stream, tf.int64)])
   for data in (step, inner_step, parameter_index):
     key = tf.random.experimental.stateless_fold_in(
         key, tf.cast(data, tf.int64), alg="philox")
@@ -173,6 +175,9 @@ class Optimizer(snt.Module):
   """Shared interface and checks; subclasses define the per-device math."""
 
   gradient_evaluations_per_step = 1
+  # Whether `apply` expects gradients summed over replicas (synchronous
+  # training); Parle's replicas each follow their own gradients.
+  all_reduces_gradients = True
 
   def __init__(self, jit_compile: bool, name: Optional[str]):
     super().__init__(name=name)
@@ -445,7 +450,7 @@ class EntropySGD(Optimizer):
     distribution.update_on_each_device(self.step, restart)
 
   def _langevin_step_math(self, samples, anchors, means, gradients,
-                          velocities, step, inner_step):
+                          velocities, step, inner_step, noise_stream):
     c = self.conventions
     new_samples, new_means, new_velocities = [], [], []
     gamma = self.gamma(step)
@@ -457,7 +462,7 @@ class EntropySGD(Optimizer):
                                                   tf.cast(self.noise, dtype),
                                                   c.noise_scale)
       standard_normal = langevin_noise(self.seed, step, inner_step, i,
-                                       x_prime.shape, dtype)
+                                       x_prime.shape, dtype, noise_stream)
       x_prime, v = update_rules.langevin_step(
           x_prime, x, g, velocities[i] if velocities else None,
           standard_normal,
@@ -481,11 +486,11 @@ class EntropySGD(Optimizer):
       return self.alpha
     return 1.0 - self.alpha
 
-  def _apply_on_device(self, gradients, parameters):
+  def _apply_on_device(self, gradients, parameters, noise_stream=0):
     samples, means, velocities = self._langevin_math(
         _read(parameters), _read(self.anchor), _read(self.mean), gradients,
         _read(self.inner_velocities), self.step.read_value(),
-        self.inner_step.read_value())
+        self.inner_step.read_value(), tf.cast(noise_stream, tf.int64))
     _assign(parameters, samples)
     _assign(self.mean, means)
     _assign(self.inner_velocities, velocities)
@@ -512,10 +517,8 @@ class EntropySGD(Optimizer):
     self._check_parameters(parameters)
     metrics = {
         "gamma": self.gamma(),
-        "anchor_to_mean_distance": tf.sqrt(
-            tf.add_n([tf.reduce_sum(tf.square(x - mu))
-                      for x, mu in zip(_read(self.anchor),
-                                       _read(self.mean))])),
+        "anchor_to_mean_distance": _distance(_read(self.anchor),
+                                             _read(self.mean)),
     }
 
     def outer_update():
@@ -528,3 +531,100 @@ class EntropySGD(Optimizer):
 
     distribution.update_on_each_device(self.step, outer_update)
     return metrics
+
+
+def _replica_id():
+  context = tf.distribute.get_replica_context()
+  replica_id = 0 if context is None else context.replica_id_in_sync_group
+  return tf.cast(replica_id, tf.int64)
+
+
+class Parle(EntropySGD):
+  """Parle-style replicated Entropy-SGD (Chaudhari et al., arXiv:1707.00424).
+
+  Every replica runs its own Entropy-SGD chain on its own data: its own
+  gradients (no all-reduce inside the inner loop) and its own Langevin
+  noise (stream = replica id). Once per outer step the replicas are
+  coupled elastically to their mean, with one all-reduce:
+
+      x_a <- EntropySGD outer step of replica a           (local)
+      xbar <- mean over replicas of x_a                   (one all-reduce)
+      x_a <- x_a - c (x_a - xbar),  c = min(eta * rho_t, 1)
+      rho_t = rho0 * (1 + rho1)**t;  rho = inf averages exactly (c = 1).
+
+  So a step costs one all-reduce of the weights per L gradient evaluations
+  instead of L all-reduces of the gradients. With one replica xbar = x and
+  Parle is Entropy-SGD; so it is with identical data and noise on every
+  replica, for any rho. Call `apply` and `end_outer_step` in replica
+  context (`strategy.run`). Checkpoints hold replica 0's copy of the
+  weights; a resumed run restarts every replica from it.
+  """
+
+  all_reduces_gradients = False
+
+  def __init__(self, *args, rho: float = 1.0, rho_scoping: float = 1e-3,
+               **kwargs):
+    """Constructs Parle; `rho`, `rho_scoping` give rho_t, other args as
+    `EntropySGD`."""
+    super().__init__(*args, **kwargs)
+    _check_positive("rho", rho)
+    _check_non_negative("rho_scoping", rho_scoping)
+    self.rho0 = rho
+    self.rho_scoping = rho_scoping
+
+  def rho(self, step=None) -> tf.Tensor:
+    """rho_t for outer step `step` (default: the current one)."""
+    step = self.step if step is None else step
+    if self.rho0 == float("inf"):
+      return tf.constant(float("inf"))
+    return update_rules.scoped_gamma(self.rho0, self.rho_scoping,
+                                     tf.cast(step, tf.int64))
+
+  def apply(self, updates, parameters):
+    """One SGLD step of this replica's chain, on its own gradients."""
+    self._check_parameters(parameters)
+    self._check_updates(updates, parameters)
+    distribution.update_on_each_device(
+        self.step,
+        lambda stream, *g: self._apply_on_device(list(g), parameters,
+                                                 noise_stream=stream),
+        _replica_id(), *updates)
+
+  def end_outer_step(self, parameters):
+    """Local outer step, then the elastic coupling to the replica mean."""
+    self._check_parameters(parameters)
+    step = self.step.read_value()
+    anchors, velocities = self._outer_math(
+        _read(self.anchor), _read(self.mean), _read(self.outer_velocities),
+        step)
+    context = tf.distribute.get_replica_context()
+    if context is None:
+      raise RuntimeError("Parle.end_outer_step must run in replica context "
+                         "(inside strategy.run).")
+    means = context.all_reduce(tf.distribute.ReduceOp.MEAN, anchors)
+    learning_rate = tf.cast(self.learning_rate, tf.float32)
+    coupling = tf.minimum(learning_rate * self.rho(step), 1.0)
+    coupled = [x - tf.cast(coupling, x.dtype) * (x - xbar)
+               for x, xbar in zip(anchors, means)]
+    metrics = {
+        "gamma": self.gamma(step),
+        "rho": self.rho(step),
+        "anchor_to_mean_distance": _distance(_read(self.anchor),
+                                             _read(self.mean)),
+        "distance_to_replica_mean": _distance(anchors, means),
+    }
+
+    def assign(*values):
+      new_anchors, new_velocities = values[:len(anchors)], values[len(anchors):]
+      _assign(parameters, new_anchors)
+      _assign(self.outer_velocities, new_velocities)
+      self.step.assign_add(1)
+
+    distribution.update_on_each_device(self.step, assign, *coupled,
+                                       *velocities)
+    return metrics
+
+
+def _distance(xs, ys):
+  return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(x - y))
+                           for x, y in zip(xs, ys)]))

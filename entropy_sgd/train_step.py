@@ -46,7 +46,8 @@ def make_train_step(
   Args:
     model: a built module called as `model(images, is_training=...)`,
       returning logits.
-    optimizer: `optimizers.SGD` or `optimizers.EntropySGD`.
+    optimizer: `optimizers.SGD`, `optimizers.EntropySGD` or
+      `optimizers.Parle`.
     strategy: the strategy whose scope holds the model.
     global_batch_size: examples per gradient evaluation, over all replicas;
       the loss of each replica is divided by it.
@@ -70,11 +71,18 @@ def make_train_step(
   with strategy.scope():
     optimizer.initialize(parameters)
 
+  # Synchronous training divides each replica's loss by the global batch
+  # and sums the gradients; Parle's replicas each descend their own loss.
+  if optimizer.all_reduces_gradients:
+    loss_denominator = global_batch_size
+  else:
+    loss_denominator = global_batch_size // strategy.num_replicas_in_sync
+
   def forward_backward(images, labels):
     with tf.GradientTape() as tape:
       logits = model(images, is_training=True)
       per_example_loss = classification_loss(logits, labels)
-      loss = tf.reduce_sum(per_example_loss) / global_batch_size
+      loss = tf.reduce_sum(per_example_loss) / loss_denominator
     gradients = tape.gradient(loss, parameters)
     correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype),
                        labels)
@@ -86,8 +94,9 @@ def make_train_step(
 
   def replica_step(images, labels):
     gradients, loss_sum, num_correct = forward_backward(images, labels)
-    gradients = tf.distribute.get_replica_context().all_reduce(
-        tf.distribute.ReduceOp.SUM, gradients)
+    if optimizer.all_reduces_gradients:
+      gradients = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, gradients)
     optimizer.apply(gradients, parameters)
     num_examples = tf.cast(tf.shape(labels)[0], tf.float32)
     return tf.stack([loss_sum, num_correct, num_examples])
@@ -95,14 +104,18 @@ def make_train_step(
   @tf.function
   def train_step(iterator):
     with strategy.scope():
-      optimizer.begin_outer_step(parameters)
+      strategy.run(optimizer.begin_outer_step, args=(parameters,))
       totals = tf.zeros([3])
       for _ in tf.range(optimizer.gradient_evaluations_per_step):
         images, labels = next(iterator)
         per_replica = strategy.run(replica_step, args=(images, labels))
         totals += strategy.reduce(
             tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-      metrics = dict(optimizer.end_outer_step(parameters))
+      per_replica_metrics = strategy.run(optimizer.end_outer_step,
+                                         args=(parameters,))
+      metrics = {
+          name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
+          for name, value in per_replica_metrics.items()}
     metrics["loss"] = totals[0] / totals[2]
     metrics["accuracy"] = totals[1] / totals[2]
     return metrics

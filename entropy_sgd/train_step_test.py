@@ -13,6 +13,7 @@ import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
+from entropy_sgd import distribution
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
 
@@ -328,6 +329,104 @@ class MirroredStrategyTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "not divisible by the 2"):
       train_step_lib.make_train_step(model, optimizers.SGD(0.1), mirrored,
                                      global_batch_size=7)
+
+
+def make_esgd(cls=optimizers.EntropySGD, **kwargs):
+  settings = dict(learning_rate=0.5, num_langevin_steps=3,
+                  langevin_learning_rate=0.05, gamma=0.3, scoping=0.2,
+                  noise=0.05, weight_decay=0.01, conventions="lua_reference",
+                  seed=3)
+  settings.update(kwargs)
+  return cls(**settings)
+
+
+def mirrored_strategy():
+  return tf.distribute.MirroredStrategy(
+      [d.name for d in tf.config.list_logical_devices("CPU")])
+
+
+def run_steps(strategy, optimizer, x, y, batch, num_outer):
+  """Like run_tf, with any global batch; returns (final weights, metrics)."""
+  model = train_step_lib.build_model(strategy, MLP, [NUM_FEATURES])
+  rng = np.random.RandomState(42)
+  for v in model.trainable_variables:
+    v.assign(rng.normal(scale=0.5, size=v.shape).astype(np.float32))
+  dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+  iterator = iter(strategy.experimental_distribute_dataset(dataset))
+  step = train_step_lib.make_train_step(model, optimizer, strategy, batch)
+  metrics = [step(iterator) for _ in range(num_outer)]
+  return {short_name(v): v for v in model.trainable_variables}, metrics
+
+
+class ParleTest(tf.test.TestCase, parameterized.TestCase):
+
+  def test_one_replica_is_entropy_sgd(self):
+    x, y = make_data(6)
+    strategy = tf.distribute.get_strategy()
+    esgd, _ = run_steps(strategy, make_esgd(), x, y, BATCH, 2)
+    parle, _ = run_steps(strategy, make_esgd(optimizers.Parle, rho=2.0), x,
+                         y, BATCH, 2)
+    for name in esgd:
+      self.assertAllClose(parle[name], esgd[name], rtol=1e-6, atol=1e-7)
+
+  @parameterized.parameters(0.5, float("inf"))
+  def test_identical_data_and_noise_on_replicas_is_entropy_sgd(self, rho):
+    x, y = make_data(6)
+    # Each global batch of 2 * BATCH holds the same BATCH twice, so both
+    # replicas see the same data; without noise their chains coincide.
+    doubled_x = np.concatenate([np.concatenate([x[i:i + BATCH]] * 2)
+                                for i in range(0, len(x), BATCH)])
+    doubled_y = np.concatenate([np.concatenate([y[i:i + BATCH]] * 2)
+                                for i in range(0, len(y), BATCH)])
+    esgd, _ = run_steps(tf.distribute.get_strategy(), make_esgd(noise=0.0),
+                        x, y, BATCH, 2)
+    parle, _ = run_steps(mirrored_strategy(),
+                         make_esgd(optimizers.Parle, noise=0.0, rho=rho),
+                         doubled_x, doubled_y, 2 * BATCH, 2)
+    for name in esgd:
+      for copy in parle[name].values:
+        self.assertAllClose(copy, esgd[name], rtol=1e-5, atol=1e-6)
+
+  @parameterized.parameters((1.0, 0.5), (float("inf"), 1.0))
+  def test_replicas_diverge_inside_the_loop_and_recouple(self, rho,
+                                                         coupling):
+    x, y = make_data(6)
+    optimizer = make_esgd(optimizers.Parle, rho=rho, rho_scoping=0.0)
+    weights, metrics = run_steps(mirrored_strategy(), optimizer, x, y,
+                                 2 * BATCH, 1)
+    # Before coupling each replica sits at distance d from the mean, so the
+    # two replicas were 2d apart; coupling shrinks that by (1 - c).
+    spread = float(metrics[0]["distance_to_replica_mean"])
+    self.assertGreater(spread, 1e-3)
+    apart = np.sqrt(sum(
+        np.sum(np.square(v.values[0].numpy() - v.values[1].numpy()))
+        for v in weights.values()))
+    self.assertAllClose(apart, (1.0 - coupling) * 2 * spread, rtol=1e-4,
+                        atol=1e-6)
+
+  def test_replicas_draw_their_own_noise(self):
+    x, y = make_data(6)
+    doubled = lambda a: np.concatenate(  # pylint: disable=g-long-lambda
+        [np.concatenate([a[i:i + BATCH]] * 2) for i in range(0, len(a),
+                                                              BATCH)])
+    _, metrics = run_steps(mirrored_strategy(),
+                           make_esgd(optimizers.Parle, rho=1.0),
+                           doubled(x), doubled(y), 2 * BATCH, 1)
+    # Same data on both replicas: only the noise can separate them.
+    self.assertGreater(float(metrics[0]["distance_to_replica_mean"]), 1e-4)
+
+  @parameterized.parameters(("entropy_sgd", 3), ("parle", 1))
+  def test_reductions_per_outer_step(self, name, expected):
+    x, y = make_data(6)
+    optimizer = (make_esgd(optimizers.Parle) if name == "parle"
+                 else make_esgd())
+    with distribution.record_all_reduces() as calls:
+      run_steps(mirrored_strategy(), optimizer, x, y, 2 * BATCH, 1)
+    count, num_bytes = distribution.per_step(calls, loop_iterations=3)
+    self.assertEqual(count, expected)
+    weight_bytes = 4 * (NUM_FEATURES * NUM_HIDDEN + NUM_HIDDEN +
+                        NUM_HIDDEN * NUM_CLASSES + NUM_CLASSES)
+    self.assertEqual(num_bytes, expected * weight_bytes)
 
 
 def setUpModule():

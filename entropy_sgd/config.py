@@ -57,6 +57,9 @@ class TrainConfig:
   scoping: float = 1e-3
   alpha: float = 0.75
   conventions: str = "lua_reference"
+  parle: bool = False
+  rho: float = float("inf")
+  rho_scoping: float = 1e-3
   seed: int = 0
   jit: bool = False
   max_steps: Optional[int] = None
@@ -164,6 +167,12 @@ def validate(config: TrainConfig):
   _require(c.conventions in optimizers.PRESETS,
            f"--conventions={c.conventions!r} is unknown; choose one of "
            f"{sorted(optimizers.PRESETS)}.")
+  _require(not c.parle or c.opt == "entropy_sgd",
+           "--parle needs --opt=entropy_sgd.")
+  _require(c.rho > 0, f"--rho must be > 0 (inf: exact averaging); got "
+           f"{c.rho}.")
+  _require(c.rho_scoping >= 0, f"--rho_scoping must be >= 0; got "
+           f"{c.rho_scoping}.")
   _require(c.max_steps is None or c.max_steps >= 1,
            f"--max_steps must be >= 1; got {c.max_steps}.")
   _require(c.strategy in STRATEGIES,

@@ -63,10 +63,15 @@ class ValidationTest(parameterized.TestCase):
       (dict(max_steps=0), "--max_steps must be >= 1"),
       (dict(augment="mixup"), "--augment='mixup' is unknown"),
       (dict(validation_examples=-1), "--validation_examples must be >= 0"),
+      (dict(rho=0.0), "--rho must be > 0"),
   )
   def test_bad_values_name_the_flag(self, overrides, message):
     with self.assertRaisesRegex(config_lib.ConfigError, message):
       config_lib.from_preset("entropy_sgd", **overrides)
+
+  def test_parle_needs_entropy_sgd(self):
+    with self.assertRaisesRegex(config_lib.ConfigError, "--parle needs"):
+      config_lib.from_preset("nesterov", parle=True)
 
   def test_unknown_opt(self):
     with self.assertRaisesRegex(config_lib.ConfigError,

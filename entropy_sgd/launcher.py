@@ -46,6 +46,11 @@ _HELP = {
              "--conventions).",
     "conventions": "Entropy-SGD conventions: paper or lua_reference "
                    "(README: 'Conventions').",
+    "parle": "Entropy-SGD: Parle mode; each replica runs its own chain and "
+             "the replicas average elastically once per outer step.",
+    "rho": "Parle: coupling rho0 of the replicas to their mean (inf: exact "
+           "averaging).",
+    "rho_scoping": "Parle: rho_t = rho0 (1 + rho_scoping)^t.",
     "seed": "Seed of initialisation, data order, augmentation and noise.",
     "jit": "Compile the per-replica step with XLA.",
     "max_steps": "Stop after this many outer steps in total (then evaluate "

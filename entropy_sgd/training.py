@@ -70,7 +70,13 @@ def make_strategy(config: config_lib.TrainConfig) -> tf.distribute.Strategy:
 
 def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
   if config.opt == "entropy_sgd":
-    return optimizers.EntropySGD(
+    extra = {}
+    if config.parle:
+      extra = dict(rho=config.rho, rho_scoping=config.rho_scoping)
+    optimizer_class = optimizers.Parle if config.parle else (
+        optimizers.EntropySGD)
+    return optimizer_class(
+        **extra,
         learning_rate=learning_rate, num_langevin_steps=config.L,
         langevin_learning_rate=config.langevin_lr, gamma=config.gamma,
         scoping=config.scoping, noise=config.noise, alpha=config.alpha,
@@ -310,6 +316,10 @@ class Trainer:
           scalars["entropy_sgd/anchor_to_mean_distance"] = float(
               metrics["anchor_to_mean_distance"])
           scalars["optimizer/langevin_learning_rate"] = config.langevin_lr
+        if config.parle:
+          scalars["parle/rho"] = float(metrics["rho"])
+          scalars["parle/distance_to_replica_mean"] = float(
+              metrics["distance_to_replica_mean"])
         write_scalars(scalars, step)
         logging.info(
             "epoch %d/%d (effective %.2f) step %d/%d: loss %.4f, accuracy "

@@ -68,6 +68,17 @@ class LauncherTest(parameterized.TestCase):
     self.assertTrue(any(name.startswith("events.out.tfevents")
                         for name in os.listdir(run_dir)))
 
+  def test_parle_on_two_devices(self):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher(
+        "cifar10", "--opt=entropy_sgd", "--parle", "--rho=1",
+        "--strategy=mirrored", "--num_devices=2", "--L=2", "--max_steps=2",
+        f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
+        f"--log_dir={log_dir}", *TINY)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("summary: outer_steps=2", result.stdout)
+    self.assertIn("2 replica(s)", result.stderr)
+
   def test_relative_paths_follow_the_working_directory(self):
     # `bazel run` starts the launcher in its runfiles; relative paths the
     # user typed must resolve against BUILD_WORKING_DIRECTORY instead.

@@ -393,7 +393,9 @@ def _entropy_sgd_train_step(model, data):
     model.compute_metrics(x_l, y_l, y_pred, sample_weight=w_l)
     return l + 1, total_loss + unscaled
 
-  if _UNROLL:
+  # merge_call (the per-device update) cannot sit inside a tf.while_loop in
+  # a replica of MirroredStrategy & co: unroll the L inner steps there.
+  if _UNROLL or tf.distribute.has_strategy():
     total = tf.constant(0.0)
     for l in range(L):
       _, total = inner_step(tf.constant(l), total)
@@ -441,7 +443,40 @@ def attach(model: keras.Model) -> keras.Model:
       optimizer.build(model.trainable_variables)
   model.train_step = lambda data: _entropy_sgd_train_step(model, data)
   model.train_function = None
+  _slice_symbolic_build_in_fit(model, optimizer.num_langevin_steps)
   return model
+
+
+def _slice_symbolic_build_in_fit(model, num_langevin_steps):
+  """Under a strategy, Keras builds metrics and losses from the first
+  element of the training data before tracing: show it one minibatch of
+  the `[batch, L, ...]` group instead of the whole group."""
+  # pylint: disable=protected-access
+  if getattr(model, "_entropy_sgd_attached", False):
+    return
+  model._entropy_sgd_attached = True
+  fitting = []
+  symbolic_build = model._symbolic_build
+  fit = model.fit
+
+  def sliced_symbolic_build(iterator=None, data_batch=None):
+    if fitting and data_batch is not None:
+      leaves = [t for t in tf.nest.flatten(data_batch) if t is not None]
+      if all(len(t.shape) >= 2 and t.shape[1] == num_langevin_steps
+             for t in leaves):
+        data_batch = tf.nest.map_structure(
+            lambda t: None if t is None else t[:, 0], data_batch)
+    return symbolic_build(iterator=iterator, data_batch=data_batch)
+
+  def fit_with_groups(*args, **kwargs):
+    fitting.append(True)
+    try:
+      return fit(*args, **kwargs)
+    finally:
+      fitting.pop()
+
+  model._symbolic_build = sliced_symbolic_build
+  model.fit = fit_with_groups
 
 
 # ---------------------------------------------------------------- Callbacks.

@@ -12,8 +12,11 @@ import warnings
 
 # Run as a script, this file's directory comes first on sys.path, where
 # entropy_sgd/keras.py would shadow the keras package.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+_HERE = {os.path.dirname(os.path.abspath(__file__)),
+         os.path.dirname(os.path.realpath(__file__))}
+sys.path[:] = [p for p in sys.path
+               if os.path.abspath(p or ".") not in _HERE and
+               os.path.realpath(p or ".") not in _HERE]
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl.testing import parameterized

@@ -25,9 +25,11 @@ def read_scalars(run_dir: str) -> Dict[str, Series]:
   raw = {}
   for tag in accumulator.Tags()["tensors"]:
     events = accumulator.Tensors(tag)
+    values = [tf.make_ndarray(e.tensor_proto) for e in events]
+    if any(v.ndim or v.dtype.kind not in "fiu" for v in values):
+      continue  # Not a scalar series (e.g. the hparams summary).
     raw[tag] = (np.array([e.step for e in events], np.float64),
-                np.array([float(tf.make_ndarray(e.tensor_proto))
-                          for e in events]))
+                np.array([float(v) for v in values]))
   if "progress/effective_epoch" not in raw:
     raise ValueError(f"{run_dir} has no progress/effective_epoch scalar; "
                      f"is it a run directory of entropy_sgd.training?")

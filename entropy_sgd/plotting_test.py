@@ -3,6 +3,7 @@
 import os
 
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
 
 from entropy_sgd import plotting
 
@@ -10,6 +11,7 @@ from entropy_sgd import plotting
 def write_run(run_dir, accuracies, evaluations_per_point, epochs_per_eval):
   writer = tf.summary.create_file_writer(run_dir)
   with writer.as_default():
+    hparams_api.hparams({"opt": "entropy_sgd", "L": 20})  # Not a scalar.
     for i, accuracy in enumerate(accuracies, start=1):
       step = i * evaluations_per_point
       tf.summary.scalar("test/accuracy", accuracy, step=step)

@@ -12,7 +12,7 @@ from absl import flags
 import keras
 
 from entropy_sgd import data
-from entropy_sgd import keras as entropy_sgd_keras
+from entropy_sgd import keras_plugin as entropy_sgd_keras
 from entropy_sgd import training
 
 flags.DEFINE_string("data_dir", None, "CIFAR-10 binary layout; relative "

@@ -2,11 +2,11 @@
 
 Switching a Keras pipeline to Entropy-SGD takes three changes:
 
-    esgd = entropy_sgd.keras.EntropySGD(learning_rate=1.0,
+    esgd = entropy_sgd.keras_plugin.EntropySGD(learning_rate=1.0,
                                         num_langevin_steps=L, ...)
     model.compile(optimizer=esgd, loss=..., metrics=[...])   # was "sgd"
-    entropy_sgd.keras.attach(model)
-    model.fit(entropy_sgd.keras.group_batches(train_ds, L), ...)
+    entropy_sgd.keras_plugin.attach(model)
+    model.fit(entropy_sgd.keras_plugin.group_batches(train_ds, L), ...)
 
 * `EntropySGD` is a `keras.optimizers.Optimizer`. It holds the
   hyperparameters, the `Conventions` and the state (anchor x, mean mu,
@@ -216,9 +216,9 @@ class EntropySGD(keras.optimizers.Optimizer):
     raise RuntimeError(
         "EntropySGD takes L minibatches per step and cannot be used through "
         "optimizer.apply/apply_gradients: call "
-        "entropy_sgd.keras.attach(model) after model.compile(optimizer="
+        "entropy_sgd.keras_plugin.attach(model) after model.compile(optimizer="
         "EntropySGD(...)) and feed model.fit with "
-        "entropy_sgd.keras.group_batches(dataset, L).")
+        "entropy_sgd.keras_plugin.group_batches(dataset, L).")
 
   def update_step(self, gradient, variable, learning_rate):
     self.apply([gradient], [variable])
@@ -342,7 +342,7 @@ def _entropy_sgd_train_step(model, data):
   optimizer = model.optimizer
   if not isinstance(optimizer, EntropySGD):
     raise ValueError(
-        f"attach(model) needs model.compile(optimizer=entropy_sgd.keras."
+        f"attach(model) needs model.compile(optimizer=entropy_sgd.keras_plugin."
         f"EntropySGD(...)); the model's optimizer is "
         f"{type(optimizer).__name__}.")
   L = optimizer.num_langevin_steps
@@ -352,13 +352,13 @@ def _entropy_sgd_train_step(model, data):
                           t.shape[1] != L):
       raise ValueError(
           f"Entropy-SGD takes L={L} minibatches per step: feed model.fit "
-          f"with entropy_sgd.keras.group_batches(dataset, {L}), whose "
+          f"with entropy_sgd.keras_plugin.group_batches(dataset, {L}), whose "
           f"tensors are shaped [batch, L, ...]; got a tensor of shape "
           f"{t.shape}.")
   keras_parameters = list(model.trainable_variables)
   parameters = _tfs(keras_parameters)
   if not optimizer.built:
-    raise ValueError("Call entropy_sgd.keras.attach(model) after compile.")
+    raise ValueError("Call entropy_sgd.keras_plugin.attach(model) after compile.")
   if len(parameters) != optimizer._num_parameters:
     raise ValueError("The model's trainable variables changed after the "
                      "optimizer was built.")
@@ -435,7 +435,7 @@ def attach(model: keras.Model) -> keras.Model:
   optimizer = getattr(model, "optimizer", None)
   if not isinstance(optimizer, EntropySGD):
     raise ValueError(
-        "Call model.compile(optimizer=entropy_sgd.keras.EntropySGD(...), "
+        "Call model.compile(optimizer=entropy_sgd.keras_plugin.EntropySGD(...), "
         "...) before attach(model); the model's optimizer is "
         f"{type(optimizer).__name__}.")
   if not optimizer.built:

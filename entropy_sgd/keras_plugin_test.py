@@ -1,31 +1,21 @@
 """The Keras plugin against the Sonnet/compiled path, and Keras' machinery.
 
 A Dense-tanh-Dense Keras model trained by `model.fit` with
-`entropy_sgd.keras` must follow the weights of the same MLP trained by
+`entropy_sgd.keras_plugin` must follow the weights of the same MLP trained by
 `train_step.make_train_step` with `optimizers.EntropySGD` (same initial
 weights, minibatches and noise), under one device and `MirroredStrategy`.
 """
 
 import os
-import sys
 import warnings
 
-# Run as a script, this file's directory comes first on sys.path, where
-# entropy_sgd/keras.py would shadow the keras package.
-_HERE = {os.path.dirname(os.path.abspath(__file__)),
-         os.path.dirname(os.path.realpath(__file__))}
-sys.path[:] = [p for p in sys.path
-               if os.path.abspath(p or ".") not in _HERE and
-               os.path.realpath(p or ".") not in _HERE]
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl.testing import parameterized
 import keras
 import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
-from entropy_sgd import keras as esgd_keras
+from entropy_sgd import keras_plugin as esgd_keras
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
 

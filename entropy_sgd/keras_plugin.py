@@ -253,7 +253,8 @@ class EntropySGD(keras.optimizers.Optimizer):
     def update(inner_step, *gradients):
       samples, means, new_velocities = self._rules._langevin_step_math(  # pylint: disable=protected-access
           _read(parameters), _read(anchor), _read(mean), list(gradients),
-          _read(velocities), step.read_value(), inner_step)
+          _read(velocities), step.read_value(), inner_step,
+          noise_stream=tf.constant(0, tf.int64))
       _assign(parameters, samples)
       _assign(mean, means)
       _assign(velocities, new_velocities)

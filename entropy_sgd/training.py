@@ -183,16 +183,16 @@ class Trainer:
     self.config = config
     self.run_dir = os.path.join(config.log_dir,
                                 config.run_name or config.default_run_name())
-    _check_writable(self.run_dir)
     self.strategy = strategy = make_strategy(config)  # Before TF starts up.
-    if config.deterministic:
-      tf.config.experimental.enable_op_determinism()
-    tf.random.set_seed(config.seed)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
       raise ConfigError(
           f"--batch_size={config.batch_size} is not divisible by the "
           f"{replicas} replicas; use a multiple of {replicas}.")
+    _check_writable(self.run_dir)
+    if config.deterministic:
+      tf.config.experimental.enable_op_determinism()
+    tf.random.set_seed(config.seed)
 
     self.data = data_lib.CifarData(data_lib.PipelineConfig(
         dataset=config.dataset, data_dir=config.data_dir,

@@ -48,7 +48,7 @@ class LauncherTest(parameterized.TestCase):
     result = run_launcher("cifar10", "--helpfull")
     self.assertIn(result.returncode, (0, 1), result.stderr)  # absl: 1.
     for text in ("--opt", "--L", "--langevin_lr", "--conventions",
-                 "entropy_sgd: 20", "--data_dir", "--max_steps"):
+                 "entropy_sgd: 10", "--data_dir", "--max_steps"):
       self.assertIn(text, result.stdout)
 
   @parameterized.parameters(("cifar10", "entropy_sgd"),

@@ -327,6 +327,11 @@ class CifarData:
             "validation": self.config.validation_examples,
             "test": self._source.num_records("test")}[split]
 
+  def padded_eval_batches(self, split: str) -> int:
+    """Global batches in one padded pass over `split` (`eval_dataset(pad)`)."""
+    global_batch_size = self.config.eval_batch_size or self.config.batch_size
+    return -(-self.num_examples(split) // global_batch_size)
+
   @property
   def steps_per_epoch(self) -> int:
     """Training batches per epoch, at the global batch size."""
@@ -437,15 +442,14 @@ class CifarData:
     if not self.num_examples(split):
       raise ValueError(f"The {split} split is empty; set "
                        "validation_examples > 0.")
-    global_batch_size = self.config.eval_batch_size or self.config.batch_size
-    batch_size = _local_batch_size(global_batch_size, input_context)
+    batch_size = _local_batch_size(
+        self.config.eval_batch_size or self.config.batch_size, input_context)
     examples, count = _shard(self._examples(split), self.num_examples(split),
                              input_context)
     dataset = examples.map(lambda index, record: self._source.decode(record),
                            num_parallel_calls=tf.data.AUTOTUNE)
     if pad:
-      global_batches = -(-self.num_examples(split) // global_batch_size)
-      padded_count = (global_batches * batch_size *
+      padded_count = (self.padded_eval_batches(split) * batch_size *
                       _replicas_per_pipeline(input_context))
       dataset = dataset.map(lambda image, label: (image, label, 1.0))
       image_spec, label_spec, _ = dataset.element_spec

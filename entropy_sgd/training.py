@@ -183,7 +183,7 @@ def _check_workers_resumed_alike(strategy, step: int):
     raise ConfigError(
         "--strategy=multi_worker: the workers resumed from different outer "
         "steps; --log_dir must be one directory every worker can read (a "
-        "shared filesystem or a gs:// bucket).")
+        "shared filesystem).")
 
 
 def weights_checksum(model: snt.Module) -> float:

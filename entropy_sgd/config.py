@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 from entropy_sgd import optimizers
 
 OPTIMIZERS = ("sgd", "nesterov", "entropy_sgd")
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 AUGMENTATIONS = ("flip_crop", "flip_rotate", "flip_crop_rotate", "none")
 DATASETS = ("cifar10", "cifar100")
 
@@ -65,6 +65,8 @@ class TrainConfig:
   max_steps: Optional[int] = None
   strategy: str = "default"
   num_devices: int = 2
+  tpu: str = ""
+  sync_batch_norm: bool = False
   validation_examples: int = 0
   augment: str = "flip_crop"
   rotation_degrees: float = 15.0
@@ -180,6 +182,9 @@ def validate(config: TrainConfig):
            f"{STRATEGIES}.")
   _require(c.num_devices >= 1, f"--num_devices must be >= 1; got "
            f"{c.num_devices}.")
+  _require(not c.tpu or c.strategy == "tpu",
+           f"--tpu={c.tpu!r} needs --strategy=tpu; got --strategy="
+           f"{c.strategy}.")
   _require(c.validation_examples >= 0,
            f"--validation_examples must be >= 0; got "
            f"{c.validation_examples}.")

@@ -54,6 +54,7 @@ class ValidationTest(parameterized.TestCase):
       (dict(model="wrn-27-10"), "depth must be 6n\\+4"),
       (dict(dataset="mnist"), "--dataset='mnist' is unknown"),
       (dict(strategy="tpu_pod"), "--strategy='tpu_pod' is unknown"),
+      (dict(tpu="my-tpu"), "--tpu='my-tpu' needs --strategy=tpu"),
       (dict(epochs=0), "--epochs must be >= 1"),
       (dict(batch_size=0), "--batch_size must be >= 1"),
       (dict(momentum=1.0), "--momentum must be in"),

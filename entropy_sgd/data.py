@@ -327,6 +327,11 @@ class CifarData:
             "validation": self.config.validation_examples,
             "test": self._source.num_records("test")}[split]
 
+  def padded_eval_batches(self, split: str) -> int:
+    """Global batches in one padded pass over `split` (`eval_dataset(pad)`)."""
+    global_batch_size = self.config.eval_batch_size or self.config.batch_size
+    return -(-self.num_examples(split) // global_batch_size)
+
   @property
   def steps_per_epoch(self) -> int:
     """Training batches per epoch, at the global batch size."""
@@ -343,11 +348,18 @@ class CifarData:
 
     Batches hold config.batch_size examples, or with `input_context` the
     per-replica share of them from this pipeline's shard of the examples.
-    `first_batch` resumes the stream: the result equals the stream from 0
-    with that many batches dropped (skipped as raw records, before decoding).
+    `first_batch` resumes the stream after that many global batches (gradient
+    evaluations): the result equals the stream from 0 with the batches this
+    pipeline fed its replicas for them dropped, i.e. first_batch times
+    (per-replica batch x replicas per pipeline) records, skipped raw, before
+    decoding. (A pipeline feeds each of its replicas one batch per global
+    batch, so skipping only first_batch per-replica batches would replay
+    data after a resume with several replicas.)
     """
     config = self.config
     batch_size = _local_batch_size(config.batch_size, input_context)
+    records_per_global_batch = batch_size * _replicas_per_pipeline(
+        input_context)
     examples, count = _shard(self._examples("train"), self._num_train,
                              input_context)
     if count < batch_size:
@@ -355,7 +367,8 @@ class CifarData:
                        f"fewer than a batch of {batch_size}.")
     dataset = examples.shuffle(min(config.shuffle_buffer, count),
                                seed=config.seed, reshuffle_each_iteration=True)
-    dataset = dataset.repeat().enumerate().skip(first_batch * batch_size)
+    dataset = dataset.repeat().enumerate().skip(
+        first_batch * records_per_global_batch)
 
     augment = config.augment != "none"
 
@@ -382,18 +395,26 @@ class CifarData:
     dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(dataset.prefetch(tf.data.AUTOTUNE))
 
-  def recalibration_dataset(self, epoch: int) -> tf.data.Dataset:
+  def recalibration_dataset(
+      self, epoch: int,
+      input_context: Optional[tf.distribute.InputContext] = None
+  ) -> tf.data.Dataset:
     """Endless un-augmented training batches, shuffled anew per `epoch`.
 
     For recomputing BatchNorm statistics; does not touch the training stream.
+    With `input_context`, per-replica batches from this pipeline's shard.
     """
     config = self.config
-    dataset = self._examples("train").shuffle(
-        min(config.shuffle_buffer, self._num_train),
+    examples, count = _shard(self._examples("train"), self._num_train,
+                             input_context)
+    dataset = examples.shuffle(
+        min(config.shuffle_buffer, count),
         seed=config.seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
     dataset = dataset.map(lambda index, record: self._source.decode(record),
                           num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.repeat().batch(config.batch_size, drop_remainder=True)
+    dataset = dataset.repeat().batch(
+        _local_batch_size(config.batch_size, input_context),
+        drop_remainder=True)
     dataset = dataset.map(
         lambda images, labels: (  # pylint: disable=g-long-lambda
             self.normalise(tf.cast(images, tf.float32) / 255.0), labels),
@@ -402,12 +423,19 @@ class CifarData:
 
   def eval_dataset(
       self, split: str = "test",
-      input_context: Optional[tf.distribute.InputContext] = None
+      input_context: Optional[tf.distribute.InputContext] = None,
+      pad: bool = False,
   ) -> tf.data.Dataset:
     """One pass over "test" or "validation" in order; last batch may be short.
 
     Batches hold config.eval_batch_size (default batch_size) examples, or
     with `input_context` the per-replica share, from this pipeline's shard.
+
+    With `pad`, elements are `(images, labels, mask)` and every batch is
+    full: the pass is padded with zero images of label 0 and mask 0.0 (real
+    examples have mask 1.0) up to ceil(examples / global eval batch) global
+    batches, so every pipeline yields the same number of batches, all of one
+    static shape (as TPUs need). Weight sums by the mask to ignore padding.
     """
     if split not in ("test", "validation"):
       raise ValueError(f"Unknown eval split {split!r}.")
@@ -416,13 +444,23 @@ class CifarData:
                        "validation_examples > 0.")
     batch_size = _local_batch_size(
         self.config.eval_batch_size or self.config.batch_size, input_context)
-    examples, _ = _shard(self._examples(split), self.num_examples(split),
-                         input_context)
+    examples, count = _shard(self._examples(split), self.num_examples(split),
+                             input_context)
     dataset = examples.map(lambda index, record: self._source.decode(record),
                            num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.batch(batch_size).map(
-        lambda images, labels: (  # pylint: disable=g-long-lambda
-            self.normalise(tf.cast(images, tf.float32) / 255.0), labels),
+    if pad:
+      padded_count = (self.padded_eval_batches(split) * batch_size *
+                      _replicas_per_pipeline(input_context))
+      dataset = dataset.map(lambda image, label: (image, label, 1.0))
+      image_spec, label_spec, _ = dataset.element_spec
+      padding = tf.data.Dataset.from_tensors(
+          (tf.zeros(image_spec.shape, image_spec.dtype),
+           tf.zeros([], label_spec.dtype), 0.0))
+      dataset = dataset.concatenate(padding.repeat(padded_count - count))
+    dataset = dataset.batch(batch_size, drop_remainder=pad).map(
+        lambda images, labels, *mask: (  # pylint: disable=g-long-lambda
+            self.normalise(tf.cast(images, tf.float32) / 255.0), labels,
+            *mask),
         num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(dataset.prefetch(tf.data.AUTOTUNE))
 
@@ -465,6 +503,14 @@ def _local_batch_size(global_batch_size, input_context):
   if input_context is None:
     return global_batch_size
   return input_context.get_per_replica_batch_size(global_batch_size)
+
+
+def _replicas_per_pipeline(input_context):
+  """Replicas one input pipeline feeds, one batch each per global batch."""
+  if input_context is None:
+    return 1
+  return (input_context.num_replicas_in_sync //
+          input_context.num_input_pipelines)
 
 
 def _shard(dataset, count, input_context):

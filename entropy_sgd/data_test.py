@@ -321,6 +321,59 @@ class ShardingTest(tf.test.TestCase):
     _, test_labels, _ = generator.make_split("cifar10", "test")
     self.assertCountEqual(np.concatenate([t[1] for t in test]), test_labels)
 
+  def test_first_batch_counts_global_batches_per_pipeline(self):
+    # 2 pipelines of 2 replicas each: per global batch of 20 a pipeline
+    # feeds two per-replica batches of 5 (10 records of its shard).
+    cifar = make_data(augment="flip_crop", seed=5)
+    skip = 7  # Global batches, past the first epoch of a shard (100 / 10).
+    for pipeline in range(2):
+      context = tf.distribute.InputContext(
+          num_input_pipelines=2, input_pipeline_id=pipeline,
+          num_replicas_in_sync=4)
+      whole = take(cifar.train_dataset(context), 2 * (skip + 3))
+      resumed = take(cifar.train_dataset(context, first_batch=skip), 6)
+      self.assertAllEqual(resumed[0], whole[0][skip * 10:])
+      self.assertAllEqual(resumed[1], whole[1][skip * 10:])
+
+  def test_padded_eval_has_full_batches_and_masks_the_padding(self):
+    cifar = make_data(eval_batch_size=16)  # 50 test images: 4 global batches.
+    _, expected_labels, _ = generator.make_split("cifar10", "test")
+    for pipelines, replicas in ((1, 1), (1, 2), (2, 4)):
+      labels, masks = [], []
+      for pipeline in range(pipelines):
+        context = tf.distribute.InputContext(
+            num_input_pipelines=pipelines, input_pipeline_id=pipeline,
+            num_replicas_in_sync=replicas)
+        dataset = cifar.eval_dataset("test", context, pad=True)
+        per_replica = 16 // replicas
+        self.assertEqual([spec.shape.as_list()
+                          for spec in dataset.element_spec],
+                         [[per_replica, 32, 32, 3], [per_replica],
+                          [per_replica]])
+        batches = list(dataset.as_numpy_iterator())
+        self.assertLen(batches, 4 * replicas // pipelines)
+        labels += [b[1] for b in batches]
+        masks += [b[2] for b in batches]
+      labels, masks = np.concatenate(labels), np.concatenate(masks)
+      self.assertEqual(masks.sum(), 50)
+      self.assertCountEqual(labels[masks == 1], expected_labels)
+      self.assertAllEqual(labels[masks == 0], np.zeros(64 - 50))
+
+  def test_recalibration_is_sharded_per_pipeline(self):
+    cifar = make_data()
+    seen = []
+    for pipeline in range(2):
+      context = tf.distribute.InputContext(
+          num_input_pipelines=2, input_pipeline_id=pipeline,
+          num_replicas_in_sync=2)
+      images, labels = take(cifar.recalibration_dataset(0, context), 10)
+      self.assertEqual(labels.shape, (100,))  # Batches of 10: one shard.
+      seen.append(multiset(to_uint8(cifar, images), labels))
+    expected_images, expected_labels, _ = generator.make_split(
+        "cifar10", "train")
+    self.assertEqual(sorted(seen[0] + seen[1]),
+                     multiset(expected_images, expected_labels))
+
   def test_strategies_get_per_replica_batches(self):
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     self.assertLen(devices, 2, "setUpModule makes 2 logical CPUs")

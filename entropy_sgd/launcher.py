@@ -55,9 +55,17 @@ _HELP = {
     "jit": "Compile the per-replica step with XLA.",
     "max_steps": "Stop after this many outer steps in total (then evaluate "
                  "and checkpoint); for smoke runs.",
-    "strategy": "default (one device) or mirrored (all GPUs, else "
-                "--num_devices logical CPUs).",
+    "strategy": "default (one device); mirrored (all local GPUs, else "
+                "--num_devices logical CPUs); multi_worker "
+                "(MultiWorkerMirroredStrategy over the workers in TF_CONFIG, "
+                "all GPUs of each, else one CPU each); tpu (TPUStrategy on "
+                "--tpu). README: 'Scaling out'.",
     "num_devices": "Logical CPU devices for --strategy=mirrored without GPUs.",
+    "tpu": "--strategy=tpu: TPU name or grpc://HOST:8470 address for "
+           "TPUClusterResolver; empty: the local TPU (Cloud TPU VM).",
+    "sync_batch_norm": "Synchronised BatchNorm: batch statistics of the "
+                       "global batch (all replicas) instead of each "
+                       "replica's share.",
     "validation_examples": "Hold out the last N training images as a clean "
                            "validation split.",
     "augment": "Training augmentation: flip_crop (WRN standard), flip_rotate "

@@ -12,15 +12,26 @@ epoch is `train_examples // batch_size` outer steps, so an Entropy-SGD epoch
 is L passes over the data. The effective epoch is
 gradient evaluations * batch_size / train_examples. TensorBoard's step axis
 is the number of gradient evaluations, which compares optimizers fairly.
+
+Distribution: each input pipeline (one per worker) reads its own shard of
+the data in per-replica batches (`distribute_datasets_from_function`), so an
+epoch shows every example once across workers; evaluation pads its last
+batches (masked out of the sums) so that all shapes are static. Only the
+chief writes checkpoints and summaries: other workers of a
+MultiWorkerMirroredStrategy save to a temporary directory they delete at
+once (saving takes part in collectives) and write no events.
 """
 
 import dataclasses
+import json
 import math
 import os
+import tempfile
 import time
 from typing import Dict, Optional
 
 from absl import logging
+import numpy as np
 import sonnet as snt
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
@@ -46,10 +57,60 @@ def resolve_user_path(path: Optional[str]) -> Optional[str]:
   return os.path.normpath(os.path.join(base, path))
 
 
+def _check_tf_config():
+  """Raises ConfigError unless TF_CONFIG names a cluster and this worker."""
+  example = ('{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+             '"task": {"type": "worker", "index": 0}}')
+  raw = os.environ.get("TF_CONFIG")
+  if not raw:
+    raise ConfigError(
+        f"--strategy=multi_worker needs the TF_CONFIG environment variable, "
+        f"e.g. {example} (README: 'Scaling out').")
+  try:
+    tf_config = json.loads(raw)
+    cluster, task = tf_config["cluster"], tf_config["task"]
+    task_type, index = task["type"], int(task["index"])
+    if task_type not in ("chief", "worker"):
+      raise ValueError(f"task type {task_type!r} is not chief or worker")
+    if not 0 <= index < len(cluster[task_type]):
+      raise ValueError(f"task index {index} is outside cluster "
+                       f"{task_type!r}")
+  except (ValueError, KeyError, TypeError) as e:
+    reason = f"missing {e}" if isinstance(e, KeyError) else str(e)
+    raise ConfigError(
+        f"--strategy=multi_worker: invalid TF_CONFIG ({reason}); expected "
+        f"e.g. {example}.") from None
+
+
+def _tpu_strategy(tpu: str) -> tf.distribute.Strategy:
+  try:
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+  except (ValueError, RuntimeError, OSError, tf.errors.OpError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise ConfigError(
+        f"--strategy=tpu: no TPU found with --tpu={tpu!r} ({reason}); pass "
+        f"--tpu=NAME or --tpu=grpc://HOST:8470, or run on a Cloud TPU VM."
+    ) from None
+  return tf.distribute.TPUStrategy(resolver)
+
+
 def make_strategy(config: config_lib.TrainConfig) -> tf.distribute.Strategy:
-  """The default strategy, or MirroredStrategy over GPUs (else CPUs)."""
+  """The strategy of --strategy; call it before TensorFlow starts up.
+
+  default: one device. mirrored: MirroredStrategy over all local GPUs, else
+  --num_devices logical CPUs. multi_worker: MultiWorkerMirroredStrategy over
+  the workers of TF_CONFIG (all GPUs of each worker, else its CPU). tpu:
+  TPUStrategy on the TPU of --tpu.
+  """
   if config.strategy == "default":
     return tf.distribute.get_strategy()
+  if config.strategy == "multi_worker":
+    _check_tf_config()
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if config.strategy == "tpu":
+    return _tpu_strategy(config.tpu)
   if tf.config.list_physical_devices("GPU"):  # Does not start TF up.
     return tf.distribute.MirroredStrategy()
   cpu = tf.config.list_physical_devices("CPU")[0]
@@ -66,6 +127,69 @@ def make_strategy(config: config_lib.TrainConfig) -> tf.distribute.Strategy:
         f"before the launcher could create them.")
   return tf.distribute.MirroredStrategy(
       [d.name for d in cpus[:config.num_devices]])
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+  """Whether this process writes checkpoints and summaries.
+
+  Every process is the chief except the workers of a
+  MultiWorkerMirroredStrategy other than "chief" (or worker 0 when the
+  cluster has no chief).
+  """
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return True
+  resolver = strategy.cluster_resolver
+  task_type, task_id = resolver.task_type, resolver.task_id
+  return (task_type in (None, "chief") or
+          (task_type == "worker" and task_id == 0 and
+           "chief" not in resolver.cluster_spec().as_dict()))
+
+
+def _scratch_checkpoint_dir(strategy) -> str:
+  """Where a non-chief worker saves (and at once deletes) its checkpoints."""
+  resolver = strategy.cluster_resolver
+  return os.path.join(
+      tempfile.gettempdir(), f"entropy_sgd_{resolver.task_type}"
+      f"{resolver.task_id}_{os.getpid()}_checkpoints")
+
+
+def _check_sync_batch_norm(config, strategy):
+  if (config.sync_batch_norm and config.jit and
+      config.strategy in ("mirrored", "multi_worker") and
+      strategy.num_replicas_in_sync > 1 and
+      not all("GPU" in device.upper()
+              for device in strategy.extended.worker_devices)):
+    raise ConfigError(
+        f"--sync_batch_norm with --jit needs GPUs under --strategy="
+        f"{config.strategy}: on CPUs TensorFlow cannot all-reduce inside an "
+        f"XLA-compiled replica step; drop --jit or --sync_batch_norm.")
+
+
+def _check_workers_resumed_alike(strategy, step: int):
+  """Raises ConfigError unless every worker starts from outer step `step`.
+
+  A worker that cannot read the chief's checkpoints would start from scratch
+  while the chief resumes, and the replicas would silently disagree. All
+  workers reach the same verdict: the steps s_i are equal exactly when
+  n * sum(s_i^2) = (sum s_i)^2.
+  """
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return
+  local = tf.constant([step, step * step], tf.float64)
+  total, total_of_squares = strategy.reduce(
+      tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(local)),
+      axis=None).numpy()
+  if strategy.num_replicas_in_sync * total_of_squares != total**2:
+    raise ConfigError(
+        "--strategy=multi_worker: the workers resumed from different outer "
+        "steps; --log_dir must be one directory every worker can read (a "
+        "shared filesystem).")
+
+
+def weights_checksum(model: snt.Module) -> float:
+  """Sum of |w| over every model variable, in float64 (for comparisons)."""
+  return float(sum(np.sum(np.abs(v.numpy()), dtype=np.float64)
+                   for v in model.variables))
 
 
 def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
@@ -113,21 +237,27 @@ class _Evaluator:
     self._dataset = dataset
     self._config = config
 
-    def replica_eval(images, labels):
+    def replica_eval(images, labels, mask):
       logits = model(images, is_training=False)
       loss = train_step_lib.classification_loss(logits, labels)
-      correct = tf.equal(tf.argmax(logits, -1, output_type=labels.dtype),
-                         labels)
-      return tf.stack([tf.reduce_sum(loss),
-                       tf.reduce_sum(tf.cast(correct, tf.float32)),
-                       tf.cast(tf.size(labels), tf.float32)])
+      correct = tf.cast(tf.equal(
+          tf.argmax(logits, -1, output_type=labels.dtype), labels), tf.float32)
+      return tf.stack([tf.reduce_sum(loss * mask),
+                       tf.reduce_sum(correct * mask), tf.reduce_sum(mask)])
+
+    if config.jit:  # Evaluation has no all-reduce inside the replica.
+      replica_eval = tf.function(replica_eval, jit_compile=True)
 
     @tf.function
-    def eval_batch(images, labels):
-      per_replica = strategy.run(replica_eval, args=(images, labels))
-      return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, None)
+    def evaluate(iterator, num_batches):
+      totals = tf.zeros([3])
+      for _ in tf.range(num_batches):
+        per_replica = strategy.run(replica_eval, args=next(iterator))
+        totals += strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                                  None)
+      return totals
 
-    self._eval_batch = eval_batch
+    self._evaluate = evaluate
     batch_norms = _batch_norms(model)
 
     def reset_statistics():
@@ -152,18 +282,22 @@ class _Evaluator:
     """
     if self._recalibrate is None:
       return
-    iterator = iter(self._strategy.experimental_distribute_dataset(
-        self._dataset.recalibration_dataset(epoch)))
+    iterator = iter(self._strategy.distribute_datasets_from_function(
+        lambda context: self._dataset.recalibration_dataset(epoch, context)))
     self._recalibrate(iterator,
                       tf.constant(self._config.recalibration_batches))
 
   def evaluate(self, split: str) -> Dict[str, float]:
-    totals = tf.zeros([3])
-    dataset = self._strategy.experimental_distribute_dataset(
-        self._dataset.eval_dataset(split))
-    for images, labels in dataset:
-      totals += self._eval_batch(images, labels)
-    loss, correct, count = totals.numpy()
+    """Loss and accuracy over `split`, summed over all replicas and workers.
+
+    Every pipeline yields the same number of full, padded batches (see
+    `CifarData.eval_dataset`); the padding is masked out of the sums.
+    """
+    iterator = iter(self._strategy.distribute_datasets_from_function(
+        lambda context: self._dataset.eval_dataset(split, context, pad=True)))
+    loss, correct, count = self._evaluate(
+        iterator, tf.constant(self._dataset.padded_eval_batches(split))
+    ).numpy()
     return {"loss": loss / count, "accuracy": correct / count}
 
 
@@ -184,6 +318,8 @@ class Trainer:
     self.run_dir = os.path.join(config.log_dir,
                                 config.run_name or config.default_run_name())
     self.strategy = strategy = make_strategy(config)  # Before TF starts up.
+    self.is_chief = is_chief(strategy)
+    _check_sync_batch_norm(config, strategy)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
       raise ConfigError(
@@ -206,6 +342,8 @@ class Trainer:
       raise ConfigError(
           f"--batch_size={config.batch_size} exceeds the "
           f"{self.train_examples} training examples; lower it.")
+    if self.is_chief:  # Only now: a refused setting leaves no run directory.
+      _check_writable(self.run_dir)
     self.evaluations_per_step = config.gradient_evaluations_per_step
     self.total_steps = config.epochs * self.steps_per_epoch
     if config.max_steps is not None:
@@ -215,7 +353,8 @@ class Trainer:
     self.model = train_step_lib.build_model(
         strategy, lambda: wide_resnet.WideResNet(
             depth, width, data_lib.num_classes(config.dataset),
-            dropout_rate=config.dropout), [32, 32, 3])
+            dropout_rate=config.dropout,
+            cross_replica_batch_norm=config.sync_batch_norm), [32, 32, 3])
     with strategy.scope():
       self.learning_rate = tf.Variable(config.lr, trainable=False, name="lr")
       self.best_accuracy = tf.Variable(0.0, trainable=False,
@@ -227,15 +366,26 @@ class Trainer:
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer,
         best_accuracy=self.best_accuracy)
+    self.checkpoint_dir = os.path.join(self.run_dir, "checkpoints")
     self.checkpoints = tf.train.CheckpointManager(
-        self.checkpoint, os.path.join(self.run_dir, "checkpoints"),
+        self.checkpoint, self.checkpoint_dir if self.is_chief
+        else _scratch_checkpoint_dir(strategy),
         max_to_keep=config.keep_checkpoints)
-    if self.checkpoints.latest_checkpoint:
-      self.checkpoint.restore(
-          self.checkpoints.latest_checkpoint).assert_existing_objects_matched()
-      logging.info("Resuming from %s (outer step %d).",
-                   self.checkpoints.latest_checkpoint, self.step)
+    latest = tf.train.latest_checkpoint(self.checkpoint_dir)  # The chief's.
+    if latest:
+      self.checkpoint.restore(latest).assert_existing_objects_matched()
+      logging.info("Resuming from %s (outer step %d).", latest, self.step)
+    _check_workers_resumed_alike(strategy, self.step)
     self.evaluator = _Evaluator(self.model, strategy, self.data, config)
+
+  def save_checkpoint(self, step: int) -> str:
+    """Saves on every worker (collectives); only the chief's copy stays."""
+    path = self.checkpoints.save(checkpoint_number=step)
+    if self.is_chief:
+      return path
+    if tf.io.gfile.exists(self.checkpoints.directory):
+      tf.io.gfile.rmtree(self.checkpoints.directory)
+    return os.path.join(self.checkpoint_dir, os.path.basename(path))
 
   @property
   def step(self) -> int:
@@ -251,12 +401,13 @@ class Trainer:
     """Trains from the current step to the end; returns the summary."""
     config, strategy = self.config, self.strategy
     start_step = step = self.step
-    iterator = iter(strategy.experimental_distribute_dataset(
-        self.data.train_dataset(
-            first_batch=start_step * self.evaluations_per_step)))
+    first_batch = start_step * self.evaluations_per_step  # Global batches.
+    iterator = iter(strategy.distribute_datasets_from_function(
+        lambda context: self.data.train_dataset(context, first_batch)))
     eval_splits = ["test"] + (["validation"] if config.validation_examples
                               else [])
-    writer = tf.summary.create_file_writer(self.run_dir)
+    writer = (tf.summary.create_file_writer(self.run_dir) if self.is_chief
+              else tf.summary.create_noop_writer())
     with writer.as_default():
       hparams_api.hparams({k: (v if isinstance(v, (bool, int, float, str))
                                else str(v))
@@ -269,11 +420,12 @@ class Trainer:
 
     logging.info(
         "%s: %s on %s with %s, %d replica(s); %d outer steps per epoch, "
-        "%d gradient evaluations per step; steps %d..%d; run dir %s",
+        "%d gradient evaluations per step; steps %d..%d; run dir %s%s",
         config.opt, config.model, config.dataset, type(strategy).__name__,
         strategy.num_replicas_in_sync, self.steps_per_epoch,
         self.evaluations_per_step, start_step, self.total_steps,
-        self.run_dir)
+        self.run_dir, "" if self.is_chief else
+        " (written by the chief only; this worker saves nothing)")
     results = {}
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
@@ -287,7 +439,7 @@ class Trainer:
       window_steps += 1
       loss = float(metrics["loss"])
       if not math.isfinite(loss):
-        kept = self.checkpoints.latest_checkpoint or "none yet"
+        kept = tf.train.latest_checkpoint(self.checkpoint_dir) or "none yet"
         raise DivergenceError(
             f"Training diverged at outer step {step} (epoch {epoch + 1}): "
             f"the loss is {loss}. Nothing was saved; the last good "
@@ -341,7 +493,7 @@ class Trainer:
         monitored = results.get("validation", results["test"])["accuracy"]
         self.best_accuracy.assign(
             max(float(self.best_accuracy.numpy()), monitored))
-        path = self.checkpoints.save(checkpoint_number=step)
+        path = self.save_checkpoint(step)
         logging.info(
             "evaluated at epoch %.2f (effective epoch %.2f): %s; checkpoint "
             "%s", step / self.steps_per_epoch, self.effective_epoch(step),
@@ -359,6 +511,8 @@ class Trainer:
     for split, values in results.items():
       summary[f"final_{split}_accuracy"] = values["accuracy"]
       summary[f"final_{split}_loss"] = values["loss"]
+    # Identical on every replica and worker of a run; compare across them.
+    logging.info("final weights checksum: %r", weights_checksum(self.model))
     logging.info("Finished: %s", ", ".join(
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
         for k, v in summary.items()))

@@ -131,6 +131,60 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(tf.reshape(first_bn.moving_mean.value, [-1]),
                         expected, atol=1e-5)
 
+  def test_static_shapes_and_xla_as_tpus_need(self):
+    """What TPUStrategy needs, checked on CPU (no TPU here).
+
+    Every distributed input has fully static per-replica shapes (training,
+    recalibration, padded evaluation); the XLA-compiled functions of the
+    traced training step (forward/backward with synchronised BatchNorm, the
+    update math) have static input shapes and run; padded evaluation counts
+    every test image exactly once.
+    """
+    log_dir = self.create_tempdir().full_path
+    trainer = training.Trainer(tiny_config(
+        "entropy_sgd", log_dir, jit=True, sync_batch_norm=True, max_steps=1))
+    strategy, data = trainer.strategy, trainer.data
+    inputs = {
+        "train": data.train_dataset,
+        "recalibration": lambda context: data.recalibration_dataset(0,
+                                                                    context),
+        "test": lambda context: data.eval_dataset("test", context, pad=True)}
+    for name, dataset_fn in inputs.items():
+      spec = strategy.distribute_datasets_from_function(
+          dataset_fn).element_spec
+      for tensor_spec in tf.nest.flatten(spec):
+        self.assertTrue(tensor_spec.shape.is_fully_defined(),
+                        f"{name}: {tensor_spec}")
+
+    iterator = iter(strategy.distribute_datasets_from_function(
+        inputs["train"]))
+    library = trainer.train_step.get_concrete_function(
+        iterator).graph.as_graph_def().library
+    compiled = [f for f in library.function
+                if "_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b]
+    self.assertTrue(any("forward_backward" in f.signature.name
+                        for f in compiled))
+    for function in compiled:
+      for attrs in function.arg_attr.values():
+        for shape in attrs.attr["_output_shapes"].list.shape:
+          self.assertTrue(tf.TensorShape(shape).is_fully_defined(),
+                          function.signature.name)
+
+    summary = trainer.run()  # Compiles and runs the XLA functions.
+    self.assertEqual(summary["outer_steps"], 1)
+    losses, correct = [], []
+    for images, labels in data.eval_dataset("test"):  # Unpadded, 20+20+10.
+      logits = trainer.model(images, is_training=False)
+      losses.append(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels, logits))
+      correct.append(tf.argmax(logits, -1, output_type=tf.int32) == labels)
+    self.assertLen(tf.concat(losses, 0), 50)
+    self.assertAllClose(summary["final_test_loss"],
+                        tf.reduce_mean(tf.concat(losses, 0)), rtol=1e-5)
+    self.assertAllClose(summary["final_test_accuracy"],
+                        tf.reduce_mean(tf.cast(tf.concat(correct, 0),
+                                               tf.float32)))
+
   def test_unwritable_log_dir(self):
     blocker = self.create_tempfile().full_path  # A file, not a directory.
     with self.assertRaisesRegex(config_lib.ConfigError,

@@ -18,6 +18,10 @@ and adds a shortcut: the identity when the shape is unchanged, otherwise a
 authors' reference code. Convolutions have no bias. The logits layer is
 zero-initialised, so an untrained network outputs exactly zero logits.
 
+With `cross_replica_batch_norm=True` every BatchNorm is a
+`CrossReplicaBatchNorm`: in training its batch statistics are those of the
+global batch over all replicas of the strategy (synchronised BatchNorm).
+
 Input: NHWC float images, e.g. [batch, 32, 32, 3].
 """
 
@@ -91,6 +95,52 @@ def _conv(channels: int, kernel: int, stride: int, name: str) -> snt.Conv2D:
       name=name)
 
 
+class CrossReplicaBatchNorm(snt.BatchNorm):
+  """BatchNorm whose batch statistics cover all replicas (synchronised BN).
+
+  With batch statistics (training) each replica sums its inputs, their
+  squares and its count per channel; one SUM all-reduce over the replicas
+  gives the mean and (biased) variance of the global batch, which every
+  replica then normalises with and feeds to its moving averages. So a model
+  under `MirroredStrategy` computes what it computes on one device with the
+  whole batch, and unequal per-replica batches are weighted correctly.
+  Outside a replica context (building in `strategy.scope()`) and with one
+  replica the statistics are local. Otherwise identical to `snt.BatchNorm`
+  (same variables and names); gradients flow through the all-reduce.
+
+  Sonnet's `snt.distribute.CrossReplicaBatchNorm` cannot be used here: it
+  refuses to be called in cross-replica context, where `build_model`
+  creates the variables.
+  """
+
+  @snt.once
+  def _initialize(self, inputs: tf.Tensor):
+    super()._initialize(inputs)
+    self._fused = False  # The fused op computes local statistics itself.
+
+  def _moments(self, inputs, use_batch_stats):
+    if not use_batch_stats:
+      return super()._moments(inputs, use_batch_stats)
+    sums = tf.reduce_sum(inputs, self._axis, keepdims=True)
+    squares = tf.reduce_sum(tf.square(inputs), self._axis, keepdims=True)
+    count = tf.cast(tf.size(inputs), inputs.dtype) / tf.cast(
+        tf.size(sums), inputs.dtype)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+      sums, squares, count = context.all_reduce(
+          tf.distribute.ReduceOp.SUM, (sums, squares, count))
+    mean = sums / count
+    variance = tf.maximum(squares / count - tf.square(mean), 0.0)
+    return mean, variance
+
+
+def _batch_norm(bn_config: dict, name: str) -> snt.BatchNorm:
+  config = dict(bn_config)
+  cross_replica = config.pop("cross_replica")
+  return (CrossReplicaBatchNorm if cross_replica else snt.BatchNorm)(
+      **config, name=name)
+
+
 class PreActBasicBlock(snt.Module):
   """Pre-activation residual block with two 3x3 convolutions."""
 
@@ -105,9 +155,9 @@ class PreActBasicBlock(snt.Module):
     self.in_channels = in_channels
     self.out_channels = out_channels
     self.stride = stride
-    self._bn_in = snt.BatchNorm(**bn_config, name="bn_in")
+    self._bn_in = _batch_norm(bn_config, "bn_in")
     self._conv_in = _conv(out_channels, 3, stride, name="conv_in")
-    self._bn_mid = snt.BatchNorm(**bn_config, name="bn_mid")
+    self._bn_mid = _batch_norm(bn_config, "bn_mid")
     self._dropout = (
         snt.Dropout(dropout_rate, name="dropout") if dropout_rate > 0 else None)
     self._conv_out = _conv(out_channels, 3, 1, name="conv_out")
@@ -144,7 +194,8 @@ class WideResNet(snt.Module):
   bool: True uses batch statistics, updates the BatchNorm moving averages and
   enables dropout; False uses the moving averages and no dropout. Note that
   Sonnet's moving variance starts at 0, so evaluate only after at least one
-  training-mode call.
+  training-mode call. `cross_replica_batch_norm=True` synchronises the batch
+  statistics over replicas (see `CrossReplicaBatchNorm`).
   """
 
   def __init__(self,
@@ -154,6 +205,7 @@ class WideResNet(snt.Module):
                dropout_rate: float = 0.0,
                bn_decay_rate: float = 0.9,
                bn_eps: float = 1e-5,
+               cross_replica_batch_norm: bool = False,
                name: Optional[str] = None):
     """Builds the modules of a WRN-`depth`-`width` with `num_classes` logits."""
     super().__init__(name=name)
@@ -180,7 +232,8 @@ class WideResNet(snt.Module):
         create_scale=True,
         create_offset=True,
         decay_rate=bn_decay_rate,
-        eps=bn_eps)
+        eps=bn_eps,
+        cross_replica=cross_replica_batch_norm)
 
     self.stem = _conv(_STEM_CHANNELS, 3, 1, name="stem_conv")
     blocks = []
@@ -199,7 +252,7 @@ class WideResNet(snt.Module):
                 name=f"group{group}_block{index + 1}"))
         in_channels = out_channels
     self.blocks = tuple(blocks)
-    self._final_bn = snt.BatchNorm(**bn_config, name="final_bn")
+    self._final_bn = _batch_norm(bn_config, "final_bn")
     self.logits_layer = snt.Linear(
         num_classes,
         w_init=snt.initializers.Zeros(),

@@ -1,5 +1,7 @@
 """Tests for entropy_sgd.wide_resnet."""
 
+import functools
+
 from absl.testing import parameterized
 import sonnet as snt
 import tensorflow as tf
@@ -18,6 +20,14 @@ def setUpModule():
         cpus[0], [tf.config.LogicalDeviceConfiguration()] * _NUM_LOGICAL_CPUS)
   except RuntimeError:
     pass  # Runtime already initialised; the strategy test will skip.
+
+
+@functools.lru_cache(maxsize=None)
+def _mirrored_strategy():
+  """One MirroredStrategy for the module: strategies created one after the
+  other on the same devices may reuse collective instance keys."""
+  devices = tf.config.list_logical_devices("CPU")[:_NUM_LOGICAL_CPUS]
+  return tf.distribute.MirroredStrategy([d.name for d in devices])
 
 
 def _closed_form_parameter_count(depth, width, num_classes):
@@ -272,8 +282,7 @@ class WideResNetTest(tf.test.TestCase, parameterized.TestCase):
     devices = tf.config.list_logical_devices("CPU")
     if len(devices) < _NUM_LOGICAL_CPUS:
       self.skipTest("Needs 2 logical CPUs (TF initialised too early).")
-    strategy = tf.distribute.MirroredStrategy(
-        [d.name for d in devices[:_NUM_LOGICAL_CPUS]])
+    strategy = _mirrored_strategy()
     per_replica_images = [_images(2, seed=10 + i) for i in range(2)]
     with strategy.scope(), distribution.replica_local_statistics():
       model = wide_resnet.WideResNet(10, 1, 10)
@@ -315,6 +324,69 @@ class WideResNetTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(
         tf.reshape(first_bn.moving_mean.value, [-1]),
         tf.reduce_mean(replica_means, axis=0), atol=1e-5)
+
+  @parameterized.parameters(True, False)
+  def test_cross_replica_batch_norm_matches_one_device(self, synchronised):
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < _NUM_LOGICAL_CPUS:
+      self.skipTest("Needs 2 logical CPUs (TF initialised too early).")
+    mirrored = _mirrored_strategy()
+    # Distinct per-replica statistics: the second half is shifted and scaled.
+    images = tf.concat([_images(4, seed=20), 3.0 * _images(4, seed=21) + 1.0],
+                       axis=0)
+    targets = tf.random.stateless_normal([8, 10], seed=[22, 0])
+
+    def build(strategy):
+      with strategy.scope(), distribution.replica_local_statistics():
+        model = wide_resnet.WideResNet(
+            10, 1, 10, cross_replica_batch_norm=synchronised)
+        model(images[:1], is_training=False)
+      return model
+
+    single, replicated = build(tf.distribute.get_strategy()), build(mirrored)
+    _randomize_logits_layer(single)
+    for source, target in zip(single.variables, replicated.variables):
+      target.assign(source)
+
+    def replica_step(model, images, targets):
+      with tf.GradientTape() as tape:
+        logits = model(images, is_training=True)
+        loss = tf.reduce_sum(logits * targets)
+      grads = tape.gradient(loss, model.trainable_variables)
+      return logits, tf.distribute.get_replica_context().all_reduce(
+          "sum", grads)
+
+    expected_logits, expected_grads = tf.function(replica_step)(
+        single, images, targets)
+    halves = lambda x: mirrored.experimental_distribute_values_from_function(
+        lambda ctx: x[4 * ctx.replica_id_in_sync_group:][:4])
+    logits, grads = tf.function(lambda x, y: mirrored.run(
+        replica_step, args=(replicated, x, y)))(halves(images),
+                                                halves(targets))
+    logits = tf.concat(mirrored.experimental_local_results(logits), axis=0)
+    grads = [mirrored.experimental_local_results(g)[0] for g in grads]
+    first_bn = replicated.batch_norms[0]
+    if not synchronised:
+      self.assertNotAllClose(logits, expected_logits, rtol=1e-3, atol=1e-3)
+      return
+    self.assertIsInstance(first_bn, wide_resnet.CrossReplicaBatchNorm)
+    self.assertAllClose(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    for grad, expected in zip(grads, expected_grads):
+      self.assertAllClose(grad, expected, rtol=1e-5, atol=1e-5)
+    # Every replica's moving averages saw the statistics of the whole batch.
+    for copy in mirrored.experimental_local_results(
+        first_bn.moving_mean.average):
+      self.assertAllClose(copy, single.batch_norms[0].moving_mean.average,
+                          atol=1e-5)
+
+  def test_cross_replica_batch_norm_equals_batch_norm_on_one_replica(self):
+    images = 2.0 * _images(4, seed=30) + 0.5
+    plain = snt.BatchNorm(True, True, decay_rate=0.9)
+    synced = wide_resnet.CrossReplicaBatchNorm(True, True, decay_rate=0.9)
+    self.assertAllClose(synced(images, is_training=True),
+                        plain(images, is_training=True), atol=1e-4)
+    self.assertAllClose(synced.moving_mean.value, plain.moving_mean.value,
+                        atol=1e-5)
 
 
 if __name__ == "__main__":

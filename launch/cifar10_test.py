@@ -25,9 +25,12 @@ def launcher_command(dataset):
   return [sys.executable, os.path.join(HERE, dataset + ".py")]
 
 
-def run_launcher(dataset, *args, cwd=None):
+def run_launcher(dataset, *args, cwd=None, tf_config=None):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   env.setdefault("PYTHONPATH", os.path.join(HERE, ".."))
+  env.pop("TF_CONFIG", None)
+  if tf_config is not None:
+    env["TF_CONFIG"] = tf_config
   return subprocess.run(
       launcher_command(dataset) + list(args), capture_output=True, text=True,
       timeout=600, env=env, cwd=cwd)
@@ -48,7 +51,8 @@ class LauncherTest(parameterized.TestCase):
     result = run_launcher("cifar10", "--helpfull")
     self.assertIn(result.returncode, (0, 1), result.stderr)  # absl: 1.
     for text in ("--opt", "--L", "--langevin_lr", "--conventions",
-                 "entropy_sgd: 10", "--data_dir", "--max_steps"):
+                 "entropy_sgd: 10", "--data_dir", "--max_steps", "--tpu",
+                 "multi_worker", "sync_batch_norm"):
       self.assertIn(text, result.stdout)
 
   @parameterized.parameters(("cifar10", "entropy_sgd"),
@@ -106,6 +110,15 @@ class LauncherTest(parameterized.TestCase):
       ("batch_not_divisible", ["--strategy=mirrored", "--num_devices=2",
                                "--batch_size=7"], "not divisible by the 2"),
       ("missing_data", ["--data_dir=/nonexistent/cifar"], "--data_dir"),
+      ("multi_worker_without_tf_config", ["--strategy=multi_worker"],
+       "--strategy=multi_worker needs the TF_CONFIG environment variable"),
+      ("no_tpu", ["--strategy=tpu"], "--strategy=tpu: no TPU found .*--tpu"),
+      ("tpu_flag_without_tpu_strategy", ["--tpu=my-tpu"],
+       "--tpu='my-tpu' needs --strategy=tpu"),
+      ("sync_batch_norm_jit_on_cpus", ["--strategy=mirrored",
+                                       "--num_devices=2", "--sync_batch_norm",
+                                       "--jit"],
+       "--sync_batch_norm with --jit needs GPUs"),
   )
   def test_bad_input_is_one_line(self, args, message):
     log_dir = self.create_tempdir().full_path
@@ -119,6 +132,25 @@ class LauncherTest(parameterized.TestCase):
     self.assertLen(errors, 1, result.stderr[-2000:])
     self.assertRegex(errors[0], message)
     self.assertEmpty(os.listdir(log_dir) if message != "--data_dir" else [])
+
+  @parameterized.named_parameters(
+      ("not_json", "{cluster", "invalid TF_CONFIG"),
+      ("no_task", '{"cluster": {"worker": ["localhost:1"]}}',
+       "invalid TF_CONFIG \\(missing 'task'\\)"),
+      ("index_outside", '{"cluster": {"worker": ["localhost:1"]}, '
+       '"task": {"type": "worker", "index": 3}}', "task index 3 is outside"),
+  )
+  def test_invalid_tf_config_is_one_line(self, tf_config, message):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher(
+        "cifar10", "--strategy=multi_worker", f"--log_dir={log_dir}",
+        f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
+        tf_config=tf_config)
+    self.assertNotEqual(result.returncode, 0)
+    self.assertNotIn("Traceback", result.stderr)
+    self.assertLen(error_lines(result), 1, result.stderr[-2000:])
+    self.assertRegex(error_lines(result)[0], message)
+    self.assertEmpty(os.listdir(log_dir))
 
   def test_truncated_data_file(self):
     data_dir = self.create_tempdir().full_path

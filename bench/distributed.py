@@ -57,11 +57,8 @@ def make_runner(strategy, name):
 
 def main(argv):
   del argv
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * _NUM_DEVICES.value)
   strategy = tf.distribute.MirroredStrategy(
-      [d.name for d in tf.config.list_logical_devices("CPU")])
+      distribution.logical_cpus(_NUM_DEVICES.value))
   print(f"{_MODEL.value}, global batch {_BATCH_SIZE.value}, L={_L.value}, "
         f"{strategy.num_replicas_in_sync} replicas (logical CPU devices)")
   runners = {name: make_runner(strategy, name)

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from entropy_sgd import data
+from entropy_sgd import distribution
 
 TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                         "testdata")
@@ -506,10 +507,7 @@ class RealCifar10Test(tf.test.TestCase):
 
 
 def setUpModule():
-  # The strategy test needs 2 devices; must run before TF initialises.
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+  distribution.logical_cpus(2)  # The strategy test; before TF starts up.
 
 
 if __name__ == "__main__":

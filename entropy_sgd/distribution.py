@@ -42,6 +42,22 @@ def update_on_each_device(colocate_with: tf.Variable, update_fn, *args):
     tf.distribute.get_replica_context().merge_call(merge_fn, args=args)
 
 
+def logical_cpus(num_devices: int):
+  """Splits the CPU into `num_devices` logical devices; returns their names.
+
+  For MirroredStrategy without GPUs (tests, benchmarks, --num_devices). It
+  must run before TensorFlow starts up; afterwards the existing devices are
+  returned, and there may be fewer than asked for.
+  """
+  cpu = tf.config.list_physical_devices("CPU")[0]
+  try:
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices)
+  except RuntimeError:
+    pass  # TensorFlow already started: keep what exists.
+  return [d.name for d in tf.config.list_logical_devices("CPU")][:num_devices]
+
+
 def _variable_dtype(kwargs):
   if kwargs.get("dtype") is not None:
     return tf.as_dtype(kwargs["dtype"])

@@ -15,6 +15,7 @@ import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
+from entropy_sgd import distribution
 from entropy_sgd import keras_plugin as esgd_keras
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
@@ -365,9 +366,7 @@ class MirroredStrategyTest(tf.test.TestCase):
 
 
 def setUpModule():
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+  distribution.logical_cpus(2)  # Before TensorFlow starts up.
 
 
 if __name__ == "__main__":

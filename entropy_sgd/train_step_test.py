@@ -430,9 +430,7 @@ class ParleTest(tf.test.TestCase, parameterized.TestCase):
 
 
 def setUpModule():
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  tf.config.set_logical_device_configuration(
-      cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+  distribution.logical_cpus(2)  # Before TensorFlow starts up.
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from entropy_sgd import config as config_lib
 from entropy_sgd import data as data_lib
+from entropy_sgd import distribution
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
 from entropy_sgd import wide_resnet
@@ -113,20 +114,13 @@ def make_strategy(config: config_lib.TrainConfig) -> tf.distribute.Strategy:
     return _tpu_strategy(config.tpu)
   if tf.config.list_physical_devices("GPU"):  # Does not start TF up.
     return tf.distribute.MirroredStrategy()
-  cpu = tf.config.list_physical_devices("CPU")[0]
-  try:
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * config.num_devices)
-  except RuntimeError:
-    pass  # Already configured (or TF initialised): use what exists.
-  cpus = tf.config.list_logical_devices("CPU")
+  cpus = distribution.logical_cpus(config.num_devices)
   if len(cpus) < config.num_devices:
     raise ConfigError(
         f"--strategy=mirrored wants --num_devices={config.num_devices} CPU "
         f"devices but only {len(cpus)} exist; TensorFlow was initialised "
         f"before the launcher could create them.")
-  return tf.distribute.MirroredStrategy(
-      [d.name for d in cpus[:config.num_devices]])
+  return tf.distribute.MirroredStrategy(cpus)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

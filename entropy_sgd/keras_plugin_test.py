@@ -6,6 +6,7 @@ A Dense-tanh-Dense Keras model trained by `model.fit` with
 weights, minibatches and noise), under one device and `MirroredStrategy`.
 """
 
+import functools
 import os
 import warnings
 
@@ -338,12 +339,19 @@ class MisuseTest(tf.test.TestCase):
       esgd_keras.EntropySGD(clipnorm=1.0)
 
 
+@functools.lru_cache(maxsize=None)
+def mirrored_strategy():
+  """One instance per process: TF's collective keys clash across several."""
+  return tf.distribute.MirroredStrategy(
+      [d.name for d in tf.config.list_logical_devices("CPU")])
+
+
 class MirroredStrategyTest(tf.test.TestCase):
 
   def test_two_replicas_follow_one_device(self):
-    devices = tf.config.list_logical_devices("CPU")
-    self.assertLen(devices, 2, "setUpModule sets up 2 logical CPUs")
-    mirrored = tf.distribute.MirroredStrategy([d.name for d in devices])
+    self.assertLen(tf.config.list_logical_devices("CPU"), 2,
+                   "setUpModule sets up 2 logical CPUs")
+    mirrored = mirrored_strategy()
     num_outer = 3
     x, y = make_data(num_outer * L)
     single = make_keras_model("lua_reference")
@@ -363,6 +371,38 @@ class MirroredStrategyTest(tf.test.TestCase):
     assert_close_relative(self, replicated.get_weights(), expected)
     self.assertAllClose(history.history["gamma"][-1], 0.3 * 1.2**3,
                         rtol=1e-6)
+
+  def test_batch_norm_model_with_recalibration_on_two_replicas(self):
+    mirrored = mirrored_strategy()
+    x, y = make_data(2 * L)
+    with mirrored.scope():
+      model = keras.Sequential([
+          keras.Input([NUM_FEATURES]),
+          keras.layers.Dense(NUM_HIDDEN),
+          keras.layers.BatchNormalization(),
+          keras.layers.Activation("tanh"),
+          keras.layers.Dense(NUM_CLASSES),
+      ])
+      model.compile(optimizer=esgd_keras.EntropySGD(**HYPER),
+                    loss=keras.losses.SparseCategoricalCrossentropy(
+                        from_logits=True), metrics=["accuracy"])
+      esgd_keras.attach(model)
+    history = model.fit(
+        esgd_keras.group_batches(batches(x, y), L), epochs=2, verbose=0,
+        validation_data=batches(x, y),
+        callbacks=[esgd_keras.RecalibrateBatchNorm(batches(x, y),
+                                                   num_batches=2)])
+    self.assertLen(history.history["val_accuracy"], 2)
+    self.assertTrue(np.all(np.isfinite(history.history["val_loss"])))
+    # Same all-reduced gradients and noise: bit-identical trainable copies.
+    for variable in model.trainable_variables:
+      copies = variable.value.values
+      self.assertAllEqual(copies[0].numpy(), copies[1].numpy())
+    # The recalibrated statistics are the mean over the 2 batches at x.
+    hidden = model.layers[0](x[:2 * BATCH]).numpy().reshape(2, BATCH, -1)
+    self.assertAllClose(model.layers[1].moving_mean.numpy(),
+                        hidden.mean(axis=1).mean(axis=0), rtol=1e-4,
+                        atol=1e-5)
 
 
 def setUpModule():

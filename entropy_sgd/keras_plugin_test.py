@@ -95,6 +95,22 @@ def make_keras_model(conventions="paper", jit_compile=False, strategy=None,
   return model
 
 
+def make_batch_norm_model():
+  """Dense -> BatchNorm -> tanh -> Dense, compiled and attached."""
+  model = keras.Sequential([
+      keras.Input([NUM_FEATURES]),
+      keras.layers.Dense(NUM_HIDDEN),
+      keras.layers.BatchNormalization(),
+      keras.layers.Activation("tanh"),
+      keras.layers.Dense(NUM_CLASSES),
+  ])
+  model.compile(optimizer=esgd_keras.EntropySGD(**HYPER),
+                loss=keras.losses.SparseCategoricalCrossentropy(
+                    from_logits=True), metrics=["accuracy"])
+  esgd_keras.attach(model)
+  return model
+
+
 def assert_close_relative(test, actual, expected, rtol=1e-5):
   for i, (a, e) in enumerate(zip(actual, expected)):
     a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
@@ -250,17 +266,7 @@ class CallbacksTest(tf.test.TestCase):
 
   def test_batch_norm_recalibration(self):
     x, y = make_data(2 * L)
-    model = keras.Sequential([
-        keras.Input([NUM_FEATURES]),
-        keras.layers.Dense(NUM_HIDDEN),
-        keras.layers.BatchNormalization(),
-        keras.layers.Activation("tanh"),
-        keras.layers.Dense(NUM_CLASSES),
-    ])
-    model.compile(optimizer=esgd_keras.EntropySGD(**HYPER),
-                  loss=keras.losses.SparseCategoricalCrossentropy(
-                      from_logits=True), metrics=["accuracy"])
-    esgd_keras.attach(model)
+    model = make_batch_norm_model()
     bn = model.layers[1]
     self.assertAllEqual(bn.moving_mean.numpy(), np.zeros(NUM_HIDDEN))
     recalibrate = esgd_keras.RecalibrateBatchNorm(batches(x, y),
@@ -376,17 +382,7 @@ class MirroredStrategyTest(tf.test.TestCase):
     mirrored = mirrored_strategy()
     x, y = make_data(2 * L)
     with mirrored.scope():
-      model = keras.Sequential([
-          keras.Input([NUM_FEATURES]),
-          keras.layers.Dense(NUM_HIDDEN),
-          keras.layers.BatchNormalization(),
-          keras.layers.Activation("tanh"),
-          keras.layers.Dense(NUM_CLASSES),
-      ])
-      model.compile(optimizer=esgd_keras.EntropySGD(**HYPER),
-                    loss=keras.losses.SparseCategoricalCrossentropy(
-                        from_logits=True), metrics=["accuracy"])
-      esgd_keras.attach(model)
+      model = make_batch_norm_model()
     history = model.fit(
         esgd_keras.group_batches(batches(x, y), L), epochs=2, verbose=0,
         validation_data=batches(x, y),

@@ -180,6 +180,14 @@ def _check_workers_resumed_alike(strategy, step: int):
         "shared filesystem).")
 
 
+def checkpoint_model_variables(run_dir: str) -> Dict[str, np.ndarray]:
+  """The model variables of a run's latest checkpoint, by checkpoint key."""
+  reader = tf.train.load_checkpoint(os.path.join(run_dir, "checkpoints"))
+  return {name: reader.get_tensor(name)
+          for name in reader.get_variable_to_shape_map()
+          if name.startswith("model/")}
+
+
 def weights_checksum(model: snt.Module) -> float:
   """Sum of |w| over every model variable, in float64 (for comparisons)."""
   return float(sum(np.sum(np.abs(v.numpy()), dtype=np.float64)

@@ -27,13 +27,6 @@ def tiny_config(opt, log_dir, **overrides):
   return config_lib.from_preset(opt, **settings)
 
 
-def checkpoint_variables(run_dir):
-  reader = tf.train.load_checkpoint(os.path.join(run_dir, "checkpoints"))
-  return {name: reader.get_tensor(name)
-          for name in reader.get_variable_to_shape_map()
-          if name.startswith("model/")}
-
-
 def scalar_tags(run_dir):
   accumulator = event_accumulator.EventAccumulator(
       run_dir, size_guidance={event_accumulator.TENSORS: 0})
@@ -92,8 +85,8 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     resumed = training.train(tiny_config("entropy_sgd", log_dir,
                                          run_name="split", **common))
     self.assertEqual(resumed["outer_steps"], whole["outer_steps"])
-    expected = checkpoint_variables(whole["run_dir"])
-    actual = checkpoint_variables(resumed["run_dir"])
+    expected = training.checkpoint_model_variables(whole["run_dir"])
+    actual = training.checkpoint_model_variables(resumed["run_dir"])
     self.assertSameElements(expected, actual)
     for name in expected:
       self.assertAllClose(actual[name], expected[name], rtol=1e-5, atol=1e-6,

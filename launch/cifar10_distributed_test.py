@@ -13,43 +13,20 @@ import os
 import re
 import socket
 import subprocess
-import sys
 
 from absl.testing import absltest
 import numpy as np
-import tensorflow as tf
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTDATA = os.path.join(HERE, "..", "testdata")
+from entropy_sgd import training
+from launch.launcher_testing import launcher_command
+from launch.launcher_testing import launcher_env
+from launch.launcher_testing import TESTDATA
 TINY_ENTROPY_SGD = [
     "--opt=entropy_sgd", "--L=2", "--max_steps=2", "--model=wrn-10-1",
     "--batch_size=20", "--lr=0.5", "--langevin_lr=0.05",
     "--recalibration_batches=1", "--log_every_steps=1", "--sync_batch_norm",
     "--deterministic", f"--data_dir={os.path.join(TESTDATA, 'cifar10')}"]
 CHECKSUM = re.compile(r"final weights checksum: (\S+)")
-
-
-def launcher_command():
-  """The bazel-built launcher when present, else the source file."""
-  built = os.path.join(HERE, "cifar10")
-  if os.path.exists(built):
-    return [built]
-  return [sys.executable, os.path.join(HERE, "cifar10.py")]
-
-
-def launcher_env(**overrides):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  env.setdefault("PYTHONPATH", os.path.join(HERE, ".."))
-  env.pop("TF_CONFIG", None)
-  env.update(overrides)
-  return env
-
-
-def model_variables(run_dir):
-  reader = tf.train.load_checkpoint(os.path.join(run_dir, "checkpoints"))
-  return {name: reader.get_tensor(name)
-          for name in reader.get_variable_to_shape_map()
-          if name.startswith("model/")}
 
 
 def free_ports(count):
@@ -72,16 +49,16 @@ class MirroredTest(absltest.TestCase):
     checksums = {}
     for name, args in runs.items():  # One at a time: 2 cores.
       result = subprocess.run(
-          launcher_command() + TINY_ENTROPY_SGD + args +
+          launcher_command("cifar10") + TINY_ENTROPY_SGD + args +
           [f"--log_dir={log_dir}", f"--run_name={name}"],
           capture_output=True, text=True, timeout=900, env=launcher_env())
       self.assertEqual(result.returncode, 0, result.stderr[-3000:])
       self.assertIn("summary: outer_steps=2", result.stdout)
       checksums[name] = float(CHECKSUM.search(result.stderr).group(1))
     self.assertIn("4 replica(s)", result.stderr)
-    expected = model_variables(os.path.join(log_dir, "default"))
+    expected = training.checkpoint_model_variables(os.path.join(log_dir, "default"))
     for name in ("mirrored2", "mirrored4"):
-      actual = model_variables(os.path.join(log_dir, name))
+      actual = training.checkpoint_model_variables(os.path.join(log_dir, name))
       self.assertSameElements(actual, expected)
       for variable in expected:
         np.testing.assert_allclose(actual[variable], expected[variable],
@@ -102,7 +79,7 @@ class MultiWorkerTest(absltest.TestCase):
         tf_config = json.dumps({"cluster": cluster,
                                 "task": {"type": "worker", "index": index}})
         self.workers.append(subprocess.Popen(
-            launcher_command() + TINY_ENTROPY_SGD + [
+            launcher_command("cifar10") + TINY_ENTROPY_SGD + [
                 "--strategy=multi_worker", f"--log_dir={log_dir}",
                 "--run_name=run", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -136,7 +113,7 @@ class MultiWorkerTest(absltest.TestCase):
     self.assertIn("ckpt-2.index",
                   os.listdir(os.path.join(run_dir, "checkpoints")))
     saved = sum(np.abs(value).sum(dtype=np.float64)
-                for value in model_variables(run_dir).values())
+                for value in training.checkpoint_model_variables(run_dir).values())
     self.assertAlmostEqual(float(checksums[0]), saved, delta=1e-9 * saved)
     # The other worker's temporary checkpoints are gone.
     for temp_dir in temp_dirs:

@@ -8,32 +8,20 @@ before any training starts.
 import os
 import shutil
 import subprocess
-import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTDATA = os.path.join(HERE, "..", "testdata")
-
-
-def launcher_command(dataset):
-  """The bazel-built launcher when present, else the source file."""
-  built = os.path.join(HERE, dataset)
-  if os.path.exists(built):
-    return [built]
-  return [sys.executable, os.path.join(HERE, dataset + ".py")]
+from launch.launcher_testing import launcher_command
+from launch.launcher_testing import launcher_env
+from launch.launcher_testing import TESTDATA
 
 
 def run_launcher(dataset, *args, cwd=None, tf_config=None):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  env.setdefault("PYTHONPATH", os.path.join(HERE, ".."))
-  env.pop("TF_CONFIG", None)
-  if tf_config is not None:
-    env["TF_CONFIG"] = tf_config
+  overrides = {} if tf_config is None else {"TF_CONFIG": tf_config}
   return subprocess.run(
       launcher_command(dataset) + list(args), capture_output=True, text=True,
-      timeout=600, env=env, cwd=cwd)
+      timeout=600, env=launcher_env(**overrides), cwd=cwd)
 
 
 def error_lines(result):

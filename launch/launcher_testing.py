@@ -1,0 +1,24 @@
+"""What the launcher tests share: how to start a launcher as a user would."""
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTDATA = os.path.join(HERE, "..", "testdata")
+
+
+def launcher_command(dataset):
+  """The bazel-built launcher when present, else the source file."""
+  built = os.path.join(HERE, dataset)
+  if os.path.exists(built):
+    return [built]
+  return [sys.executable, os.path.join(HERE, dataset + ".py")]
+
+
+def launcher_env(**overrides):
+  """This process's environment, quiet, without TF_CONFIG, plus overrides."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  env.setdefault("PYTHONPATH", os.path.join(HERE, ".."))
+  env.pop("TF_CONFIG", None)
+  env.update(overrides)
+  return env

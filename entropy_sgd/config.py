@@ -1,10 +1,12 @@
 """Training configuration, presets and validation.
 
-`TrainConfig` holds every setting of a run. `PRESETS` are the published
-recipes, one per optimizer, like the TF1 project's `config_train`; every
-field can be overridden (the launchers map each flag to a field).
+`TrainConfig` holds every setting of a run. The presets are the published
+recipes, one per (dataset, model, optimizer), like the TF1 project's
+`config_train`; every field can be overridden (the launchers map each flag to
+a field). `preset(dataset, model, opt)` looks one up; `describe_presets`
+prints them with their sources (the launchers' `--help` shows it).
 
-Sources of the presets:
+Sources of the CIFAR Wide ResNet presets (`PRESETS`):
 * SGD (heavy-ball momentum; --momentum=0 for plain SGD) / Nesterov: Zagoruyko & Komodakis, "Wide Residual Networks" (2016),
   Sec. 3 and their reference code: WRN-28-10, 200 epochs, batch 128,
   lr 0.1 multiplied by 0.2 at epochs 60, 120 and 160, Nesterov momentum 0.9,
@@ -21,12 +23,15 @@ import dataclasses
 import re
 from typing import Optional, Tuple
 
+from entropy_sgd import models
 from entropy_sgd import optimizers
 
 OPTIMIZERS = ("sgd", "nesterov", "entropy_sgd")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 AUGMENTATIONS = ("flip_crop", "flip_rotate", "flip_crop_rotate", "none")
-DATASETS = ("cifar10", "cifar100")
+DATASETS = ("cifar10", "cifar100", "mnist")
+DEFAULT_MODELS = {"cifar10": "wrn-28-10", "cifar100": "wrn-28-10",
+                  "mnist": "lenet"}
 
 
 class ConfigError(ValueError):
@@ -41,7 +46,7 @@ class TrainConfig:
   log_dir: str = "runs"
   run_name: Optional[str] = None
   model: str = "wrn-28-10"
-  dropout: float = 0.0
+  dropout: Optional[float] = None  # None: the model's own (models.py).
   opt: str = "nesterov"
   epochs: int = 200
   batch_size: int = 128
@@ -73,6 +78,7 @@ class TrainConfig:
   recalibrate_bn: bool = True
   recalibration_batches: int = 20
   log_every_steps: int = 50
+  steps_per_loop: int = 1
   eval_every_steps: Optional[int] = None
   keep_checkpoints: int = 3
   deterministic: bool = False
@@ -106,14 +112,116 @@ PRESETS = {
 }
 
 
-def from_preset(opt: str, **overrides) -> TrainConfig:
-  """The preset of `opt` with `overrides` applied, validated."""
-  if opt not in PRESETS:
+# ucla-vision/entropy-sgd `train.lua` (commit aac1bc2, the version that also
+# tests on the test set) `learning_rate_schedule()` and its optimiser state:
+# "SGD" is Nesterov momentum 0.9 (dampening 0) there, L2 from --L2 (default
+# 0; the README's CIFAR commands pass --L2 1e-3), batch 128, dropout 0.5.
+# Its epochs are 1-based and a regime {a, b, lr} covers epochs a..b, so a
+# rate that changes "after epoch e" is our (0-based) boundary e.
+_REFERENCE_SGD = dict(batch_size=128, lr=0.1, lr_decay_factor=0.2,
+                      momentum=0.9)
+_REFERENCE_ENTROPY_SGD = dict(
+    batch_size=128, L=20, langevin_lr=0.1, noise=1e-4, gamma=0.03,
+    scoping=1e-3, alpha=0.75, momentum=0.9, conventions="lua_reference")
+PAPER_MODEL_PRESETS = {
+    # MNIST (no augmentation in the reference), SGD: 0.1 for epochs 1-30, x0.2 for 31-60, x0.2 again after;
+    # 100 epochs; no weight decay.
+    ("mnist", "mnistfc", "sgd"): dict(
+        _REFERENCE_SGD, epochs=100, lr_decay_epochs=(30, 60),
+        weight_decay=0.0, augment="none"),
+    # Entropy-SGD mnistfc: lr 1 for epochs 1-2, 0.1 after; 5 epochs (x L=20
+    # = 100 effective epochs); gamma0 = 0.03 (train.lua's default).
+    ("mnist", "mnistfc", "entropy_sgd"): dict(
+        _REFERENCE_ENTROPY_SGD, epochs=5, lr=1.0, lr_decay_epochs=(2,),
+        lr_decay_factor=0.1, weight_decay=0.0, augment="none"),
+    # Entropy-SGD LeNet: lr 1 for epochs 1-2, 0.1 for 3-7, 0.01 after;
+    # gamma0 = 1e-4 from the reference README's LeNet command
+    # (`th train.lua -m mnistconv -L 20 --gamma 1e-4 --scoping 1e-3
+    # --noise 1e-4`).
+    ("mnist", "lenet", "entropy_sgd"): dict(
+        _REFERENCE_ENTROPY_SGD, epochs=5, lr=1.0, lr_decay_epochs=(2, 7),
+        lr_decay_factor=0.1, gamma=1e-4, weight_decay=0.0, augment="none"),
+    # All-CNN-BN, SGD: 0.1, x0.2 after epochs 60, 120 and 180; 200 epochs;
+    # --L2 1e-3 (README command).
+    ("cifar", "allcnn", "sgd"): dict(
+        _REFERENCE_SGD, epochs=200, lr_decay_epochs=(60, 120, 180),
+        weight_decay=1e-3),
+    # All-CNN-BN, Entropy-SGD: lr 1 for epochs 1-3, 0.2 for 4-6, 0.04 after;
+    # 10 epochs; gamma0 = 0.03, --L2 1e-3 (README command).
+    ("cifar", "allcnn", "entropy_sgd"): dict(
+        _REFERENCE_ENTROPY_SGD, epochs=10, lr=1.0, lr_decay_epochs=(3, 6),
+        lr_decay_factor=0.2, weight_decay=1e-3),
+}
+PAPER_MODEL_PRESETS[("mnist", "lenet", "sgd")] = PAPER_MODEL_PRESETS[
+    ("mnist", "mnistfc", "sgd")]
+
+
+def _dataset_group(dataset: str) -> str:
+  return "mnist" if dataset == "mnist" else "cifar"
+
+
+def _model_family(model: str) -> str:
+  try:
+    return models.model_family(model)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def preset(dataset: str, model: str, opt: str) -> dict:
+  """The recipe for (dataset, model, opt): every field it sets.
+
+  The paper's nets take the reference code's recipes
+  (`PAPER_MODEL_PRESETS`); "nesterov" is their "sgd" with Nesterov momentum
+  and "sgd" uses heavy-ball momentum (the reference's SGD is Nesterov). Wide
+  ResNets take `PRESETS` on any dataset.
+  """
+  if opt not in OPTIMIZERS:
     raise ConfigError(f"--opt={opt!r} is unknown; choose one of "
                       f"{', '.join(OPTIMIZERS)}.")
-  config = TrainConfig(**{**PRESETS[opt], **overrides})
+  family = _model_family(model)
+  if family == "wrn":
+    return dict(PRESETS[opt], model=model)
+  base_opt = "entropy_sgd" if opt == "entropy_sgd" else "sgd"
+  key = (_dataset_group(dataset), family, base_opt)
+  if key not in PAPER_MODEL_PRESETS:  # A model on a dataset it doesn't fit.
+    return dict(PRESETS[opt], model=model)
+  return dict(PAPER_MODEL_PRESETS[key], opt=opt, model=model)
+
+
+def from_preset(opt: str, dataset: str = "cifar10",
+                model: Optional[str] = None, **overrides) -> TrainConfig:
+  """The preset of (dataset, model, opt) with `overrides` applied, validated.
+
+  `model` None takes the dataset's default (`DEFAULT_MODELS`).
+  """
+  if dataset not in DATASETS:
+    raise ConfigError(f"--dataset={dataset!r} is unknown; choose one of "
+                      f"{DATASETS}.")
+  model = model or DEFAULT_MODELS[dataset]
+  config = TrainConfig(**{**preset(dataset, model, opt), **overrides,
+                          "dataset": dataset})
   validate(config)
   return config
+
+
+def describe_presets(dataset: str) -> str:
+  """The presets a launcher of `dataset` offers, one line each."""
+  lines = []
+  shown = ("epochs", "lr", "lr_decay_epochs", "lr_decay_factor", "momentum",
+           "weight_decay", "L", "gamma", "conventions")
+  for model in models.MODEL_NAMES:
+    name = "wrn-28-10" if model.startswith("wrn") else model
+    try:
+      models.check_fits(name, dataset)
+    except ValueError:
+      continue
+    for opt in OPTIMIZERS:
+      recipe = preset(dataset, name, opt)
+      values = ", ".join(f"{k}={recipe[k]}" for k in shown if k in recipe
+                         and (k not in ("L", "gamma", "conventions") or
+                              opt == "entropy_sgd"))
+      lines.append(f"  --model={model} --opt={opt}: {values}")
+  return "\n".join(lines)
 
 
 def learning_rate_at(config: TrainConfig, epoch: int) -> float:
@@ -136,16 +244,22 @@ def validate(config: TrainConfig):
   _require(c.opt in OPTIMIZERS,
            f"--opt={c.opt!r} is unknown; choose one of {OPTIMIZERS}.")
   match = re.fullmatch(r"wrn-(\d+)-(\d+)", c.model.lower())
-  _require(match is not None,
-           f"--model={c.model!r} is unknown; use wrn-DEPTH-WIDTH, "
-           f"e.g. wrn-28-10 or wrn-16-1.")
-  depth, width = int(match.group(1)), int(match.group(2))
-  _require(depth >= 10 and (depth - 4) % 6 == 0,
-           f"--model={c.model}: WRN depth must be 6n+4 (10, 16, 22, 28, ...);"
-           f" got {depth}.")
-  _require(width >= 1, f"--model={c.model}: width must be >= 1.")
-  _require(0.0 <= c.dropout < 1.0, f"--dropout must be in [0, 1); got "
-           f"{c.dropout}.")
+  if match is not None:
+    depth, width = int(match.group(1)), int(match.group(2))
+    _require(depth >= 10 and (depth - 4) % 6 == 0,
+             f"--model={c.model}: WRN depth must be 6n+4 (10, 16, 22, 28, "
+             f"...); got {depth}.")
+    _require(width >= 1, f"--model={c.model}: width must be >= 1.")
+  _model_family(c.model)
+  try:
+    models.check_fits(c.model, c.dataset)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(not c.sync_batch_norm or _model_family(c.model) == "wrn",
+           f"--sync_batch_norm is implemented for the Wide ResNets, not "
+           f"--model={c.model}; drop it.")
+  _require(c.dropout is None or 0.0 <= c.dropout < 1.0,
+           f"--dropout must be in [0, 1); got {c.dropout}.")
   _require(c.epochs >= 1, f"--epochs must be >= 1; got {c.epochs}.")
   _require(c.batch_size >= 1, f"--batch_size must be >= 1; got "
            f"{c.batch_size}.")
@@ -199,6 +313,8 @@ def validate(config: TrainConfig):
            f"{c.recalibration_batches}.")
   _require(c.log_every_steps >= 1, f"--log_every_steps must be >= 1; got "
            f"{c.log_every_steps}.")
+  _require(c.steps_per_loop >= 1, f"--steps_per_loop must be >= 1; got "
+           f"{c.steps_per_loop}.")
   _require(c.eval_every_steps is None or c.eval_every_steps >= 1,
            f"--eval_every_steps must be >= 1; got {c.eval_every_steps}.")
   _require(c.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1; got "

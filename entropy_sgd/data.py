@@ -1,10 +1,12 @@
-"""CIFAR-10/100 input pipelines for training and evaluation.
+"""CIFAR-10/100 and MNIST input pipelines for training and evaluation.
 
-Data come from tensorflow-datasets (the default), or from the original binary
-files when `data_dir` is given: `cifar-10-batches-bin/` (data_batch_1..5.bin,
+Data come from tensorflow-datasets (the default), or from the original files
+when `data_dir` is given: `cifar-10-batches-bin/` (data_batch_1..5.bin,
 test_batch.bin) or `cifar-100-binary/` (train.bin, test.bin), each file plain
-or gzipped (`.bin.gz`). Files are checked before training; problems raise
-`DataError` with a one-line explanation.
+or gzipped (`.bin.gz`); for MNIST the four IDX files
+(`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`, `t10k-images-idx3-ubyte`,
+`t10k-labels-idx1-ubyte`), plain or `.gz`. Files are checked before training;
+problems raise `DataError` with a one-line explanation naming the file.
 
 Training pipeline, per input pipeline (worker):
 
@@ -19,7 +21,8 @@ horizontal flip; rotation by an angle uniform in [-rotation_degrees,
 an integer translation. Pixels moved in from outside the image are 0 (black,
 before normalisation), as with zero padding. Images are normalised per
 channel with the mean and std of the training images (after removing the
-validation hold-out), in [0, 1] pixel scale.
+validation hold-out), in [0, 1] pixel scale. MNIST is normalised the same way
+and, by default, not augmented.
 """
 
 import dataclasses
@@ -35,24 +38,33 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-DATASETS = {"cifar10": 10, "cifar100": 100}
+DATASETS = {"cifar10": 10, "cifar100": 100, "mnist": 10}
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3),
+                "mnist": (28, 28, 1)}
 AUGMENTATIONS = ("flip_rotate", "flip_crop", "flip_crop_rotate", "none")
 SPLITS = ("train", "validation", "test")
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # CIFAR's.
 CROP_PADDING = 4
 _PIXEL_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
-_PRETTY_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+_PRETTY_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                 "mnist": "MNIST"}
 
 
 class DataError(ValueError):
-  """The CIFAR data are missing, unreadable or corrupt."""
+  """The data are missing, unreadable or corrupt."""
 
 
 def num_classes(name: str) -> int:
-  """Number of classes of dataset `name` ("cifar10" or "cifar100")."""
+  """Number of classes of dataset `name` (see `DATASETS`)."""
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; choose from {list(DATASETS)}.")
   return DATASETS[name]
+
+
+def image_shape(name: str) -> Tuple[int, int, int]:
+  """(height, width, channels) of the images of dataset `name`."""
+  num_classes(name)
+  return IMAGE_SHAPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +141,8 @@ _LAYOUTS = {
 }
 
 
-def _corrupt(path, problem):
-  return DataError(f"corrupt or truncated CIFAR file {path}: {problem}; "
+def _corrupt(path, problem, dataset="CIFAR"):
+  return DataError(f"corrupt or truncated {dataset} file {path}: {problem}; "
                    "re-download it")
 
 
@@ -220,6 +232,90 @@ class _BinarySource:
       yield rows[:, self._layout.label_bytes:].reshape(-1, 3, 1024), labels
 
 
+_IDX_FILES = {  # split -> (images, labels), without .gz
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DESCRIPTION = ("the MNIST IDX files train-images-idx3-ubyte, "
+                    "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+                    "t10k-labels-idx1-ubyte (plain or .gz)")
+_IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x0803, 0x0801.
+
+
+def _read_idx(path, kind, expected_count=None):
+  """The array of one MNIST IDX file, fully checked; DataError otherwise."""
+  try:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+      content = f.read()
+  except (OSError, EOFError, zlib.error) as e:
+    raise _corrupt(path, f"{type(e).__name__}: {e}", "MNIST") from e
+  dims = 3 if kind == "images" else 1
+  header_bytes = 4 + 4 * dims
+  if len(content) < header_bytes:
+    raise _corrupt(path, f"{len(content)} bytes is shorter than the "
+                   f"{header_bytes}-byte IDX header", "MNIST")
+  magic, *shape = struct.unpack(f">{1 + dims}I", content[:header_bytes])
+  if magic != _IDX_MAGIC[kind]:
+    raise _corrupt(path, f"magic number {magic} is not {_IDX_MAGIC[kind]} "
+                   f"(IDX {kind})", "MNIST")
+  if kind == "images" and tuple(shape[1:]) != IMAGE_SHAPES["mnist"][:2]:
+    raise _corrupt(path, f"images are {shape[1]}x{shape[2]}, not 28x28",
+                   "MNIST")
+  if expected_count is not None and shape[0] != expected_count:
+    raise _corrupt(path, f"holds {shape[0]} {kind} but its images file "
+                   f"holds {expected_count}", "MNIST")
+  expected_bytes = header_bytes + int(np.prod(shape))
+  if len(content) != expected_bytes:
+    raise _corrupt(path, f"{len(content)} bytes, but its header promises "
+                   f"{expected_bytes}", "MNIST")
+  values = np.frombuffer(content, np.uint8, offset=header_bytes)
+  if kind == "labels" and values.size and values.max() > 9:
+    bad = int(np.flatnonzero(values > 9)[0])
+    raise _corrupt(path, f"label {values[bad]} of example {bad} is not a "
+                   f"digit 0-9", "MNIST")
+  return values.reshape(shape)
+
+
+class _IdxSource:
+  """The original MNIST IDX files, read into memory (47 MB)."""
+
+  def __init__(self, data_dir):
+    if not os.path.isdir(data_dir):
+      raise DataError(f"--data_dir={data_dir} does not exist; it should hold "
+                      f"{_IDX_DESCRIPTION}")
+    paths, missing = {}, []
+    for split, names in _IDX_FILES.items():
+      for name in names:
+        path = os.path.join(data_dir, name)
+        if not os.path.exists(path) and os.path.exists(path + ".gz"):
+          path += ".gz"
+        if not os.path.exists(path):
+          missing.append(path)
+        paths[name] = path
+    if missing:
+      raise DataError(f"No MNIST data in --data_dir={data_dir}: expected "
+                      f"{_IDX_DESCRIPTION}; missing {', '.join(missing)}")
+    self._arrays = {}
+    for split, (images_name, labels_name) in _IDX_FILES.items():
+      images = _read_idx(paths[images_name], "images")
+      labels = _read_idx(paths[labels_name], "labels", len(images))
+      self._arrays[split] = (images[..., None], labels.astype(np.int32))
+    self.key = ("idx", os.path.realpath(data_dir))
+
+  def num_records(self, split):
+    return len(self._arrays[split][1])
+
+  def records(self, split):
+    return tf.data.Dataset.from_tensor_slices(self._arrays[split])
+
+  def decode(self, record):
+    return record
+
+  def numpy_chunks(self, split):
+    images, labels = self._arrays[split]
+    yield images.reshape(len(images), -1, 1).transpose(0, 2, 1), labels
+
+
 class _TfdsSource:
   """tensorflow-datasets; records are (uint8 image, label) pairs."""
 
@@ -237,7 +333,7 @@ class _TfdsSource:
       raise DataError(
           f"No {_PRETTY_NAMES[dataset]} data: tensorflow-datasets could not "
           f"download or find it ({type(e).__name__}: {reason}). Pass "
-          f"--data_dir=DIR where DIR holds {_LAYOUTS[dataset].description}"
+          f"--data_dir=DIR where DIR holds {_local_description(dataset)}"
       ) from e
     self.key = ("tfds", dataset, self._builder.data_dir)
 
@@ -261,7 +357,15 @@ class _TfdsSource:
   def numpy_chunks(self, split):
     batches = self.records(split).batch(10_000)
     for images, labels in self._tfds.as_numpy(batches):
-      yield images.reshape(len(images), -1, 3).transpose(0, 2, 1), labels
+      channels = images.shape[-1]
+      yield (images.reshape(len(images), -1, channels).transpose(0, 2, 1),
+             labels)
+
+
+def _local_description(dataset):
+  if dataset == "mnist":
+    return _IDX_DESCRIPTION
+  return _LAYOUTS[dataset].description
 
 
 def _channel_statistics(chunks, num_images):
@@ -270,12 +374,14 @@ def _channel_statistics(chunks, num_images):
   Reads every chunk (so all files get checked) but counts only the first
   `num_images` images, via exact per-channel histograms.
   """
-  histogram = np.zeros([3, 256], np.int64)
+  histogram = None
   seen = 0
   for pixels, _ in chunks:
+    if histogram is None:
+      histogram = np.zeros([pixels.shape[1], 256], np.int64)
     pixels = pixels[:max(0, num_images - seen)]
     seen += len(pixels)
-    for channel in range(3):
+    for channel in range(len(histogram)):
       histogram[channel] += np.bincount(pixels[:, channel].ravel(),
                                         minlength=256)
   values = np.arange(256) / 255.0
@@ -291,7 +397,7 @@ _STATISTICS = {}  # (source key, dataset, validation_examples) -> (mean, std)
 # ----------------------------------------------------------------- Pipeline.
 
 
-class CifarData:
+class ImageData:
   """Training and evaluation `tf.data` pipelines for one `PipelineConfig`."""
 
   def __init__(self, config: PipelineConfig):
@@ -301,9 +407,12 @@ class CifarData:
       DataError: the data are missing, unreadable or corrupt.
     """
     self.config = config
+    self.image_shape = image_shape(config.dataset)
     if config.data_dir is None:
       self._source = _TfdsSource(config.dataset, config.tfds_data_dir,
                                  config.download)
+    elif config.dataset == "mnist":
+      self._source = _IdxSource(config.data_dir)
     else:
       self._source = _BinarySource(config.dataset, config.data_dir)
     total = self._source.num_records("train")
@@ -385,7 +494,7 @@ class CifarData:
       if augment:
         images = tf.raw_ops.ImageProjectiveTransformV3(
             images=images, transforms=transforms,
-            output_shape=[IMAGE_SIZE, IMAGE_SIZE], fill_value=0.0,
+            output_shape=self.image_shape[:2], fill_value=0.0,
             interpolation="BILINEAR" if "rotate" in config.augment
             else "NEAREST", fill_mode="CONSTANT")
       return self.normalise(images), labels
@@ -492,11 +601,12 @@ class CifarData:
     if "crop" in config.augment:
       shift = tf.floor(uniform[2:] * (2 * CROP_PADDING + 1)) - CROP_PADDING
     cos, sin = tf.cos(angle), tf.sin(angle)
-    centre = (IMAGE_SIZE - 1) / 2.0
-    dx, dy = shift[0] - centre, shift[1] - centre
+    height, width = self.image_shape[:2]
+    centre_x, centre_y = (width - 1) / 2.0, (height - 1) / 2.0
+    dx, dy = shift[0] - centre_x, shift[1] - centre_y
     return tf.stack([flip * cos, -flip * sin,
-                     flip * (cos * dx - sin * dy) + centre,
-                     sin, cos, sin * dx + cos * dy + centre, 0.0, 0.0])
+                     flip * (cos * dx - sin * dy) + centre_x,
+                     sin, cos, sin * dx + cos * dy + centre_y, 0.0, 0.0])
 
 
 def _local_batch_size(global_batch_size, input_context):
@@ -530,3 +640,6 @@ def _with_options(dataset):
   options.experimental_distribute.auto_shard_policy = (
       tf.data.experimental.AutoShardPolicy.DATA)
   return dataset.with_options(options)
+
+
+CifarData = ImageData  # The name before MNIST joined.

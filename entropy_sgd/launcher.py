@@ -1,8 +1,10 @@
 """Command-line flags shared by the per-dataset launchers.
 
 Every `TrainConfig` field is a flag. A flag left unset takes the value of
-the preset of `--opt` (see `config.PRESETS`), so `--opt=entropy_sgd` alone
-gives the paper's Entropy-SGD recipe and any flag overrides one setting.
+the preset of (dataset, `--model`, `--opt`) (see `config.preset`), so
+`--opt=entropy_sgd` alone gives the published Entropy-SGD recipe and any flag
+overrides one setting. `--seeds=0,1,2` runs one configuration for several
+seeds, one after another; finished runs are skipped and a killed one resumes.
 """
 
 import dataclasses
@@ -14,17 +16,22 @@ from absl import logging
 
 from entropy_sgd import config as config_lib
 from entropy_sgd import data as data_lib
+from entropy_sgd import models
 from entropy_sgd import training
 
 _HELP = {
     "dataset": "Dataset (set by the launcher).",
     "data_dir": "Local copy: a folder holding cifar-10-batches-bin/ or "
-                "cifar-100-binary/ (plain or .gz). Unset: tensorflow-datasets.",
+                "cifar-100-binary/ (plain or .gz), or the four MNIST IDX "
+                "files (plain or .gz). Unset: tensorflow-datasets.",
     "log_dir": "Parent of the run directories (TensorBoard, checkpoints).",
     "run_name": "Run directory under --log_dir; unset: derived from dataset, "
                 "model, opt, L and seed. An existing run resumes.",
-    "model": "Wide ResNet wrn-DEPTH-WIDTH, e.g. wrn-28-10 or wrn-16-1.",
-    "dropout": "Dropout rate inside the WRN blocks.",
+    "model": "mnistfc or lenet (MNIST), allcnn (All-CNN-BN) or Wide ResNet "
+             "wrn-DEPTH-WIDTH, e.g. wrn-28-10 or wrn-16-1 (CIFAR). Unset: "
+             "the dataset's default.",
+    "dropout": "Dropout rate: inside the WRN blocks (default 0), after the "
+               "hidden layers of mnistfc/lenet/allcnn (default 0.5).",
     "opt": "Optimizer: sgd (heavy-ball momentum --momentum), nesterov or "
            "entropy_sgd. Chooses the preset of every unset flag.",
     "epochs": "Outer epochs (train_examples / batch_size outer steps each; "
@@ -75,6 +82,9 @@ _HELP = {
                       "anchor weights before each evaluation.",
     "recalibration_batches": "Batches fed to recompute BatchNorm statistics.",
     "log_every_steps": "Log and summarise every N outer steps.",
+    "steps_per_loop": "Outer steps per compiled call (fewer Python round "
+                      "trips on small models). Logging, the NaN check, "
+                      "evaluation and checkpoints happen between calls.",
     "eval_every_steps": "Also evaluate and checkpoint every N outer steps "
                         "(besides every epoch).",
     "keep_checkpoints": "Checkpoints kept in the run directory.",
@@ -82,31 +92,56 @@ _HELP = {
 }
 
 
-def _preset_note(name):
-  values = {opt: preset.get(name, getattr(config_lib.TrainConfig, name))
-            for opt, preset in config_lib.PRESETS.items()}
+def _preset_note(name, dataset):
+  """The presets' values of field `name`, as " [model/opt: value, ...]"."""
+  model = config_lib.DEFAULT_MODELS[dataset]
+  if name == "model":
+    return f" [default {model!r}]"
+  values = {}
+  for model_name in models.MODEL_NAMES:
+    model_name = "wrn-28-10" if model_name.startswith("wrn") else model_name
+    try:
+      models.check_fits(model_name, dataset)
+    except ValueError:
+      continue
+    for opt in config_lib.OPTIMIZERS:
+      recipe = config_lib.preset(dataset, model_name, opt)
+      values[f"{model_name.split('-')[0]}/{opt}"] = recipe.get(
+          name, getattr(config_lib.TrainConfig, name))
   if len(set(map(repr, values.values()))) == 1:
     return f" [default {next(iter(values.values()))!r}]"
-  return " [" + ", ".join(f"{opt}: {v!r}" for opt, v in values.items()) + "]"
+  return " [" + ", ".join(f"{key}: {v!r}" for key, v in values.items()) + "]"
 
 
-def define_flags():
-  """Defines one flag per TrainConfig field, defaulting to 'from preset'."""
+def define_flags(dataset: str = "cifar10"):
+  """Defines one flag per TrainConfig field, defaulting to 'from preset'.
+
+  Also `--seeds`, and appends the preset table of `dataset` to the main
+  module's docstring, which `--help` prints.
+  """
   if "log_dir" in flags.FLAGS:  # absl.logging's, for log files we never write.
     delattr(flags.FLAGS, "log_dir")
+  main = sys.modules["__main__"]
+  main.__doc__ = (main.__doc__ or "") + (
+      f"\nPresets (README: 'Presets and their sources'):\n"
+      f"{config_lib.describe_presets(dataset)}\n")
+  flags.DEFINE_list(
+      "seeds", None, "Run these seeds one after another (each its own run "
+      "directory, named by its seed); finished runs are skipped, a killed "
+      "one resumes. Overrides --seed.")
   hints = typing.get_type_hints(config_lib.TrainConfig)
   for field in dataclasses.fields(config_lib.TrainConfig):
     name, hint = field.name, hints[field.name]
     if name == "dataset":
       continue
-    help_text = _HELP[name] + _preset_note(name)
+    help_text = _HELP[name] + _preset_note(name, dataset)
     if name == "opt":
       flags.DEFINE_enum(name, "nesterov", config_lib.OPTIMIZERS, help_text)
     elif hint is bool:
       flags.DEFINE_bool(name, None, help_text)
     elif hint is int or hint == typing.Optional[int]:
       flags.DEFINE_integer(name, None, help_text)
-    elif hint is float:
+    elif hint is float or hint == typing.Optional[float]:
       flags.DEFINE_float(name, None, help_text)
     elif hint == typing.Tuple[int, ...]:
       flags.DEFINE_list(name, None, help_text)
@@ -133,14 +168,44 @@ def config_from_flags(dataset: str) -> config_lib.TrainConfig:
   return config_lib.from_preset(opt, dataset=dataset, **overrides)
 
 
+def _seeds():
+  try:
+    seeds = [int(s) for s in flags.FLAGS.seeds or []]
+  except ValueError:
+    raise config_lib.ConfigError(
+        f"--seeds must be integers, e.g. --seeds=0,1,2; got "
+        f"{','.join(flags.FLAGS.seeds)}.") from None
+  if len(set(seeds)) != len(seeds):
+    raise config_lib.ConfigError(f"--seeds repeats a seed: {seeds}.")
+  if seeds and flags.FLAGS.run_name:
+    raise config_lib.ConfigError(
+        "--seeds names each run by its seed; drop --run_name.")
+  return seeds
+
+
 def run(dataset: str):
   """Main of a launcher: train, or exit 1 with a one-line error."""
   try:
     config = config_from_flags(dataset)
-    summary = training.train(config)
+    seeds = _seeds()
+    if not seeds:
+      summaries = [training.train(config)]
+    else:
+      summaries = []
+      for index, seed in enumerate(seeds):
+        seed_config = dataclasses.replace(config, seed=seed)
+        done = training.finished_summary(seed_config)
+        if done is not None:
+          logging.info("Seed %d (%d/%d) already finished in %s; skipped.",
+                       seed, index + 1, len(seeds), done["run_dir"])
+          summaries.append(done)
+          continue
+        logging.info("Seed %d (%d/%d).", seed, index + 1, len(seeds))
+        summaries.append(training.train(seed_config))
   except (config_lib.ConfigError, data_lib.DataError,
           training.DivergenceError) as e:
     logging.flush()
     sys.exit(f"error: {e}")
-  print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()),
-        flush=True)
+  for summary in summaries:
+    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()),
+          flush=True)

@@ -39,9 +39,9 @@ from tensorboard.plugins.hparams import api as hparams_api
 from entropy_sgd import config as config_lib
 from entropy_sgd import data as data_lib
 from entropy_sgd import distribution
+from entropy_sgd import models
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
-from entropy_sgd import wide_resnet
 
 ConfigError = config_lib.ConfigError
 
@@ -303,6 +303,19 @@ class _Evaluator:
     return {"loss": loss / count, "accuracy": correct / count}
 
 
+CONFIG_FILE = "config.json"  # The run's TrainConfig, written at every start.
+SUMMARY_FILE = "summary.json"  # Written once the whole schedule has run.
+
+
+def _write_json(path, values):
+  """Writes `values` to `path` atomically (a rename), so readers never see
+  half a file."""
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    json.dump(values, f, indent=1, sort_keys=True)
+  os.replace(temporary, path)
+
+
 def _format_duration(seconds):
   seconds = int(seconds)
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -351,12 +364,12 @@ class Trainer:
     if config.max_steps is not None:
       self.total_steps = min(self.total_steps, config.max_steps)
 
-    depth, width = wide_resnet.parse_model_name(config.model)
     self.model = train_step_lib.build_model(
-        strategy, lambda: wide_resnet.WideResNet(
-            depth, width, data_lib.num_classes(config.dataset),
-            dropout_rate=config.dropout,
-            cross_replica_batch_norm=config.sync_batch_norm), [32, 32, 3])
+        strategy, lambda: models.build(
+            config.model, data_lib.num_classes(config.dataset),
+            dropout=config.dropout,
+            cross_replica_batch_norm=config.sync_batch_norm),
+        self.data.image_shape)
     with strategy.scope():
       self.learning_rate = tf.Variable(config.lr, trainable=False, name="lr")
       self.best_accuracy = tf.Variable(0.0, trainable=False,
@@ -414,6 +427,9 @@ class Trainer:
       hparams_api.hparams({k: (v if isinstance(v, (bool, int, float, str))
                                else str(v))
                            for k, v in dataclasses.asdict(config).items()})
+    if self.is_chief:
+      _write_json(os.path.join(self.run_dir, CONFIG_FILE),
+                  dataclasses.asdict(config))
 
     def write_scalars(values, step):
       with writer.as_default(step=step * self.evaluations_per_step):
@@ -513,12 +529,29 @@ class Trainer:
     for split, values in results.items():
       summary[f"final_{split}_accuracy"] = values["accuracy"]
       summary[f"final_{split}_loss"] = values["loss"]
+    if self.is_chief and step >= self.config.epochs * self.steps_per_epoch:
+      _write_json(os.path.join(self.run_dir, SUMMARY_FILE), summary)
     # Identical on every replica and worker of a run; compare across them.
     logging.info("final weights checksum: %r", weights_checksum(self.model))
     logging.info("Finished: %s", ", ".join(
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
         for k, v in summary.items()))
     return summary
+
+
+def run_directory(config: config_lib.TrainConfig) -> str:
+  """Where `config` writes its checkpoints and events."""
+  return os.path.join(resolve_user_path(config.log_dir),
+                      config.run_name or config.default_run_name())
+
+
+def finished_summary(config: config_lib.TrainConfig) -> Optional[Dict]:
+  """The summary of the run of `config` if it ran its whole schedule."""
+  path = os.path.join(run_directory(config), SUMMARY_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def train(config: config_lib.TrainConfig) -> Dict[str, float]:

@@ -8,7 +8,7 @@ from absl import app
 
 from entropy_sgd import launcher
 
-launcher.define_flags()
+launcher.define_flags("cifar100")
 
 if __name__ == "__main__":
   app.run(lambda argv: launcher.run("cifar100"))

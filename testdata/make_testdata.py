@@ -1,4 +1,4 @@
-"""Writes tiny CIFAR-10/100 files in the original binary layouts.
+"""Writes tiny CIFAR-10/100 and MNIST files in the original layouts.
 
 Run `python testdata/make_testdata.py` (or `bazel run //testdata:make_testdata`)
 to regenerate byte-identical files next to this script:
@@ -9,8 +9,11 @@ to regenerate byte-identical files next to this script:
   cifar100/cifar-100-binary/{train.bin, test.bin, fine_label_names.txt,
                              coarse_label_names.txt}
   cifar100_gz/cifar-100-binary/     the same, .bin files gzipped
+  mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte   IDX files
+  mnist_gz/                         the same, gzipped (.gz)
 
-Images are learnable: a disc whose colour (fine label % 10) and position
+MNIST images are learnable too: a bright bar whose row and angle encode the
+digit, on dark noise. CIFAR images are learnable: a disc whose colour (fine label % 10) and position
 (fine label // 10) encode the class, on a blocky random background with sparse
 pixel noise. Tests call `make_split` to rebuild the expected arrays.
 """
@@ -35,7 +38,10 @@ _POSITIONS = np.array(
     [[16, 16], [6, 6], [6, 16], [6, 26], [16, 6], [16, 26], [26, 6],
      [26, 16], [26, 26], [11, 21]], dtype=np.float64)
 _SEEDS = {("cifar10", "train"): 10, ("cifar10", "test"): 11,
-          ("cifar100", "train"): 100, ("cifar100", "test"): 101}
+          ("cifar100", "train"): 100, ("cifar100", "test"): 101,
+          ("mnist", "train"): 7, ("mnist", "test"): 8}
+MNIST_TRAIN = 200
+MNIST_IMAGES_MAGIC, MNIST_LABELS_MAGIC = 2051, 2049
 
 
 def _image(rng, label):
@@ -68,6 +74,28 @@ def make_split(dataset, split):
   labels = rng.randint(0, num_classes, size=count).astype(np.uint8)
   images = np.stack([_image(rng, int(label)) for label in labels])
   return images, labels, (labels // 5).astype(np.uint8)
+
+
+def make_mnist_split(split):
+  """Returns (images uint8 [N, 28, 28], labels uint8 [N]) in order."""
+  rng = np.random.RandomState(_SEEDS[("mnist", split)])
+  count = MNIST_TRAIN if split == "train" else NUM_TEST
+  labels = rng.randint(0, 10, size=count).astype(np.uint8)
+  rows, cols = np.mgrid[0:28, 0:28]
+  images = []
+  for label in labels:
+    centre_row = 4 + 2 * (label % 5) * 2.5 + rng.uniform(-1, 1)
+    slope = 0.6 if label >= 5 else 0.0
+    distance = np.abs(rows - centre_row - slope * (cols - 14))
+    image = 230.0 * (distance < 1.5) + rng.uniform(0, 40, size=(28, 28))
+    images.append(np.clip(np.round(image), 0, 255).astype(np.uint8))
+  return np.stack(images), labels
+
+
+def idx_bytes(array, magic):
+  """An IDX file: big-endian magic, dimensions, then the uint8 values."""
+  header = np.array([magic, *array.shape], ">u4").tobytes()
+  return header + np.asarray(array, np.uint8).tobytes()
 
 
 def to_records(images, *label_columns):
@@ -113,6 +141,15 @@ def write_all(root):
               "".join(f"class_{i}\n" for i in range(100)).encode())
   _write_both(root, folder, "coarse_label_names.txt",
               "".join(f"superclass_{i}\n" for i in range(20)).encode())
+
+  for split, prefix in (("train", "train"), ("test", "t10k")):
+    images, labels = make_mnist_split(split)
+    for name, content in (
+        (f"{prefix}-images-idx3-ubyte", idx_bytes(images, MNIST_IMAGES_MAGIC)),
+        (f"{prefix}-labels-idx1-ubyte", idx_bytes(labels, MNIST_LABELS_MAGIC))):
+      _write(os.path.join(root, "mnist", name), content)
+      _write(os.path.join(root, "mnist_gz", name + ".gz"),
+             gzip.compress(content, 9, mtime=0))
 
 
 if __name__ == "__main__":

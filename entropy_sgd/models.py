@@ -1,0 +1,316 @@
+"""The Entropy-SGD paper's networks as Sonnet 2 modules, and the model names.
+
+Chaudhari et al. (ICLR 2017) Sec. 5 train four networks; their code
+(ucla-vision/entropy-sgd, `models.lua`, `python/models.py`) defines them:
+
+* `MnistFC` ("mnistfc"): 784-1024-1024-10 with BatchNorm and ReLU; dropout 0.2
+  on the input and `dropout` (0.5) after each hidden layer.
+* `LeNet` ("lenet", the reference's "mnistconv"):
+  conv 20 5x5 -> BN -> ReLU -> max-pool 3 -> dropout,
+  conv 50 5x5 -> BN -> ReLU -> max-pool 2 -> dropout,
+  fc 500 -> BN -> ReLU -> dropout, fc 10.
+* `AllCNN` ("allcnn", the paper's All-CNN-BN, the reference's "cifarconv"):
+  All-CNN-C of Springenberg et al. (2015) with BatchNorm, as the reference
+  builds it (see the class docstring for where that differs from All-CNN-C).
+* `wide_resnet.WideResNet` ("wrn-DEPTH-WIDTH").
+
+Differences from the reference, all without effect on the function computed:
+linear and convolution layers followed by BatchNorm have no bias (BatchNorm
+subtracts it again, so its gradient is identically zero); the reference's
+layers have one. So our parameter counts are the reference's minus those
+biases (`reference_parameter_count` gives theirs). Initialisation is He-normal
+(fan-in) for layers before a ReLU and Glorot for the logits layer; the
+reference uses Torch's default uniform initialisation.
+
+Every module is called as `model(images, is_training)` with NHWC float
+images and returns logits; `is_training` is a Python bool that switches
+BatchNorm statistics and dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Optional, Sequence, Tuple
+
+import sonnet as snt
+import tensorflow as tf
+
+from entropy_sgd import wide_resnet
+
+Shape = Tuple[int, int, int]
+MNIST_SHAPE: Shape = (28, 28, 1)
+CIFAR_SHAPE: Shape = (32, 32, 3)
+
+
+def _he_normal() -> snt.initializers.Initializer:
+  return snt.initializers.VarianceScaling(2.0, "fan_in", "truncated_normal")
+
+
+def _batch_norm(name: str) -> snt.BatchNorm:
+  return snt.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9,
+                       eps=1e-5, name=name)
+
+
+def _check_rate(name, rate):
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"{name} must be in [0, 1); got {rate!r}")
+
+
+def _check_images(images, rank=4):
+  images = tf.convert_to_tensor(images)
+  if images.shape.rank != rank:
+    raise ValueError(f"expected NHWC images of rank {rank}; got shape "
+                     f"{images.shape}")
+  return images
+
+
+class _PaperNet(snt.Module):
+  """Shared by the paper's nets: dropout and BatchNorm call conventions."""
+
+  def _dropout(self, net, rate, is_training):
+    if is_training and rate > 0:
+      return tf.nn.dropout(net, rate=rate)
+    return net
+
+  @staticmethod
+  def _normalise(bn, net, is_training):
+    # test_local_stats=False: evaluation uses the moving statistics.
+    return tf.nn.relu(bn(net, is_training=is_training,
+                         test_local_stats=False))
+
+  @property
+  def batch_norms(self) -> Tuple[snt.BatchNorm, ...]:
+    return tuple(m for m in self.submodules if isinstance(m, snt.BatchNorm))
+
+
+class MnistFC(_PaperNet):
+  """784-1024-1024-10 perceptron with BatchNorm ("mnistfc")."""
+
+  def __init__(self, num_classes: int = 10, hidden_units: int = 1024,
+               input_dropout: float = 0.2, dropout: float = 0.5,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    _check_rate("input_dropout", input_dropout)
+    _check_rate("dropout", dropout)
+    self.input_dropout, self.dropout = input_dropout, dropout
+    self.hidden = [snt.Linear(hidden_units, with_bias=False,
+                              w_init=_he_normal(), name=f"hidden{i}")
+                   for i in (1, 2)]
+    self.hidden_bns = [_batch_norm(f"hidden{i}_bn") for i in (1, 2)]
+    self.logits_layer = snt.Linear(num_classes, name="logits")
+
+  def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
+    images = _check_images(images)
+    net = tf.reshape(images, [tf.shape(images)[0], -1])
+    net = self._dropout(net, self.input_dropout, is_training)
+    for linear, bn in zip(self.hidden, self.hidden_bns):
+      net = self._normalise(bn, linear(net), is_training)
+      net = self._dropout(net, self.dropout, is_training)
+    return self.logits_layer(net)
+
+
+class LeNet(_PaperNet):
+  """The paper's LeNet (the reference's "mnistconv")."""
+
+  def __init__(self, num_classes: int = 10, dropout: float = 0.5,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    _check_rate("dropout", dropout)
+    self.dropout = dropout
+    self.convs = [
+        snt.Conv2D(channels, 5, padding="VALID", with_bias=False,
+                   w_init=_he_normal(), name=f"conv{i}")
+        for i, channels in enumerate((20, 50), start=1)]
+    self.conv_bns = [_batch_norm(f"conv{i}_bn") for i in (1, 2)]
+    self.pool_sizes = (3, 2)
+    self.hidden = snt.Linear(500, with_bias=False, w_init=_he_normal(),
+                             name="hidden")
+    self.hidden_bn = _batch_norm("hidden_bn")
+    self.logits_layer = snt.Linear(num_classes, name="logits")
+
+  def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
+    net = _check_images(images)
+    for conv, bn, pool in zip(self.convs, self.conv_bns, self.pool_sizes):
+      net = self._normalise(bn, conv(net), is_training)
+      net = tf.nn.max_pool2d(net, pool, pool, padding="VALID")
+      net = self._dropout(net, self.dropout, is_training)
+    net = tf.reshape(net, [tf.shape(net)[0], -1])
+    net = self._normalise(self.hidden_bn, self.hidden(net), is_training)
+    net = self._dropout(net, self.dropout, is_training)
+    return self.logits_layer(net)
+
+
+# (output channels, kernel, stride) of each conv -> BN -> ReLU layer;
+# "dropout" marks where the hidden dropout goes.
+_ALLCNN_LAYERS = (
+    ("c1", 3, 1), ("c1", 3, 1), ("c1", 3, 2), "dropout",
+    ("c2", 3, 1), ("c2", 3, 1), ("c2", 3, 2), "dropout",
+    ("c2", 3, 1), ("c2", 3, 1), ("classes", 1, 1))
+
+
+class AllCNN(_PaperNet):
+  """All-CNN-BN of the paper, as ucla-vision/entropy-sgd builds it.
+
+      dropout 0.2
+      3 x [conv 3x3 96 -> BN -> ReLU], the third with stride 2, dropout
+      3 x [conv 3x3 192 -> BN -> ReLU], the third with stride 2, dropout
+      2 x [conv 3x3 192 -> BN -> ReLU], conv 1x1 classes -> BN -> ReLU
+      global average pool -> logits
+
+  Convolutions are zero-padded ("SAME"). Where this differs from All-CNN-C
+  (Springenberg et al., 2015), it follows the reference: its seventh layer
+  is padded (All-CNN-C: valid), its eighth is 3x3 (All-CNN-C: 1x1), and its
+  class layer has BatchNorm and ReLU before the average pool, so the logits
+  are non-negative. The reference pools 8x8, which is global for 32x32
+  inputs.
+  """
+
+  def __init__(self, num_classes: int = 10, channels: Tuple[int, int] = (96,
+                                                                          192),
+               input_dropout: float = 0.2, dropout: float = 0.5,
+               name: Optional[str] = None):
+    super().__init__(name=name)
+    _check_rate("input_dropout", input_dropout)
+    _check_rate("dropout", dropout)
+    self.input_dropout, self.dropout = input_dropout, dropout
+    widths = {"c1": channels[0], "c2": channels[1], "classes": num_classes}
+    self.layers = []
+    for layer in _ALLCNN_LAYERS:
+      if layer == "dropout":
+        self.layers.append(layer)
+        continue
+      width, kernel, stride = layer
+      index = sum(1 for l in self.layers if l != "dropout") + 1
+      self.layers.append((
+          snt.Conv2D(widths[width], kernel, stride=stride, padding="SAME",
+                     with_bias=False, w_init=_he_normal(),
+                     name=f"conv{index}"),
+          _batch_norm(f"conv{index}_bn")))
+
+  def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
+    net = self._dropout(_check_images(images), self.input_dropout,
+                        is_training)
+    for layer in self.layers:
+      if layer == "dropout":
+        net = self._dropout(net, self.dropout, is_training)
+      else:
+        conv, bn = layer
+        net = self._normalise(bn, conv(net), is_training)
+    return tf.reduce_mean(net, axis=[1, 2])
+
+
+# -------------------------------------------------------------- Model names.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What `--model=NAME` builds and which datasets it is meant for."""
+  name: str
+  datasets: Tuple[str, ...]
+  build: Callable[..., snt.Module]  # (num_classes, dropout) -> module.
+  default_dropout: float
+
+
+_MNIST_DATASETS = ("mnist",)
+_CIFAR_DATASETS = ("cifar10", "cifar100")
+_PAPER_MODELS = {
+    "mnistfc": ModelSpec(
+        "mnistfc", _MNIST_DATASETS,
+        lambda classes, dropout, **_: MnistFC(classes, dropout=dropout),
+        0.5),
+    "lenet": ModelSpec(
+        "lenet", _MNIST_DATASETS,
+        lambda classes, dropout, **_: LeNet(classes, dropout=dropout), 0.5),
+    "allcnn": ModelSpec(
+        "allcnn", _CIFAR_DATASETS,
+        lambda classes, dropout, **_: AllCNN(classes, dropout=dropout), 0.5),
+}
+MODEL_NAMES = tuple(_PAPER_MODELS) + ("wrn-DEPTH-WIDTH",)
+_WRN_PATTERN = re.compile(r"wrn-\d+-\d+", re.IGNORECASE)
+
+
+def model_family(name: str) -> str:
+  """"mnistfc", "lenet", "allcnn" or "wrn"; ValueError for unknown names."""
+  name = name.strip().lower()
+  if name in _PAPER_MODELS:
+    return name
+  if _WRN_PATTERN.fullmatch(name):
+    wide_resnet.parse_model_name(name)  # Checks depth and width.
+    return "wrn"
+  raise ValueError(f"--model={name!r} is unknown; choose one of "
+                   f"{', '.join(MODEL_NAMES)} (e.g. wrn-28-10).")
+
+
+def spec(name: str) -> ModelSpec:
+  """The `ModelSpec` of `--model=name`."""
+  family = model_family(name)
+  if family != "wrn":
+    return _PAPER_MODELS[family]
+  depth, width = wide_resnet.parse_model_name(name)
+  return ModelSpec(
+      name.lower(), _CIFAR_DATASETS,
+      lambda classes, dropout, cross_replica_batch_norm=False: (
+          wide_resnet.WideResNet(
+              depth, width, classes, dropout_rate=dropout,
+              cross_replica_batch_norm=cross_replica_batch_norm)), 0.0)
+
+
+def check_fits(name: str, dataset: str):
+  """ValueError unless model `name` is meant for `dataset`."""
+  model_spec = spec(name)
+  if dataset not in model_spec.datasets:
+    suitable = [m for m in MODEL_NAMES if dataset in spec(
+        "wrn-16-1" if m == "wrn-DEPTH-WIDTH" else m).datasets]
+    raise ValueError(
+        f"--model={name} is built for {'/'.join(model_spec.datasets)}, not "
+        f"{dataset}; choose one of {', '.join(suitable)}.")
+
+
+def build(name: str, num_classes: int, dropout: Optional[float] = None,
+          cross_replica_batch_norm: bool = False) -> snt.Module:
+  """The (unbuilt) module of `--model=name`.
+
+  `cross_replica_batch_norm` (synchronised BatchNorm) is supported by the
+  Wide ResNets; the paper's nets refuse it.
+  """
+  model_spec = spec(name)
+  if cross_replica_batch_norm and model_family(name) != "wrn":
+    raise ValueError(f"--sync_batch_norm is implemented for the Wide ResNets,"
+                     f" not --model={name}.")
+  rate = model_spec.default_dropout if dropout is None else dropout
+  if model_family(name) == "wrn":
+    return model_spec.build(num_classes, rate,
+                            cross_replica_batch_norm=cross_replica_batch_norm)
+  return model_spec.build(num_classes, rate)
+
+
+def reference_parameter_count(name: str, num_classes: int = 10,
+                              input_shape: Sequence[int] = MNIST_SHAPE
+                              ) -> int:
+  """Trainable scalars of the reference's PyTorch model (biases included).
+
+  Closed forms, written from the layer list alone (not from our modules):
+  a linear layer a->b has a*b + b, a conv k x k from a to b channels
+  k*k*a*b + b, and a BatchNorm over c channels 2c.
+  """
+  def linear(a, b):
+    return a * b + b
+
+  def conv(k, a, b):
+    return k * k * a * b + b
+
+  family = model_family(name)
+  if family == "mnistfc":
+    pixels = input_shape[0] * input_shape[1] * input_shape[2]
+    return (linear(pixels, 1024) + 2 * 1024 + linear(1024, 1024) + 2 * 1024
+            + linear(1024, num_classes))
+  if family == "lenet":
+    return (conv(5, input_shape[2], 20) + 2 * 20 + conv(5, 20, 50) + 2 * 50
+            + linear(50 * 2 * 2, 500) + 2 * 500 + linear(500, num_classes))
+  if family == "allcnn":
+    c1, c2 = 96, 192
+    return (conv(3, input_shape[2], c1) + 2 * conv(3, c1, c1) + 3 * 2 * c1
+            + conv(3, c1, c2) + 4 * conv(3, c2, c2) + 5 * 2 * c2
+            + conv(1, c2, num_classes) + 2 * num_classes)
+  raise ValueError(f"no reference count for --model={name}")

@@ -1,0 +1,16 @@
+"""Train the paper's MNIST nets (mnistfc, LeNet) with SGD, Nesterov or
+Entropy-SGD.
+
+    bazel run //launch:mnist -- --opt=entropy_sgd --model=mnistfc \
+        --data_dir=../shared/data/mnist
+    bazel run //launch:mnist -- --help
+"""
+
+from absl import app
+
+from entropy_sgd import launcher
+
+launcher.define_flags("mnist")
+
+if __name__ == "__main__":
+  app.run(lambda argv: launcher.run("mnist"))

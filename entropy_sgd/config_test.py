@@ -35,6 +35,42 @@ class PresetTest(parameterized.TestCase):
     lrs = [config_lib.learning_rate_at(c, e) for e in (0, 59, 60, 120, 199)]
     self.assertSequenceAlmostEqual(lrs, [0.1, 0.1, 0.02, 0.004, 0.0008])
 
+  def test_mnist_presets_follow_train_lua(self):
+    sgd = config_lib.from_preset("nesterov", dataset="mnist")
+    self.assertEqual((sgd.model, sgd.epochs, sgd.augment, sgd.weight_decay),
+                     ("lenet", 100, "none", 0.0))
+    self.assertSequenceAlmostEqual(
+        [config_lib.learning_rate_at(sgd, e) for e in (0, 29, 30, 59, 60, 99)],
+        [0.1, 0.1, 0.02, 0.02, 0.004, 0.004])
+    lenet = config_lib.from_preset("entropy_sgd", dataset="mnist")
+    self.assertEqual((lenet.epochs, lenet.L, lenet.gamma, lenet.conventions),
+                     (5, 20, 1e-4, "lua_reference"))
+    self.assertSequenceAlmostEqual(
+        [config_lib.learning_rate_at(lenet, e) for e in range(5)],
+        [1.0, 1.0, 0.1, 0.1, 0.1])
+    mnistfc = config_lib.from_preset("entropy_sgd", dataset="mnist",
+                                     model="mnistfc")
+    self.assertEqual((mnistfc.epochs, mnistfc.gamma), (5, 0.03))
+    self.assertSequenceAlmostEqual(
+        [config_lib.learning_rate_at(mnistfc, e) for e in range(5)],
+        [1.0, 1.0, 0.1, 0.1, 0.1])
+
+  def test_allcnn_presets_follow_train_lua(self):
+    sgd = config_lib.from_preset("sgd", model="allcnn")
+    self.assertEqual((sgd.epochs, sgd.weight_decay, sgd.lr_decay_epochs),
+                     (200, 1e-3, (60, 120, 180)))
+    esgd = config_lib.from_preset("entropy_sgd", model="allcnn")
+    self.assertSequenceAlmostEqual(
+        [config_lib.learning_rate_at(esgd, e) for e in range(10)],
+        [1.0] * 3 + [0.2] * 3 + [0.04] * 4)
+
+  def test_overrides_of_the_model_pick_its_preset(self):
+    self.assertEqual(config_lib.from_preset(
+        "entropy_sgd", dataset="mnist", model="mnistfc", L=5).L, 5)
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                "--model=lenet is built for mnist"):
+      config_lib.from_preset("sgd", model="lenet")
+
   def test_run_names(self):
     self.assertEqual(
         config_lib.from_preset("entropy_sgd", seed=3).default_run_name(),
@@ -52,7 +88,7 @@ class ValidationTest(parameterized.TestCase):
       (dict(langevin_lr=0.0), "--langevin_lr must be > 0"),
       (dict(model="resnet50"), "--model='resnet50' is unknown"),
       (dict(model="wrn-27-10"), "depth must be 6n\\+4"),
-      (dict(dataset="mnist"), "--dataset='mnist' is unknown"),
+      (dict(dataset="svhn"), "--dataset='svhn' is unknown"),
       (dict(strategy="tpu_pod"), "--strategy='tpu_pod' is unknown"),
       (dict(tpu="my-tpu"), "--tpu='my-tpu' needs --strategy=tpu"),
       (dict(epochs=0), "--epochs must be >= 1"),

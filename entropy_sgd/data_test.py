@@ -473,7 +473,30 @@ class BadInputTest(tf.test.TestCase):
     with self.assertRaisesRegex(ValueError, "Unknown augment"):
       data.PipelineConfig(augment="mixup")
     with self.assertRaisesRegex(ValueError, "Unknown dataset"):
-      data.PipelineConfig(dataset="mnist")
+      data.PipelineConfig(dataset="svhn")
+
+
+class MnistTest(tf.test.TestCase):
+
+  def test_idx_files_plain_and_gzipped(self):
+    images, _ = generator.make_mnist_split("train")
+    for folder in ("mnist", "mnist_gz"):
+      pipeline = data.ImageData(data.PipelineConfig(
+          dataset="mnist", batch_size=20, augment="none",
+          data_dir=os.path.join(TESTDATA, folder)))
+      self.assertEqual((pipeline.num_examples("train"),
+                        pipeline.num_examples("test")), (200, 50))
+      self.assertAllClose(pipeline.mean, [images.mean() / 255.0], atol=1e-6)
+      self.assertAllClose(pipeline.std, [images.std() / 255.0], atol=1e-6)
+      first = next(iter(pipeline.eval_dataset("test")))
+      test_images, test_labels = generator.make_mnist_split("test")
+      self.assertEqual(first[0].shape, (20, 28, 28, 1))
+      self.assertAllEqual(first[1], test_labels[:20])
+      self.assertAllClose(
+          first[0][..., 0] * pipeline.std + pipeline.mean,
+          test_images[:20] / 255.0, atol=1e-5)
+      batch_images, _ = next(iter(pipeline.train_dataset()))
+      self.assertEqual(batch_images.shape, (20, 28, 28, 1))
 
 
 class TfdsSourceTest(tf.test.TestCase):

@@ -94,7 +94,7 @@ def replica_local_statistics():
 @dataclasses.dataclass(frozen=True)
 class TracedAllReduce:
   """One `ReplicaContext.all_reduce` call seen while tracing a step."""
-  inside_loop: bool  # Traced in a while-loop body: runs once per iteration.
+  loop_depth: int  # Number of while-loop bodies it was traced in.
   num_tensors: int
   num_bytes: int  # Per replica.
 
@@ -115,9 +115,12 @@ def record_all_reduces():
     if replica_id:  # Count each call once, on replica 0.
       return original(context, reduce_op, value, options)
     tensors = tf.nest.flatten(value)
-    graph_name = getattr(tf.compat.v1.get_default_graph(), "name", "")
+    loop_depth, graph = 0, tf.compat.v1.get_default_graph()
+    while graph is not None:
+      loop_depth += "while_body" in getattr(graph, "name", "")
+      graph = getattr(graph, "outer_graph", None)
     calls.append(TracedAllReduce(
-        inside_loop="while_body" in graph_name,
+        loop_depth=loop_depth,
         num_tensors=len(tensors),
         num_bytes=sum(t.shape.num_elements() * t.dtype.size
                       for t in tensors)))
@@ -128,9 +131,16 @@ def record_all_reduces():
     yield calls
 
 
-def per_step(calls: List[TracedAllReduce], loop_iterations: int):
-  """(all-reduce calls, bytes) executed per step, per replica."""
-  count = sum(loop_iterations if c.inside_loop else 1 for c in calls)
-  num_bytes = sum((loop_iterations if c.inside_loop else 1) * c.num_bytes
-                  for c in calls)
+def per_step(calls: List[TracedAllReduce], loop_iterations: int,
+             step_loop_depth: int = 1):
+  """(all-reduce calls, bytes) executed per step, per replica.
+
+  A call nested in more than `step_loop_depth` loops runs `loop_iterations`
+  times per step (`train_step.make_train_step` runs its outer steps in one
+  loop and the L inner steps in a loop inside it, so its depth is 1).
+  """
+  repeats = [loop_iterations if c.loop_depth > step_loop_depth else 1
+             for c in calls]
+  count = sum(repeats)
+  num_bytes = sum(r * c.num_bytes for r, c in zip(repeats, calls))
   return count, num_bytes

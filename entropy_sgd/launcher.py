@@ -183,8 +183,13 @@ def _seeds():
   return seeds
 
 
+EXIT_ERROR = 1  # Bad flags or data: an `error:` line.
+EXIT_DIVERGED = 3  # NaN/Inf: an `error:` line naming the last good checkpoint.
+EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved; rerun to resume.
+
+
 def run(dataset: str):
-  """Main of a launcher: train, or exit 1 with a one-line error."""
+  """Main of a launcher: train, or exit non-zero with a one-line message."""
   try:
     config = config_from_flags(dataset)
     seeds = _seeds()
@@ -202,10 +207,18 @@ def run(dataset: str):
           continue
         logging.info("Seed %d (%d/%d).", seed, index + 1, len(seeds))
         summaries.append(training.train(seed_config))
-  except (config_lib.ConfigError, data_lib.DataError,
-          training.DivergenceError) as e:
-    logging.flush()
-    sys.exit(f"error: {e}")
+  except (config_lib.ConfigError, data_lib.DataError) as e:
+    _exit(EXIT_ERROR, f"error: {e}")
+  except training.DivergenceError as e:
+    _exit(EXIT_DIVERGED, f"error: {e}")
+  except training.Preempted as e:
+    _exit(EXIT_PREEMPTED, f"preempted: {e}")
   for summary in summaries:
     print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()),
           flush=True)
+
+
+def _exit(code: int, line: str):
+  logging.flush()
+  print(line, file=sys.stderr, flush=True)
+  sys.exit(code)

@@ -25,6 +25,12 @@ reference uses Torch's default uniform initialisation.
 Every module is called as `model(images, is_training)` with NHWC float
 images and returns logits; `is_training` is a Python bool that switches
 BatchNorm statistics and dropout.
+
+Dropout in the paper's nets is stateless: the masks of the k-th training call
+are keyed by (seed, k, layer), and k is a variable that checkpoints save, so
+a resumed run draws the masks an uninterrupted one would. `use_dropout=False`
+turns dropout off in a training-mode call, as the reference does when it
+recomputes the BatchNorm statistics before testing.
 """
 
 from __future__ import annotations
@@ -65,13 +71,36 @@ def _check_images(images, rank=4):
   return images
 
 
-class _PaperNet(snt.Module):
-  """Shared by the paper's nets: dropout and BatchNorm call conventions."""
+class PaperNet(snt.Module):
+  """Shared by the paper's nets: keyed dropout and BatchNorm conventions."""
 
-  def _dropout(self, net, rate, is_training):
-    if is_training and rate > 0:
-      return tf.nn.dropout(net, rate=rate)
-    return net
+  def __init__(self, seed: int, name: Optional[str]):
+    super().__init__(name=name)
+    self.seed = seed
+    # Training calls so far; keys the dropout masks.
+    self.dropout_calls = tf.Variable(tf.constant(0, tf.int64),
+                                     trainable=False, name="dropout_calls")
+    self._call_key = None
+    self._layer = 0
+
+  def _begin_call(self, is_training, use_dropout):
+    """Starts a forward pass; returns whether dropout is on."""
+    self._layer = 0
+    on = is_training if use_dropout is None else use_dropout
+    if on:
+      self._call_key = tf.random.experimental.stateless_fold_in(
+          tf.constant([self.seed, 0], tf.int64), self.dropout_calls,
+          alg="philox")
+      self.dropout_calls.assign_add(1)
+    return on
+
+  def _dropout(self, net, rate, on):
+    self._layer += 1
+    if not on or rate == 0:
+      return net
+    key = tf.random.experimental.stateless_fold_in(self._call_key,
+                                                   self._layer, alg="philox")
+    return tf.nn.experimental.stateless_dropout(net, rate=rate, seed=key)
 
   @staticmethod
   def _normalise(bn, net, is_training):
@@ -84,13 +113,13 @@ class _PaperNet(snt.Module):
     return tuple(m for m in self.submodules if isinstance(m, snt.BatchNorm))
 
 
-class MnistFC(_PaperNet):
+class MnistFC(PaperNet):
   """784-1024-1024-10 perceptron with BatchNorm ("mnistfc")."""
 
   def __init__(self, num_classes: int = 10, hidden_units: int = 1024,
                input_dropout: float = 0.2, dropout: float = 0.5,
-               name: Optional[str] = None):
-    super().__init__(name=name)
+               seed: int = 0, name: Optional[str] = None):
+    super().__init__(seed, name)
     _check_rate("input_dropout", input_dropout)
     _check_rate("dropout", dropout)
     self.input_dropout, self.dropout = input_dropout, dropout
@@ -100,22 +129,24 @@ class MnistFC(_PaperNet):
     self.hidden_bns = [_batch_norm(f"hidden{i}_bn") for i in (1, 2)]
     self.logits_layer = snt.Linear(num_classes, name="logits")
 
-  def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
+  def __call__(self, images: tf.Tensor, is_training: bool,
+               use_dropout: Optional[bool] = None) -> tf.Tensor:
     images = _check_images(images)
+    dropout = self._begin_call(is_training, use_dropout)
     net = tf.reshape(images, [tf.shape(images)[0], -1])
-    net = self._dropout(net, self.input_dropout, is_training)
+    net = self._dropout(net, self.input_dropout, dropout)
     for linear, bn in zip(self.hidden, self.hidden_bns):
       net = self._normalise(bn, linear(net), is_training)
-      net = self._dropout(net, self.dropout, is_training)
+      net = self._dropout(net, self.dropout, dropout)
     return self.logits_layer(net)
 
 
-class LeNet(_PaperNet):
+class LeNet(PaperNet):
   """The paper's LeNet (the reference's "mnistconv")."""
 
   def __init__(self, num_classes: int = 10, dropout: float = 0.5,
-               name: Optional[str] = None):
-    super().__init__(name=name)
+               seed: int = 0, name: Optional[str] = None):
+    super().__init__(seed, name)
     _check_rate("dropout", dropout)
     self.dropout = dropout
     self.convs = [
@@ -129,15 +160,17 @@ class LeNet(_PaperNet):
     self.hidden_bn = _batch_norm("hidden_bn")
     self.logits_layer = snt.Linear(num_classes, name="logits")
 
-  def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
+  def __call__(self, images: tf.Tensor, is_training: bool,
+               use_dropout: Optional[bool] = None) -> tf.Tensor:
     net = _check_images(images)
+    dropout = self._begin_call(is_training, use_dropout)
     for conv, bn, pool in zip(self.convs, self.conv_bns, self.pool_sizes):
       net = self._normalise(bn, conv(net), is_training)
       net = tf.nn.max_pool2d(net, pool, pool, padding="VALID")
-      net = self._dropout(net, self.dropout, is_training)
+      net = self._dropout(net, self.dropout, dropout)
     net = tf.reshape(net, [tf.shape(net)[0], -1])
     net = self._normalise(self.hidden_bn, self.hidden(net), is_training)
-    net = self._dropout(net, self.dropout, is_training)
+    net = self._dropout(net, self.dropout, dropout)
     return self.logits_layer(net)
 
 
@@ -149,7 +182,7 @@ _ALLCNN_LAYERS = (
     ("c2", 3, 1), ("c2", 3, 1), ("classes", 1, 1))
 
 
-class AllCNN(_PaperNet):
+class AllCNN(PaperNet):
   """All-CNN-BN of the paper, as ucla-vision/entropy-sgd builds it.
 
       dropout 0.2
@@ -169,8 +202,8 @@ class AllCNN(_PaperNet):
   def __init__(self, num_classes: int = 10, channels: Tuple[int, int] = (96,
                                                                           192),
                input_dropout: float = 0.2, dropout: float = 0.5,
-               name: Optional[str] = None):
-    super().__init__(name=name)
+               seed: int = 0, name: Optional[str] = None):
+    super().__init__(seed, name)
     _check_rate("input_dropout", input_dropout)
     _check_rate("dropout", dropout)
     self.input_dropout, self.dropout = input_dropout, dropout
@@ -188,12 +221,13 @@ class AllCNN(_PaperNet):
                      name=f"conv{index}"),
           _batch_norm(f"conv{index}_bn")))
 
-  def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
-    net = self._dropout(_check_images(images), self.input_dropout,
-                        is_training)
+  def __call__(self, images: tf.Tensor, is_training: bool,
+               use_dropout: Optional[bool] = None) -> tf.Tensor:
+    dropout = self._begin_call(is_training, use_dropout)
+    net = self._dropout(_check_images(images), self.input_dropout, dropout)
     for layer in self.layers:
       if layer == "dropout":
-        net = self._dropout(net, self.dropout, is_training)
+        net = self._dropout(net, self.dropout, dropout)
       else:
         conv, bn = layer
         net = self._normalise(bn, conv(net), is_training)
@@ -208,7 +242,7 @@ class ModelSpec:
   """What `--model=NAME` builds and which datasets it is meant for."""
   name: str
   datasets: Tuple[str, ...]
-  build: Callable[..., snt.Module]  # (num_classes, dropout) -> module.
+  build: Callable[..., snt.Module]  # (num_classes, dropout, seed) -> module.
   default_dropout: float
 
 
@@ -217,14 +251,17 @@ _CIFAR_DATASETS = ("cifar10", "cifar100")
 _PAPER_MODELS = {
     "mnistfc": ModelSpec(
         "mnistfc", _MNIST_DATASETS,
-        lambda classes, dropout, **_: MnistFC(classes, dropout=dropout),
+        lambda classes, dropout, seed=0, **_: MnistFC(classes, dropout=dropout,
+                                                      seed=seed),
         0.5),
     "lenet": ModelSpec(
         "lenet", _MNIST_DATASETS,
-        lambda classes, dropout, **_: LeNet(classes, dropout=dropout), 0.5),
+        lambda classes, dropout, seed=0, **_: LeNet(classes, dropout=dropout,
+                                                    seed=seed), 0.5),
     "allcnn": ModelSpec(
         "allcnn", _CIFAR_DATASETS,
-        lambda classes, dropout, **_: AllCNN(classes, dropout=dropout), 0.5),
+        lambda classes, dropout, seed=0, **_: AllCNN(classes, dropout=dropout,
+                                                     seed=seed), 0.5),
 }
 MODEL_NAMES = tuple(_PAPER_MODELS) + ("wrn-DEPTH-WIDTH",)
 _WRN_PATTERN = re.compile(r"wrn-\d+-\d+", re.IGNORECASE)
@@ -250,7 +287,7 @@ def spec(name: str) -> ModelSpec:
   depth, width = wide_resnet.parse_model_name(name)
   return ModelSpec(
       name.lower(), _CIFAR_DATASETS,
-      lambda classes, dropout, cross_replica_batch_norm=False: (
+      lambda classes, dropout, cross_replica_batch_norm=False, **_: (
           wide_resnet.WideResNet(
               depth, width, classes, dropout_rate=dropout,
               cross_replica_batch_norm=cross_replica_batch_norm)), 0.0)
@@ -268,11 +305,13 @@ def check_fits(name: str, dataset: str):
 
 
 def build(name: str, num_classes: int, dropout: Optional[float] = None,
-          cross_replica_batch_norm: bool = False) -> snt.Module:
+          cross_replica_batch_norm: bool = False,
+          seed: int = 0) -> snt.Module:
   """The (unbuilt) module of `--model=name`.
 
   `cross_replica_batch_norm` (synchronised BatchNorm) is supported by the
-  Wide ResNets; the paper's nets refuse it.
+  Wide ResNets; the paper's nets refuse it. `seed` keys the paper nets'
+  dropout masks.
   """
   model_spec = spec(name)
   if cross_replica_batch_norm and model_family(name) != "wrn":
@@ -282,7 +321,7 @@ def build(name: str, num_classes: int, dropout: Optional[float] = None,
   if model_family(name) == "wrn":
     return model_spec.build(num_classes, rate,
                             cross_replica_batch_norm=cross_replica_batch_norm)
-  return model_spec.build(num_classes, rate)
+  return model_spec.build(num_classes, rate, seed=seed)
 
 
 def reference_parameter_count(name: str, num_classes: int = 10,

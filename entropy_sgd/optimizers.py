@@ -27,6 +27,7 @@ import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd import distribution
+from entropy_sgd import noise as noise_lib
 from entropy_sgd import updates as update_rules
 
 FloatLike = Union[float, tf.Variable, tf.Tensor]
@@ -125,20 +126,10 @@ PRESETS: Mapping[str, Conventions] = {
 }
 
 
-def langevin_noise(seed, step, inner_step, parameter_index, shape, dtype,
-                   stream=0):
-  """N(0, I) noise for one parameter, keyed by (seed, stream, t, l, param).
-
-  Stateless, so runs are reproducible and every replica draws the same
-  noise without communicating. `stream` separates independent chains
-  (Parle's replicas); the synchronous optimizer uses stream 0 everywhere.
-  """
-  key = tf.stack([tf.constant(seed, tf.int64), tf.cast(stream, tf.int64)])
-  for data in (step, inner_step, parameter_index):
-    key = tf.random.experimental.stateless_fold_in(
-        key, tf.cast(data, tf.int64), alg="philox")
-  return tf.random.stateless_normal(
-      shape, seed=key, dtype=dtype, alg="philox")
+# N(0, I) noise of one SGLD step for all parameters, keyed by (seed, stream,
+# t, l) and the parameter's position; see `noise.py`. `stream` separates
+# independent chains (Parle's replicas); the synchronous optimizer uses 0.
+langevin_noise = noise_lib.langevin_noise
 
 
 def _state_like(parameter, name, trainable=False):
@@ -178,6 +169,8 @@ class Optimizer(snt.Module):
   # Whether `apply` expects gradients summed over replicas (synchronous
   # training); Parle's replicas each follow their own gradients.
   all_reduces_gradients = True
+  # The scalar metrics `end_outer_step` returns.
+  diagnostics = ()
 
   def __init__(self, jit_compile: bool, name: Optional[str]):
     super().__init__(name=name)
@@ -344,11 +337,14 @@ class EntropySGD(Optimizer):
 
   The paper's conventions are the default; `conventions="lua_reference"`
   reproduces the code that produced the paper's numbers. See `Conventions`.
-  Noise is drawn from a stateless RNG keyed by (seed, t, l, parameter).
+  Noise is drawn from a stateless RNG keyed by (seed, t, l, parameter); see
+  `noise.py`. With `noise=0` nothing is drawn.
 
   The model's variables hold x' during the inner loop and x after
   `end_outer_step`; `anchor` holds x and `mean` holds mu meanwhile.
   """
+
+  diagnostics = ("gamma", "anchor_to_mean_distance")
 
   def __init__(self,
                learning_rate: FloatLike = 1.0,
@@ -454,6 +450,11 @@ class EntropySGD(Optimizer):
     c = self.conventions
     new_samples, new_means, new_velocities = [], [], []
     gamma = self.gamma(step)
+    standard_normals = [None] * len(samples)
+    if self._draws_noise:
+      standard_normals = langevin_noise(
+          self.seed, step, inner_step, [x.shape for x in samples],
+          samples[0].dtype, noise_stream)
     for i, (x_prime, x, mu, g) in enumerate(
         zip(samples, anchors, means, gradients)):
       dtype = x_prime.dtype
@@ -461,8 +462,9 @@ class EntropySGD(Optimizer):
       noise_std = update_rules.langevin_noise_std(learning_rate,
                                                   tf.cast(self.noise, dtype),
                                                   c.noise_scale)
-      standard_normal = langevin_noise(self.seed, step, inner_step, i,
-                                       x_prime.shape, dtype, noise_stream)
+      standard_normal = standard_normals[i]
+      if standard_normal is not None:
+        standard_normal = tf.cast(standard_normal, dtype)
       x_prime, v = update_rules.langevin_step(
           x_prime, x, g, velocities[i] if velocities else None,
           standard_normal,
@@ -479,6 +481,11 @@ class EntropySGD(Optimizer):
                                          self._new_sample_weight))
       new_velocities.append(v)
     return new_samples, new_means, new_velocities if velocities else []
+
+  @property
+  def _draws_noise(self) -> bool:
+    """False when the noise is the number 0: then nothing is drawn."""
+    return not (isinstance(self.noise, (int, float)) and self.noise == 0)
 
   @property
   def _new_sample_weight(self):
@@ -561,6 +568,8 @@ class Parle(EntropySGD):
   """
 
   all_reduces_gradients = False
+  diagnostics = ("gamma", "rho", "anchor_to_mean_distance",
+                 "distance_to_replica_mean")
 
   def __init__(self, *args, rho: float = 1.0, rho_scoping: float = 1e-3,
                **kwargs):

@@ -1,10 +1,12 @@
 """One compiled training step for SGD, Nesterov and Entropy-SGD.
 
-`make_train_step` returns a `tf.function` that performs one outer step of
-the given optimizer: for Entropy-SGD, L inner SGLD iterations, each pulling
-its own minibatch from the iterator, then the outer update, all in one graph.
+`make_train_step` returns a `tf.function` that performs outer steps of the
+given optimizer: for Entropy-SGD, L inner SGLD iterations, each pulling its
+own minibatch from the iterator, then the outer update, all in one graph.
 Each gradient evaluation runs under `strategy.run`, with gradients
-all-reduced across replicas before the update.
+all-reduced across replicas before the update. One call runs `num_steps`
+outer steps (default 1) in a graph loop, which saves the per-call overhead
+on small models.
 """
 
 from typing import Callable, Mapping, Sequence
@@ -55,10 +57,13 @@ def make_train_step(
       (The optimizer's own `jit_compile` covers the update math.)
 
   Returns:
-    A `tf.function` taking an iterator over (per-replica) `(images, labels)`
-    batches. Each call consumes `optimizer.gradient_evaluations_per_step`
-    batches and returns the mean training `loss` and `accuracy` over them,
-    plus the optimizer's diagnostics (`gamma`, `anchor_to_mean_distance`).
+    `train_step(iterator, num_steps=1) -> metrics`, taking an iterator over
+    (per-replica) `(images, labels)` batches. A call runs `num_steps` outer
+    steps (one compiled graph for every `num_steps`), consuming
+    `num_steps * optimizer.gradient_evaluations_per_step` batches, and returns
+    the mean training `loss` and `accuracy` over them plus the optimizer's
+    diagnostics of the last outer step (`optimizer.diagnostics`, e.g.
+    `gamma`, `anchor_to_mean_distance`).
   """
   if global_batch_size % strategy.num_replicas_in_sync:
     raise ValueError(
@@ -101,23 +106,35 @@ def make_train_step(
     num_examples = tf.cast(tf.shape(labels)[0], tf.float32)
     return tf.stack([loss_sum, num_correct, num_examples])
 
+  def outer_step(iterator, totals):
+    strategy.run(optimizer.begin_outer_step, args=(parameters,))
+    for _ in tf.range(optimizer.gradient_evaluations_per_step):
+      images, labels = next(iterator)
+      per_replica = strategy.run(replica_step, args=(images, labels))
+      totals += strategy.reduce(
+          tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    per_replica_metrics = strategy.run(optimizer.end_outer_step,
+                                       args=(parameters,))
+    diagnostics = {
+        name: tf.cast(strategy.reduce(tf.distribute.ReduceOp.MEAN, value,
+                                      axis=None), tf.float32)
+        for name, value in per_replica_metrics.items()}
+    return totals, diagnostics
+
   @tf.function
-  def train_step(iterator):
+  def compiled_step(iterator, num_steps):
     with strategy.scope():
-      strategy.run(optimizer.begin_outer_step, args=(parameters,))
       totals = tf.zeros([3])
-      for _ in tf.range(optimizer.gradient_evaluations_per_step):
-        images, labels = next(iterator)
-        per_replica = strategy.run(replica_step, args=(images, labels))
-        totals += strategy.reduce(
-            tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-      per_replica_metrics = strategy.run(optimizer.end_outer_step,
-                                         args=(parameters,))
-      metrics = {
-          name: strategy.reduce(tf.distribute.ReduceOp.MEAN, value, axis=None)
-          for name, value in per_replica_metrics.items()}
+      diagnostics = {name: tf.zeros([]) for name in optimizer.diagnostics}
+      for _ in tf.range(num_steps):
+        totals, diagnostics = outer_step(iterator, totals)
+    metrics = dict(diagnostics)
     metrics["loss"] = totals[0] / totals[2]
     metrics["accuracy"] = totals[1] / totals[2]
     return metrics
 
+  def train_step(iterator, num_steps=1):
+    return compiled_step(iterator, tf.constant(num_steps, tf.int32))
+
+  train_step.compiled = compiled_step  # The tf.function, for inspection.
   return train_step

@@ -7,6 +7,7 @@ reference-code variants, in float64. Only the noise draws (the stateless
 """
 
 import dataclasses
+import functools
 
 from absl.testing import parameterized
 import numpy as np
@@ -163,12 +164,17 @@ def noise_lookup(model, seed, jit_compile=False):
   draw = optimizers.langevin_noise
   if jit_compile:
     draw = tf.function(draw, jit_compile=True)
-  index = {short_name(v): i for i, v in enumerate(model.trainable_variables)}
-  shape = {short_name(v): v.shape for v in model.trainable_variables}
+  names = [short_name(v) for v in model.trainable_variables]
+  shapes = [v.shape for v in model.trainable_variables]
+
+  @functools.lru_cache(maxsize=None)
+  def step_noise(t, l):
+    return [n.numpy().astype(np.float64) for n in draw(
+        seed, tf.constant(t, tf.int64), tf.constant(l, tf.int64), shapes,
+        tf.float32)]
 
   def noise_of(t, l, name):
-    return draw(seed, tf.constant(t, tf.int64), tf.constant(l, tf.int64),
-                index[name], shape[name], tf.float32).numpy().astype(np.float64)
+    return step_noise(t, l)[names.index(name)]
 
   return noise_of
 

@@ -26,7 +26,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from typing import Dict, Optional
 
@@ -261,6 +263,9 @@ class _Evaluator:
 
     self._evaluate = evaluate
     batch_norms = _batch_norms(model)
+    # As the reference's "dry feed": no dropout while recomputing statistics.
+    no_dropout = ({"use_dropout": False}
+                  if isinstance(model, models.PaperNet) else {})
 
     def reset_statistics():
       for bn in batch_norms:
@@ -272,7 +277,8 @@ class _Evaluator:
       strategy.run(reset_statistics)
       for _ in tf.range(num_batches):
         images, _ = next(iterator)
-        strategy.run(lambda x: model(x, is_training=True), args=(images,))
+        strategy.run(lambda x: model(x, is_training=True, **no_dropout),
+                     args=(images,))
 
     self._recalibrate = recalibrate if batch_norms else None
 
@@ -300,7 +306,7 @@ class _Evaluator:
     loss, correct, count = self._evaluate(
         iterator, tf.constant(self._dataset.padded_eval_batches(split))
     ).numpy()
-    return {"loss": loss / count, "accuracy": correct / count}
+    return {"loss": float(loss / count), "accuracy": float(correct / count)}
 
 
 CONFIG_FILE = "config.json"  # The run's TrainConfig, written at every start.
@@ -368,7 +374,8 @@ class Trainer:
         strategy, lambda: models.build(
             config.model, data_lib.num_classes(config.dataset),
             dropout=config.dropout,
-            cross_replica_batch_norm=config.sync_batch_norm),
+            cross_replica_batch_norm=config.sync_batch_norm,
+            seed=config.seed),
         self.data.image_shape)
     with strategy.scope():
       self.learning_rate = tf.Variable(config.lr, trainable=False, name="lr")
@@ -381,6 +388,12 @@ class Trainer:
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer,
         best_accuracy=self.best_accuracy)
+    self._saved_variables = [
+        v for v in (list(self.model.variables) +
+                    list(self.optimizer.variables) + [self.best_accuracy])
+        if v.dtype.is_floating]
+    self._finite_flags = tf.function(lambda: tf.stack(  # One call, on device.
+        [tf.reduce_all(tf.math.is_finite(v)) for v in self._saved_variables]))
     self.checkpoint_dir = os.path.join(self.run_dir, "checkpoints")
     self.checkpoints = tf.train.CheckpointManager(
         self.checkpoint, self.checkpoint_dir if self.is_chief
@@ -394,13 +407,43 @@ class Trainer:
     self.evaluator = _Evaluator(self.model, strategy, self.data, config)
 
   def save_checkpoint(self, step: int) -> str:
-    """Saves on every worker (collectives); only the chief's copy stays."""
+    """Saves on every worker (collectives); only the chief's copy stays.
+
+    Raises DivergenceError, and writes nothing, unless every variable of the
+    checkpoint is finite: so the latest checkpoint, and every one rotation
+    keeps, holds finite values only.
+    """
+    self._check_finite_state(step)
     path = self.checkpoints.save(checkpoint_number=step)
     if self.is_chief:
       return path
     if tf.io.gfile.exists(self.checkpoints.directory):
       tf.io.gfile.rmtree(self.checkpoints.directory)
     return os.path.join(self.checkpoint_dir, os.path.basename(path))
+
+  def _check_finite_state(self, step: int):
+    finite = self._finite_flags().numpy()
+    if finite.all():
+      return
+    names = [_checkpoint_name(v) for v in self._saved_variables]
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    self._diverged(step, f"{len(bad)} of the {len(names)} variables to be "
+                   f"saved hold NaN or Inf (first: {bad[0]})")
+
+  def _diverged(self, step: int, what: str):
+    config = self.config
+    kept = tf.train.latest_checkpoint(self.checkpoint_dir)
+    epoch = max(0, step - 1) // self.steps_per_epoch + 1
+    lower = "--lr" + (" or --langevin_lr" if config.opt == "entropy_sgd"
+                      else "")
+    if kept:
+      advice = (f"the last good checkpoint ({kept}) is intact. Lower {lower} "
+                f"and rerun: the run resumes from that checkpoint.")
+    else:
+      advice = f"no checkpoint was written yet. Lower {lower} and rerun."
+    raise DivergenceError(
+        f"Training diverged at outer step {step} (epoch {epoch}): {what}. "
+        f"Nothing was saved; {advice}")
 
   @property
   def step(self) -> int:
@@ -412,8 +455,42 @@ class Trainer:
     return (step * self.evaluations_per_step * self.config.batch_size /
             self.train_examples)
 
+  def _steps_in_next_call(self, step: int) -> int:
+    """Outer steps until the next loop boundary (at most --steps_per_loop).
+
+    A call never crosses an epoch end (the learning rate changes there), a
+    logging, evaluation or checkpoint step, or the end of the run.
+    """
+    config = self.config
+    boundaries = [step + config.steps_per_loop, self.total_steps,
+                  (step // self.steps_per_epoch + 1) * self.steps_per_epoch,
+                  (step // config.log_every_steps + 1) * config.log_every_steps]
+    if config.eval_every_steps:
+      boundaries.append((step // config.eval_every_steps + 1) *
+                        config.eval_every_steps)
+    return min(boundaries) - step
+
+  def _should_stop(self, stop: "_StopRequest") -> bool:
+    """Whether any worker received SIGTERM/SIGINT; all workers agree."""
+    if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+      return stop.signal is not None
+    local = tf.constant(0.0 if stop.signal is None else 1.0)
+    total = self.strategy.reduce(
+        tf.distribute.ReduceOp.SUM,
+        self.strategy.run(lambda: tf.identity(local)), axis=None)
+    return float(total) > 0
+
   def run(self) -> Dict[str, float]:
-    """Trains from the current step to the end; returns the summary."""
+    """Trains from the current step to the end; returns the summary.
+
+    Raises Preempted after saving a checkpoint when SIGTERM or SIGINT
+    arrives, and DivergenceError (saving nothing) on a non-finite loss or
+    state.
+    """
+    with _StopRequest() as stop:
+      return self._run(stop)
+
+  def _run(self, stop: "_StopRequest") -> Dict[str, float]:
     config, strategy = self.config, self.strategy
     start_step = step = self.step
     first_batch = start_step * self.evaluations_per_step  # Global batches.
@@ -446,33 +523,31 @@ class Trainer:
         " (written by the chief only; this worker saves nothing)")
     results = {}
     window_start, window_steps = time.perf_counter(), 0
-    run_start = time.perf_counter()
+    run_start, timed_steps = time.perf_counter(), 0
+    hinted = False
     while step < self.total_steps:
       epoch = step // self.steps_per_epoch
       self.learning_rate.assign(config_lib.learning_rate_at(config, epoch))
-      metrics = self.train_step(iterator)
-      if step == start_step:
-        run_start = time.perf_counter()
-      step += 1
-      window_steps += 1
+      num_steps = self._steps_in_next_call(step)
+      metrics = self.train_step(iterator, num_steps)
       loss = float(metrics["loss"])
+      if step == start_step:  # The first call includes tracing.
+        run_start = time.perf_counter()
+      else:
+        timed_steps += num_steps
+      step += num_steps
+      window_steps += num_steps
       if not math.isfinite(loss):
-        kept = tf.train.latest_checkpoint(self.checkpoint_dir) or "none yet"
-        raise DivergenceError(
-            f"Training diverged at outer step {step} (epoch {epoch + 1}): "
-            f"the loss is {loss}. Nothing was saved; the last good "
-            f"checkpoint ({kept}) is intact. Lower --lr"
-            f"{' or --langevin_lr' if config.opt == 'entropy_sgd' else ''} "
-            f"and rerun: the run resumes from that checkpoint.")
+        self._diverged(step, f"the training loss is {loss}")
       if step % config.log_every_steps == 0 or step == self.total_steps:
         elapsed = time.perf_counter() - window_start
         images_per_second = (window_steps * self.evaluations_per_step *
                              config.batch_size / elapsed)
-        if step - start_step > 1:  # The first step includes compilation.
-          remaining = ((time.perf_counter() - run_start) /
-                       (step - start_step - 1) * (self.total_steps - step))
+        if timed_steps:
+          remaining = ((time.perf_counter() - run_start) / timed_steps *
+                       (self.total_steps - step))
         else:
-          remaining = elapsed * (self.total_steps - step)
+          remaining = elapsed / window_steps * (self.total_steps - step)
         scalars = {
             "train/loss": loss,
             "train/accuracy": float(metrics["accuracy"]),
@@ -497,6 +572,9 @@ class Trainer:
             self.effective_epoch(step), step, self.total_steps, loss,
             scalars["train/accuracy"], images_per_second,
             _format_duration(remaining))
+        if not hinted and timed_steps:
+          hinted = True
+          _hint_if_cpu_run_is_long(config, remaining)
         window_start, window_steps = time.perf_counter(), 0
 
       if (step % self.steps_per_epoch == 0 or step == self.total_steps or
@@ -505,6 +583,9 @@ class Trainer:
           self.evaluator.recalibrate_batch_norm(epoch)
         for split in eval_splits:
           results[split] = self.evaluator.evaluate(split)
+          if not math.isfinite(results[split]["loss"]):
+            self._diverged(step, f"the {split} loss is "
+                           f"{results[split]['loss']}")
           write_scalars({f"{split}/loss": results[split]["loss"],
                          f"{split}/accuracy": results[split]["accuracy"]},
                         step)
@@ -519,7 +600,21 @@ class Trainer:
                       f"{r['accuracy']:.4f}" for s, r in results.items()),
             path)
         writer.flush()
+      if step < self.total_steps and self._should_stop(stop):
+        path = (tf.train.latest_checkpoint(self.checkpoint_dir)
+                if self._saved_at(step) else self.save_checkpoint(step))
+        writer.flush()
+        raise Preempted(
+            f"stopped by {stop.name} after outer step {step} of "
+            f"{self.total_steps}; checkpoint {path}. Rerun the same command "
+            f"to resume.")
 
+    if not results:  # Resumed at the end: evaluate what was saved.
+      if config.opt == "entropy_sgd" and config.recalibrate_bn:
+        self.evaluator.recalibrate_batch_norm(
+            max(0, step - 1) // self.steps_per_epoch)
+      results = {split: self.evaluator.evaluate(split)
+                 for split in eval_splits}
     summary = {
         "outer_steps": step,
         "effective_epochs": self.effective_epoch(step),
@@ -537,6 +632,71 @@ class Trainer:
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
         for k, v in summary.items()))
     return summary
+
+  def _saved_at(self, step: int) -> bool:
+    latest = tf.train.latest_checkpoint(self.checkpoint_dir)
+    return bool(latest) and latest.endswith(f"ckpt-{step}")
+
+
+class Preempted(RuntimeError):
+  """SIGTERM or SIGINT stopped the run after a checkpoint; rerun resumes."""
+
+
+class _StopRequest:
+  """Records SIGTERM/SIGINT instead of dying, while training runs.
+
+  The training loop finishes its current call (no finished outer step is
+  lost), saves and raises `Preempted`. A second signal kills the process
+  the usual way. Only the main thread can install handlers; elsewhere this
+  does nothing.
+  """
+
+  def __init__(self):
+    self.signal, self._previous = None, {}
+
+  @property
+  def name(self) -> str:
+    return signal.Signals(self.signal).name
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:  # Second signal: die as usual.
+      signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+      os.kill(os.getpid(), signum)
+      return
+    self.signal = signum
+    logging.warning("%s received: finishing the current step, then saving a "
+                    "checkpoint and exiting (send it again to exit now).",
+                    signal.Signals(signum).name)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *unused_exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _hint_if_cpu_run_is_long(config, remaining_seconds: float):
+  """Logs once how to size a run for a CPU when one would take over a day."""
+  if remaining_seconds < 24 * 3600 or (
+      tf.config.list_logical_devices("GPU") or
+      tf.config.list_logical_devices("TPU")):
+    return
+  logging.warning(
+      "No GPU or TPU found and this run would take %s: the %s preset of "
+      "--model=%s is sized for accelerators. For a CPU-sized run pass e.g. "
+      "--model=wrn-16-1 --epochs=%d (or --max_steps=N), or train MNIST with "
+      "//launch:mnist (README: 'Sizing a run for a CPU').",
+      _format_duration(remaining_seconds), config.opt, config.model,
+      max(1, config.epochs // 10))
+
+
+def _checkpoint_name(variable) -> str:
+  return variable.name.split(":")[0]
 
 
 def run_directory(config: config_lib.TrainConfig) -> str:

@@ -151,8 +151,8 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
 
     iterator = iter(strategy.distribute_datasets_from_function(
         inputs["train"]))
-    library = trainer.train_step.get_concrete_function(
-        iterator).graph.as_graph_def().library
+    library = trainer.train_step.compiled.get_concrete_function(
+        iterator, tf.constant(1)).graph.as_graph_def().library
     compiled = [f for f in library.function
                 if "_XlaMustCompile" in f.attr and f.attr["_XlaMustCompile"].b]
     self.assertTrue(any("forward_backward" in f.signature.name

@@ -99,7 +99,9 @@ def langevin_step(sample, anchor, gradient, velocity, standard_normal, *,
   if not decay_before_momentum:
     direction = direction + weight_decay * sample
   direction = direction - gamma * (anchor - sample)
-  sample = sample - learning_rate * direction + noise_std * standard_normal
+  sample = sample - learning_rate * direction
+  if standard_normal is not None:  # None: no noise (eps = 0).
+    sample = sample + noise_std * standard_normal
   return sample, velocity
 
 

@@ -7,26 +7,13 @@ before any training starts.
 
 import os
 import shutil
-import subprocess
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from launch.launcher_testing import launcher_command
-from launch.launcher_testing import launcher_env
+from launch.launcher_testing import error_lines
+from launch.launcher_testing import run_launcher
 from launch.launcher_testing import TESTDATA
-
-
-def run_launcher(dataset, *args, cwd=None, tf_config=None):
-  overrides = {} if tf_config is None else {"TF_CONFIG": tf_config}
-  return subprocess.run(
-      launcher_command(dataset) + list(args), capture_output=True, text=True,
-      timeout=600, env=launcher_env(**overrides), cwd=cwd)
-
-
-def error_lines(result):
-  return [line for line in result.stderr.splitlines()
-          if line.startswith(("error:", "FATAL Flags parsing error"))]
 
 
 TINY = ["--model=wrn-10-1", "--batch_size=20", "--log_every_steps=1",
@@ -39,7 +26,8 @@ class LauncherTest(parameterized.TestCase):
     result = run_launcher("cifar10", "--helpfull")
     self.assertIn(result.returncode, (0, 1), result.stderr)  # absl: 1.
     for text in ("--opt", "--L", "--langevin_lr", "--conventions",
-                 "entropy_sgd: 10", "--data_dir", "--max_steps", "--tpu",
+                 "wrn/entropy_sgd: 10", "allcnn/sgd: 200", "--data_dir",
+                 "--model=allcnn --opt=entropy_sgd: epochs=10", "--max_steps", "--tpu",
                  "multi_worker", "sync_batch_norm"):
       self.assertIn(text, result.stdout)
 
@@ -59,6 +47,18 @@ class LauncherTest(parameterized.TestCase):
                                                 "checkpoint")))
     self.assertTrue(any(name.startswith("events.out.tfevents")
                         for name in os.listdir(run_dir)))
+
+  def test_allcnn_smoke_run(self):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher(
+        "cifar10", "--model=allcnn", "--max_steps=1", "--batch_size=20",
+        f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
+        f"--log_dir={log_dir}")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("summary: outer_steps=1", result.stdout)
+    self.assertTrue(os.path.exists(os.path.join(
+        log_dir, "cifar10_allcnn_nesterov_seed0", "checkpoints",
+        "ckpt-1.index")))
 
   def test_parle_on_two_devices(self):
     log_dir = self.create_tempdir().full_path
@@ -95,6 +95,9 @@ class LauncherTest(parameterized.TestCase):
       ("unknown_model", ["--model=resnet50"], "--model='resnet50' is unknown"),
       ("bad_depth", ["--model=wrn-27-10"], "depth must be 6n\\+4"),
       ("bad_conventions", ["--conventions=torch"], "--conventions"),
+      ("mnist_model", ["--model=lenet"],
+       "--model=lenet is built for mnist, not cifar10; choose one of "
+       "allcnn, wrn-DEPTH-WIDTH"),
       ("batch_not_divisible", ["--strategy=mirrored", "--num_devices=2",
                                "--batch_size=7"], "not divisible by the 2"),
       ("missing_data", ["--data_dir=/nonexistent/cifar"], "--data_dir"),

@@ -1,6 +1,7 @@
 """What the launcher tests share: how to start a launcher as a user would."""
 
 import os
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,3 +23,17 @@ def launcher_env(**overrides):
   env.pop("TF_CONFIG", None)
   env.update(overrides)
   return env
+
+
+def run_launcher(dataset, *args, cwd=None, tf_config=None, timeout=600):
+  """Runs launcher `dataset` with `args` to the end; a CompletedProcess."""
+  overrides = {} if tf_config is None else {"TF_CONFIG": tf_config}
+  return subprocess.run(
+      launcher_command(dataset) + list(args), capture_output=True, text=True,
+      timeout=timeout, env=launcher_env(**overrides), cwd=cwd)
+
+
+def error_lines(result):
+  """The `error:` (and absl flag error) lines of a launcher's stderr."""
+  return [line for line in result.stderr.splitlines()
+          if line.startswith(("error:", "FATAL Flags parsing error"))]

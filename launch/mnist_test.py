@@ -1,0 +1,164 @@
+"""The MNIST launcher as a user runs it: smoke runs, seeds, loops, bad data."""
+
+import gzip
+import json
+import os
+import shutil
+import struct
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+from entropy_sgd import training
+from launch.launcher_testing import error_lines
+from launch.launcher_testing import run_launcher
+from launch.launcher_testing import TESTDATA
+
+# 200 training images in batches of 20: 10 outer steps per epoch.
+TINY = ["--batch_size=20", "--log_every_steps=1", "--recalibration_batches=1"]
+MNIST = os.path.join(TESTDATA, "mnist")
+
+
+def copy_mnist(destination):
+  shutil.copytree(MNIST, destination)
+  return destination
+
+
+class MnistLauncherTest(parameterized.TestCase):
+
+  @parameterized.parameters(("mnistfc", "entropy_sgd", "mnist"),
+                            ("lenet", "entropy_sgd", "mnist_gz"),
+                            ("lenet", "sgd", "mnist"),
+                            ("mnistfc", "nesterov", "mnist_gz"))
+  def test_smoke_run(self, model, opt, folder):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher("mnist", f"--opt={opt}", f"--model={model}",
+                          "--L=2", "--max_steps=5",
+                          f"--data_dir={os.path.join(TESTDATA, folder)}",
+                          f"--log_dir={log_dir}", *TINY)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("summary: outer_steps=5", result.stdout)
+    run_dir = os.path.join(log_dir, os.listdir(log_dir)[0])
+    self.assertTrue(os.path.exists(os.path.join(run_dir, "checkpoints",
+                                                "ckpt-5.index")))
+    with open(os.path.join(run_dir, "config.json")) as f:
+      self.assertEqual(json.load(f)["model"], model)
+
+  def test_presets_follow_the_reference(self):
+    result = run_launcher("mnist", "--helpfull")
+    for text in ("lenet/entropy_sgd: 5", "mnistfc/sgd: 100",
+                 "--model=lenet --opt=entropy_sgd: epochs=5, lr=1.0, "
+                 "lr_decay_epochs=(2, 7), lr_decay_factor=0.1",
+                 "gamma=0.0001"):
+      self.assertIn(text, result.stdout)
+
+  def test_steps_per_loop_changes_nothing_but_speed(self):
+    log_dir = self.create_tempdir().full_path
+    common = ["--opt=entropy_sgd", "--model=mnistfc", "--L=2", "--epochs=2",
+              "--deterministic", f"--data_dir={MNIST}", f"--log_dir={log_dir}",
+              "--batch_size=20", "--log_every_steps=10"]
+    for name, loop in (("one", "1"), ("seven", "7")):
+      result = run_launcher("mnist", *common, f"--steps_per_loop={loop}",
+                            f"--run_name={name}")
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    one = training.checkpoint_model_variables(os.path.join(log_dir, "one"))
+    seven = training.checkpoint_model_variables(
+        os.path.join(log_dir, "seven"))
+    for name in one:
+      np.testing.assert_allclose(seven[name], one[name], rtol=1e-6,
+                                 atol=1e-7, err_msg=name)
+    # Loop boundaries fall on epochs: both evaluated at steps 10 and 20.
+    self.assertCountEqual(
+        os.listdir(os.path.join(log_dir, "seven", "checkpoints")),
+        os.listdir(os.path.join(log_dir, "one", "checkpoints")))
+
+  def test_seeds_run_one_after_another_and_skip_finished_runs(self):
+    log_dir = self.create_tempdir().full_path
+    args = ["--opt=sgd", "--model=mnistfc", "--epochs=1", f"--data_dir={MNIST}",
+            f"--log_dir={log_dir}", *TINY]
+    first = run_launcher("mnist", *args, "--seeds=0,1")
+    self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+    self.assertEqual(first.stdout.count("summary: outer_steps=10"), 2)
+    self.assertCountEqual(os.listdir(log_dir), [
+        "mnist_mnistfc_sgd_seed0", "mnist_mnistfc_sgd_seed1"])
+    again = run_launcher("mnist", *args, "--seeds=0,1,2")
+    self.assertEqual(again.returncode, 0, again.stderr[-3000:])
+    self.assertEqual(again.stderr.count("already finished"), 2)
+    self.assertLen(os.listdir(log_dir), 3)
+    for seed in range(3):
+      self.assertTrue(os.path.exists(os.path.join(
+          log_dir, f"mnist_mnistfc_sgd_seed{seed}", "summary.json")))
+
+  def corrupt(self, name, mutate):
+    data_dir = copy_mnist(os.path.join(self.create_tempdir().full_path, "m"))
+    path = os.path.join(data_dir, name)
+    with open(path, "rb") as f:
+      content = bytearray(f.read())
+    with open(path, "wb") as f:
+      f.write(mutate(content))
+    return data_dir
+
+  @parameterized.named_parameters(
+      ("wrong_magic", "train-images-idx3-ubyte",
+       lambda c: struct.pack(">I", 2049) + c[4:], "magic number 2049"),
+      ("wrong_count", "t10k-labels-idx1-ubyte",
+       lambda c: c[:4] + struct.pack(">I", 49) + c[8:-1],
+       "holds 49 labels but its images file holds 50"),
+      ("truncated", "train-images-idx3-ubyte", lambda c: c[:-100],
+       "header promises"),
+      ("label_above_9", "train-labels-idx1-ubyte",
+       lambda c: c[:20] + bytes([10]) + c[21:], "label 10 of example 12"),
+  )
+  def test_bad_data_is_one_line_naming_the_file(self, name, mutate, message):
+    data_dir = self.corrupt(name, mutate)
+    result = run_launcher("mnist", f"--data_dir={data_dir}",
+                          f"--log_dir={self.create_tempdir().full_path}")
+    self.assertEqual(result.returncode, 1)
+    self.assertNotIn("Traceback", result.stderr)
+    errors = error_lines(result)
+    self.assertLen(errors, 1, result.stderr[-2000:])
+    self.assertIn(os.path.join(data_dir, name), errors[0])
+    self.assertIn(message, errors[0])
+
+  def test_corrupt_gzip_names_the_file(self):
+    data_dir = os.path.join(self.create_tempdir().full_path, "m")
+    shutil.copytree(os.path.join(TESTDATA, "mnist_gz"), data_dir)
+    path = os.path.join(data_dir, "t10k-images-idx3-ubyte.gz")
+    with open(path, "rb") as f:
+      content = gzip.decompress(f.read())
+    with open(path, "wb") as f:
+      f.write(gzip.compress(content)[:-30])
+    result = run_launcher("mnist", f"--data_dir={data_dir}",
+                          f"--log_dir={self.create_tempdir().full_path}")
+    self.assertLen(error_lines(result), 1, result.stderr[-2000:])
+    self.assertIn(path, error_lines(result)[0])
+
+  @parameterized.named_parameters(
+      ("missing_files", ["--data_dir=/nonexistent/mnist"], "--data_dir"),
+      ("cifar_model", ["--model=wrn-16-1"],
+       "--model=wrn-16-1 is built for cifar10/cifar100, not mnist; choose "
+       "one of mnistfc, lenet"),
+      ("allcnn", ["--model=allcnn"], "--model=allcnn is built for"),
+      ("sync_batch_norm", ["--sync_batch_norm"],
+       "--sync_batch_norm is implemented for the Wide ResNets"),
+      ("zero_steps_per_loop", ["--steps_per_loop=0"],
+       "--steps_per_loop must be >= 1"),
+      ("bad_seeds", ["--seeds=0,x"], "--seeds must be integers"),
+  )
+  def test_bad_flags_are_one_line(self, args, message):
+    log_dir = self.create_tempdir().full_path
+    data_args = ([] if any(a.startswith("--data_dir") for a in args)
+                 else [f"--data_dir={MNIST}"])
+    result = run_launcher("mnist", f"--log_dir={log_dir}", *data_args, *args)
+    self.assertEqual(result.returncode, 1)
+    self.assertNotIn("Traceback", result.stderr)
+    errors = error_lines(result)
+    self.assertLen(errors, 1, result.stderr[-2000:])
+    self.assertIn(message, errors[0])
+    if message != "--data_dir":
+      self.assertEmpty(os.listdir(log_dir))
+
+
+if __name__ == "__main__":
+  absltest.main()

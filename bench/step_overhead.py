@@ -1,13 +1,19 @@
 """Benchmark: does Entropy-SGD's inner loop cost more than L plain SGD steps?
 
 Measures, in one process and interleaved, the time per gradient evaluation
-of Nesterov SGD and of Entropy-SGD (outer-step time / L) on any `--model`
+of Nesterov SGD and of Entropy-SGD (outer-step time / L) on each `--model`
 (the paper's mnistfc, lenet, allcnn or a Wide ResNet), with and without XLA,
 on the same synthetic in-memory batch, and prints the ratio. Targets: <= 1.15
 on mnistfc and lenet, <= 1.02 on wrn-16-1.
 
+`--loop_lengths=1,50` also measures Nesterov with that many outer steps per
+compiled call (the launchers' --steps_per_loop), interleaved, and prints
+images/s for each.
+
     bazel run //bench:step_overhead -- --model=wrn-16-1 --batch_size=128
-    bazel run //bench:step_overhead -- --model=mnistfc --jit=off
+    bazel run //bench:step_overhead -- --model=mnistfc,lenet --jit=off
+    bazel run //bench:step_overhead -- --model=mnistfc --jit=off \
+        --loop_lengths=1,50
 """
 
 import statistics
@@ -21,14 +27,14 @@ from entropy_sgd import models
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
 
-_MODEL = flags.DEFINE_string(
-    "model", "wrn-16-1", "mnistfc, lenet (MNIST-shaped input), allcnn or "
-    "wrn-DEPTH-WIDTH (CIFAR-shaped input).")
+_MODELS = flags.DEFINE_list(
+    "model", ["wrn-16-1"], "Models, comma-separated: mnistfc, lenet "
+    "(MNIST-shaped input), allcnn or wrn-DEPTH-WIDTH (CIFAR-shaped input).")
 _NOISE = flags.DEFINE_float("noise", 1e-4, "Entropy-SGD thermal noise eps "
                             "(0: no Langevin noise is drawn).")
-_STEPS_PER_CALL = flags.DEFINE_integer(
-    "steps_per_loop", 1, "Outer steps per compiled call, for both "
-    "optimizers (as the launchers' --steps_per_loop).")
+_LOOP_LENGTHS = flags.DEFINE_list(
+    "loop_lengths", [], "Also time Nesterov at these outer steps per "
+    "compiled call, e.g. 1,50.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
 _L = flags.DEFINE_integer("L", 20, "Langevin steps of Entropy-SGD.")
 _ROUNDS = flags.DEFINE_integer(
@@ -40,12 +46,13 @@ _JIT = flags.DEFINE_enum("jit", "both", ["both", "on", "off"],
                          "Measure with XLA, without, or both.")
 
 
-def make_runner(optimizer_name, jit_compile):
-  shape = (models.MNIST_SHAPE if "mnist" in models.spec(_MODEL.value).datasets
+def make_runner(model_name, optimizer_name, jit_compile, loop_length=1):
+  """A function timing one round; returns seconds per gradient evaluation."""
+  shape = (models.MNIST_SHAPE if "mnist" in models.spec(model_name).datasets
            else models.CIFAR_SHAPE)
   strategy = tf.distribute.get_strategy()
   model = train_step_lib.build_model(
-      strategy, lambda: models.build(_MODEL.value, 10), shape)
+      strategy, lambda: models.build(model_name, 10), shape)
   if optimizer_name == "entropy_sgd":
     optimizer = optimizers.EntropySGD(
         learning_rate=1.0, num_langevin_steps=_L.value, weight_decay=5e-4,
@@ -61,14 +68,13 @@ def make_runner(optimizer_name, jit_compile):
   iterator = iter(dataset)
   step = train_step_lib.make_train_step(
       model, optimizer, strategy, _BATCH_SIZE.value, jit_compile=jit_compile)
-  evaluations_per_call = (optimizer.gradient_evaluations_per_step *
-                          _STEPS_PER_CALL.value)
+  evaluations_per_call = optimizer.gradient_evaluations_per_step * loop_length
   calls = max(1, _OUTER_STEPS.value * _L.value // evaluations_per_call)
 
   def seconds_per_evaluation():
     start = time.perf_counter()
     for _ in range(calls):
-      metrics = step(iterator, _STEPS_PER_CALL.value)
+      metrics = step(iterator, loop_length)
     float(metrics["loss"])  # Waits for the last step.
     return (time.perf_counter() - start) / (calls * evaluations_per_call)
 
@@ -76,39 +82,65 @@ def make_runner(optimizer_name, jit_compile):
   return seconds_per_evaluation
 
 
+def measure(runners, label):
+  """Interleaved rounds; returns {name: median seconds}, printing each."""
+  times = {name: [] for name in runners}
+  for round_index in range(_ROUNDS.value):
+    for name, runner in runners.items():
+      times[name].append(runner())
+    print(f"  {label} round {round_index + 1}/{_ROUNDS.value}: "
+          + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()),
+          flush=True)
+  return ({name: statistics.median(t) for name, t in times.items()},
+          {name: min(t) for name, t in times.items()})
+
+
+def compare_optimizers(model_name, jit_compile):
+  runners = {name: make_runner(model_name, name, jit_compile)
+             for name in ("nesterov", "entropy_sgd")}
+  median, fastest = measure(runners, f"{model_name} xla={jit_compile}")
+  ratio = median["entropy_sgd"] / median["nesterov"]
+  target = 1.02 if model_name.startswith("wrn") else 1.15
+  prefix = f"{model_name} xla={str(jit_compile):5s}"
+  print(f"{prefix}  fastest rounds: nesterov "
+        f"{fastest['nesterov'] * 1e3:.1f} ms, entropy_sgd "
+        f"{fastest['entropy_sgd'] * 1e3:.1f} ms; ratio "
+        f"{fastest['entropy_sgd'] / fastest['nesterov']:.3f}")
+  print(f"{prefix}  per gradient evaluation: "
+        f"nesterov {median['nesterov'] * 1e3:7.1f} ms "
+        f"({_BATCH_SIZE.value / median['nesterov']:6.1f} images/s), "
+        f"entropy_sgd {median['entropy_sgd'] * 1e3:7.1f} ms "
+        f"({_BATCH_SIZE.value / median['entropy_sgd']:6.1f} images/s); "
+        f"median ratio entropy_sgd/nesterov = {ratio:.3f} "
+        f"({'meets' if ratio <= target else 'misses'} the {target} target)",
+        flush=True)
+
+
+def compare_loop_lengths(model_name, jit_compile):
+  lengths = [int(n) for n in _LOOP_LENGTHS.value]
+  runners = {f"N={n}": make_runner(model_name, "nesterov", jit_compile, n)
+             for n in lengths}
+  median, _ = measure(runners, f"{model_name} nesterov steps_per_loop")
+  base = median[f"N={lengths[0]}"]
+  print(f"{model_name} xla={jit_compile} nesterov images/s by "
+        f"--steps_per_loop: " + ", ".join(
+            f"{name}: {_BATCH_SIZE.value / t:.0f} ({base / t:.2f}x)"
+            for name, t in median.items()), flush=True)
+
+
 def main(argv):
   del argv
   jit_modes = {"both": [False, True], "on": [True], "off": [False]}
-  print(f"{_MODEL.value}, batch {_BATCH_SIZE.value}, L={_L.value}, "
-        f"noise={_NOISE.value}, steps_per_loop={_STEPS_PER_CALL.value}, "
-        f"{_ROUNDS.value} rounds x {_OUTER_STEPS.value * _L.value} gradient "
-        f"evaluations per optimizer; TF {tf.__version__}, "
+  print(f"models {','.join(_MODELS.value)}, batch {_BATCH_SIZE.value}, "
+        f"L={_L.value}, noise={_NOISE.value}, {_ROUNDS.value} rounds x "
+        f"{_OUTER_STEPS.value * _L.value} gradient evaluations per "
+        f"optimizer; TF {tf.__version__}, "
         f"{len(tf.config.list_physical_devices())} device(s)")
-  for jit_compile in jit_modes[_JIT.value]:
-    runners = {name: make_runner(name, jit_compile)
-               for name in ("nesterov", "entropy_sgd")}
-    times = {name: [] for name in runners}
-    for round_index in range(_ROUNDS.value):
-      for name, runner in runners.items():
-        times[name].append(runner())
-      print(f"  xla={jit_compile} round {round_index + 1}/{_ROUNDS.value}: "
-            + ", ".join(f"{n} {t[-1] * 1e3:.1f} ms" for n, t in times.items()),
-            flush=True)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    ratio = median["entropy_sgd"] / median["nesterov"]
-    fastest = {name: min(t) for name, t in times.items()}
-    print(f"xla={str(jit_compile):5s}  fastest rounds: nesterov "
-          f"{fastest['nesterov'] * 1e3:.1f} ms, entropy_sgd "
-          f"{fastest['entropy_sgd'] * 1e3:.1f} ms; ratio "
-          f"{fastest['entropy_sgd'] / fastest['nesterov']:.3f}")
-    print(f"xla={str(jit_compile):5s}  per gradient evaluation: "
-          f"nesterov {median['nesterov'] * 1e3:7.1f} ms "
-          f"({_BATCH_SIZE.value / median['nesterov']:6.1f} images/s), "
-          f"entropy_sgd {median['entropy_sgd'] * 1e3:7.1f} ms "
-          f"({_BATCH_SIZE.value / median['entropy_sgd']:6.1f} images/s); "
-          f"median ratio entropy_sgd/nesterov = {ratio:.3f} "
-          f"({'meets' if ratio <= 1.05 else 'misses'} the 1.05 target)",
-          flush=True)
+  for model_name in _MODELS.value:
+    for jit_compile in jit_modes[_JIT.value]:
+      compare_optimizers(model_name, jit_compile)
+      if _LOOP_LENGTHS.value:
+        compare_loop_lengths(model_name, jit_compile)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class TrainConfig:
   epochs: int = 200
   batch_size: int = 128
   lr: float = 0.1
-  lr_decay_epochs: Tuple[int, ...] = (60, 120, 160)
+  lr_decay_epochs: Tuple[float, ...] = (60, 120, 160)
   lr_decay_factor: float = 0.2
   momentum: float = 0.9
   weight_decay: float = 5e-4
@@ -224,8 +224,13 @@ def describe_presets(dataset: str) -> str:
   return "\n".join(lines)
 
 
-def learning_rate_at(config: TrainConfig, epoch: int) -> float:
-  """Step schedule: lr * factor**(number of decay epochs <= epoch)."""
+def learning_rate_at(config: TrainConfig, epoch: float) -> float:
+  """Step schedule: lr * factor**(number of decay epochs <= epoch).
+
+  `epoch` counts outer epochs and may be fractional (outer step / steps per
+  epoch), so decays may fall inside an epoch, e.g. `--lr_decay_epochs=0.4,0.8`
+  for a one-epoch Entropy-SGD run.
+  """
   num_decays = sum(1 for boundary in config.lr_decay_epochs
                    if epoch >= boundary)
   return config.lr * config.lr_decay_factor**num_decays
@@ -266,7 +271,7 @@ def validate(config: TrainConfig):
   _require(c.lr > 0, f"--lr must be > 0; got {c.lr}.")
   _require(0 < c.lr_decay_factor <= 1,
            f"--lr_decay_factor must be in (0, 1]; got {c.lr_decay_factor}.")
-  _require(all(e >= 1 for e in c.lr_decay_epochs),
+  _require(all(e > 0 for e in c.lr_decay_epochs),
            f"--lr_decay_epochs must be positive epochs; got "
            f"{list(c.lr_decay_epochs)}.")
   _require(0 <= c.momentum < 1, f"--momentum must be in [0, 1); got "

@@ -71,6 +71,13 @@ class PresetTest(parameterized.TestCase):
                                 "--model=lenet is built for mnist"):
       config_lib.from_preset("sgd", model="lenet")
 
+  def test_fractional_decay_epochs(self):
+    c = config_lib.from_preset("entropy_sgd", epochs=1,
+                               lr_decay_epochs=(0.4, 0.8))
+    self.assertSequenceAlmostEqual(
+        [config_lib.learning_rate_at(c, e) for e in (0.0, 0.39, 0.4, 0.8)],
+        [1.0, 1.0, 0.2, 0.04])
+
   def test_run_names(self):
     self.assertEqual(
         config_lib.from_preset("entropy_sgd", seed=3).default_run_name(),

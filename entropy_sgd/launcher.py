@@ -38,7 +38,8 @@ _HELP = {
               "an Entropy-SGD epoch is L passes over the data).",
     "batch_size": "Global minibatch size (split over replicas).",
     "lr": "Learning rate (Entropy-SGD: the outer rate eta).",
-    "lr_decay_epochs": "Outer epochs at which the learning rate is "
+    "lr_decay_epochs": "Outer epochs (fractions allowed) at which the "
+                       "learning rate is "
                        "multiplied by --lr_decay_factor.",
     "lr_decay_factor": "Learning-rate decay factor.",
     "momentum": "Momentum of sgd/nesterov (Entropy-SGD takes its momentum "
@@ -143,7 +144,7 @@ def define_flags(dataset: str = "cifar10"):
       flags.DEFINE_integer(name, None, help_text)
     elif hint is float or hint == typing.Optional[float]:
       flags.DEFINE_float(name, None, help_text)
-    elif hint == typing.Tuple[int, ...]:
+    elif hint == typing.Tuple[float, ...]:
       flags.DEFINE_list(name, None, help_text)
     else:
       flags.DEFINE_string(name, None, help_text)
@@ -159,13 +160,18 @@ def config_from_flags(dataset: str) -> config_lib.TrainConfig:
   if "lr_decay_epochs" in overrides:
     try:
       overrides["lr_decay_epochs"] = tuple(
-          int(e) for e in overrides["lr_decay_epochs"])
+          _int_or_float(e) for e in overrides["lr_decay_epochs"])
     except ValueError:
       raise config_lib.ConfigError(
-          f"--lr_decay_epochs must be integers; got "
+          f"--lr_decay_epochs must be numbers; got "
           f"{','.join(overrides['lr_decay_epochs'])}.") from None
   opt = overrides.pop("opt")
   return config_lib.from_preset(opt, dataset=dataset, **overrides)
+
+
+def _int_or_float(text: str):
+  value = float(text)
+  return int(value) if value.is_integer() else value
 
 
 def _seeds():

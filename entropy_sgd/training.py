@@ -468,6 +468,9 @@ class Trainer:
     if config.eval_every_steps:
       boundaries.append((step // config.eval_every_steps + 1) *
                         config.eval_every_steps)
+    boundaries += [decay_step for decay_step in (
+        math.ceil(epoch * self.steps_per_epoch)
+        for epoch in config.lr_decay_epochs) if decay_step > step]
     return min(boundaries) - step
 
   def _should_stop(self, stop: "_StopRequest") -> bool:
@@ -527,7 +530,8 @@ class Trainer:
     hinted = False
     while step < self.total_steps:
       epoch = step // self.steps_per_epoch
-      self.learning_rate.assign(config_lib.learning_rate_at(config, epoch))
+      self.learning_rate.assign(config_lib.learning_rate_at(
+          config, step / self.steps_per_epoch))
       num_steps = self._steps_in_next_call(step)
       metrics = self.train_step(iterator, num_steps)
       loss = float(metrics["loss"])

@@ -55,7 +55,9 @@ class MnistLauncherTest(parameterized.TestCase):
 
   def test_steps_per_loop_changes_nothing_but_speed(self):
     log_dir = self.create_tempdir().full_path
+    # Decays inside epochs (after steps 6 and 15) must end loops too.
     common = ["--opt=entropy_sgd", "--model=mnistfc", "--L=2", "--epochs=2",
+              "--lr_decay_epochs=0.55,1.5",
               "--deterministic", f"--data_dir={MNIST}", f"--log_dir={log_dir}",
               "--batch_size=20", "--log_every_steps=10"]
     for name, loop in (("one", "1"), ("seven", "7")):

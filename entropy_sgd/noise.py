@@ -60,14 +60,30 @@ def box_muller(bits: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
   return tf.cast(normals, dtype)
 
 
+# Bits are drawn in chunks of this many words, chunk c keyed by
+# fold_in(key, c): TensorFlow's Philox kernel runs on one thread, and
+# independent chunks run on all cores at once. Fixed, so the values do not
+# depend on the machine.
+BITS_PER_CHUNK = 1 << 18
+
+
+def random_bits(key: tf.Tensor, num_words: int) -> tf.Tensor:
+  """`num_words` uniform uint32 words keyed by the Philox `key`."""
+  chunks = []
+  for index, start in enumerate(range(0, num_words, BITS_PER_CHUNK)):
+    chunk_key = tf.random.experimental.stateless_fold_in(key, index,
+                                                         alg="philox")
+    chunks.append(tf.random.stateless_uniform(
+        [min(BITS_PER_CHUNK, num_words - start)], seed=chunk_key,
+        minval=None, maxval=None, dtype=tf.uint32, alg="philox"))
+  return chunks[0] if len(chunks) == 1 else tf.concat(chunks, 0)
+
+
 def standard_normal(key: tf.Tensor, num_values: int,
                     dtype=tf.float32) -> tf.Tensor:
   """`num_values` independent N(0, 1) values keyed by the Philox `key`."""
   num_pairs = (num_values + 1) // 2
-  bits = tf.random.stateless_uniform(
-      [2 * num_pairs], seed=key, minval=None, maxval=None, dtype=tf.uint32,
-      alg="philox")
-  return box_muller(bits, dtype)[:num_values]
+  return box_muller(random_bits(key, 2 * num_pairs), dtype)[:num_values]
 
 
 def langevin_noise(seed, step, inner_step, shapes: Sequence[tf.TensorShape],

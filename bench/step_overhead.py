@@ -6,9 +6,11 @@ of Nesterov SGD and of Entropy-SGD (outer-step time / L) on each `--model`
 on the same synthetic in-memory batch, and prints the ratio. Targets: <= 1.15
 on mnistfc and lenet, <= 1.02 on wrn-16-1.
 
-`--loop_lengths=1,50` also measures Nesterov with that many outer steps per
-compiled call (the launchers' --steps_per_loop), interleaved, and prints
-images/s for each.
+All four (optimizer, XLA) combinations of a model run interleaved in the same
+rounds, so the XLA on/off ratio is measured side by side too.
+`--loop_lengths=1,50` also measures Nesterov (without XLA) with that many
+outer steps per compiled call (the launchers' --steps_per_loop),
+interleaved, and prints images/s for each.
 
     bazel run //bench:step_overhead -- --model=wrn-16-1 --batch_size=128
     bazel run //bench:step_overhead -- --model=mnistfc,lenet --jit=off
@@ -95,25 +97,34 @@ def measure(runners, label):
           {name: min(t) for name, t in times.items()})
 
 
-def compare_optimizers(model_name, jit_compile):
-  runners = {name: make_runner(model_name, name, jit_compile)
-             for name in ("nesterov", "entropy_sgd")}
-  median, fastest = measure(runners, f"{model_name} xla={jit_compile}")
-  ratio = median["entropy_sgd"] / median["nesterov"]
+def compare_optimizers(model_name, jit_modes):
+  """Both optimizers in every XLA mode, all interleaved in the same rounds."""
+  runners = {(name, jit): make_runner(model_name, name, jit)
+             for jit in jit_modes for name in ("nesterov", "entropy_sgd")}
+  median, fastest = measure(
+      {f"{name}/xla={jit}": runner for (name, jit), runner in runners.items()},
+      model_name)
   target = 1.02 if model_name.startswith("wrn") else 1.15
-  prefix = f"{model_name} xla={str(jit_compile):5s}"
-  print(f"{prefix}  fastest rounds: nesterov "
-        f"{fastest['nesterov'] * 1e3:.1f} ms, entropy_sgd "
-        f"{fastest['entropy_sgd'] * 1e3:.1f} ms; ratio "
-        f"{fastest['entropy_sgd'] / fastest['nesterov']:.3f}")
-  print(f"{prefix}  per gradient evaluation: "
-        f"nesterov {median['nesterov'] * 1e3:7.1f} ms "
-        f"({_BATCH_SIZE.value / median['nesterov']:6.1f} images/s), "
-        f"entropy_sgd {median['entropy_sgd'] * 1e3:7.1f} ms "
-        f"({_BATCH_SIZE.value / median['entropy_sgd']:6.1f} images/s); "
-        f"median ratio entropy_sgd/nesterov = {ratio:.3f} "
-        f"({'meets' if ratio <= target else 'misses'} the {target} target)",
-        flush=True)
+  for jit in jit_modes:
+    nesterov, esgd = f"nesterov/xla={jit}", f"entropy_sgd/xla={jit}"
+    ratio = median[esgd] / median[nesterov]
+    prefix = f"{model_name} xla={str(jit):5s}"
+    print(f"{prefix}  fastest rounds: nesterov {fastest[nesterov] * 1e3:.1f} "
+          f"ms, entropy_sgd {fastest[esgd] * 1e3:.1f} ms; ratio "
+          f"{fastest[esgd] / fastest[nesterov]:.3f}")
+    print(f"{prefix}  per gradient evaluation: "
+          f"nesterov {median[nesterov] * 1e3:7.1f} ms "
+          f"({_BATCH_SIZE.value / median[nesterov]:6.1f} images/s), "
+          f"entropy_sgd {median[esgd] * 1e3:7.1f} ms "
+          f"({_BATCH_SIZE.value / median[esgd]:6.1f} images/s); "
+          f"median ratio entropy_sgd/nesterov = {ratio:.3f} "
+          f"({'meets' if ratio <= target else 'misses'} the {target} target)",
+          flush=True)
+  if len(jit_modes) == 2:
+    print(f"{model_name} XLA on/off time per gradient evaluation: nesterov "
+          f"{median['nesterov/xla=True'] / median['nesterov/xla=False']:.3f},"
+          f" entropy_sgd {median['entropy_sgd/xla=True'] / median['entropy_sgd/xla=False']:.3f}",
+          flush=True)
 
 
 def compare_loop_lengths(model_name, jit_compile):
@@ -137,10 +148,9 @@ def main(argv):
         f"optimizer; TF {tf.__version__}, "
         f"{len(tf.config.list_physical_devices())} device(s)")
   for model_name in _MODELS.value:
-    for jit_compile in jit_modes[_JIT.value]:
-      compare_optimizers(model_name, jit_compile)
-      if _LOOP_LENGTHS.value:
-        compare_loop_lengths(model_name, jit_compile)
+    compare_optimizers(model_name, jit_modes[_JIT.value])
+    if _LOOP_LENGTHS.value:
+      compare_loop_lengths(model_name, False)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Reads the run directories `entropy_sgd.training` writes (config.json,
 summary.json once finished, TensorBoard events) and groups runs that are the
 same experiment with different seeds. For each group it writes a row of
 `results.md` and `results.csv`, and per (dataset, model) a PNG of test error
-and training loss against effective epochs, mean ± 1 std over seeds.
+(and validation error, when held out) and training loss against effective
+epochs, mean ± 1 std over seeds.
 
 Grouping: two runs are one experiment when their configs agree on every
 field except
@@ -582,11 +583,15 @@ def mean_curve(series: Sequence[Series]) -> Tuple[np.ndarray, np.ndarray,
   return grid, mean, std
 
 
+_ERROR_PANELS = {"test error (%)": "test/accuracy",
+                 "validation error (%)": "validation/accuracy"}
+
+
 def _panel_series(group: Group, panel: str) -> List[Series]:
-  if panel == "test error (%)":
-    return [(r.scalars["test/accuracy"][0],
-             error_percent(r.scalars["test/accuracy"][1]))
-            for r in group.runs if "test/accuracy" in r.scalars]
+  if panel in _ERROR_PANELS:
+    tag = _ERROR_PANELS[panel]
+    return [(r.scalars[tag][0], error_percent(r.scalars[tag][1]))
+            for r in group.runs if tag in r.scalars]
   return [r.scalars["train/loss"] for r in group.runs
           if "train/loss" in r.scalars]
 
@@ -602,8 +607,12 @@ def plot_groups(groups: Sequence[Group], output_dir: str) -> List[str]:
     by_model.setdefault((group.dataset, group.model), []).append(group)
   paths = []
   for (dataset, model), similar in sorted(by_model.items()):
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for panel, axis in zip(("test error (%)", "training loss"), axes):
+    panels = ["test error (%)", "training loss"]
+    if any(_panel_series(group, "validation error (%)") for group in similar):
+      panels.insert(0, "validation error (%)")
+    figure, axes = plt.subplots(1, len(panels),
+                                figsize=(6 * len(panels), 4.5))
+    for panel, axis in zip(panels, axes):
       for index, group in enumerate(similar):
         series = _panel_series(group, panel)
         if not series:

@@ -30,9 +30,13 @@ import functools
 import gzip
 import math
 import os
+import socket
 import struct
+import threading
+import urllib.parse
+import urllib.request
 import zlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -316,15 +320,97 @@ class _IdxSource:
     yield images.reshape(len(images), -1, 1).transpose(0, 2, 1), labels
 
 
+# Where tensorflow-datasets fetches each dataset: the prepared copy on GCS
+# (tried first) and the original files (the URLs in its builders). A
+# download is possible when any of them answers.
+_TFDS_GCS = ("storage.googleapis.com", 443)
+_TFDS_DOWNLOAD_HOSTS = {
+    "cifar10": (_TFDS_GCS, ("www.cs.toronto.edu", 443)),
+    "cifar100": (_TFDS_GCS, ("www.cs.toronto.edu", 443)),
+    "mnist": (_TFDS_GCS,),
+}
+_PROBE_TIMEOUT_SECONDS = 4.0
+
+
+def _connect_problem(host: str, port: int,
+                     timeout: float) -> Optional[str]:
+  """None if a TCP connection to host:port opens within `timeout` seconds,
+  name resolution included; otherwise what went wrong, in a few words.
+
+  The probe runs in a daemon thread, so a resolver that hangs cannot hold
+  the caller longer than `timeout`.
+  """
+  outcome = []
+
+  def probe():
+    try:
+      with socket.create_connection((host, port), timeout=timeout):
+        outcome.append(None)
+    except OSError as e:
+      outcome.append(f"{type(e).__name__}: {e.strerror or e}")
+
+  thread = threading.Thread(target=probe, name="download-probe",
+                            daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def _via_proxy(host: str, port: int) -> Tuple[str, int]:
+  """The address an HTTPS request to host:port connects to first: the
+  proxy from the environment (https_proxy, all_proxy) unless no_proxy
+  bypasses it, else host:port itself."""
+  proxies = urllib.request.getproxies()
+  proxy = proxies.get("https") or proxies.get("all")
+  if not proxy or urllib.request.proxy_bypass(host):
+    return host, port
+  parts = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+  default_port = 443 if parts.scheme == "https" else 80
+  return parts.hostname or host, parts.port or default_port
+
+
+def _unreachable_download_hosts(
+    hosts: Sequence[Tuple[str, int]],
+    timeout: float = _PROBE_TIMEOUT_SECONDS) -> Optional[str]:
+  """None if any of `hosts` (through the proxy, if any) accepts a TCP
+  connection within `timeout` seconds; otherwise why none did. The hosts
+  are probed in parallel."""
+  addresses = [_via_proxy(host, port) for host, port in hosts]
+  problems = ["no answer"] * len(addresses)  # None: reachable.
+
+  def probe(i):
+    problems[i] = _connect_problem(*addresses[i], timeout)
+
+  threads = [threading.Thread(target=probe, args=(i,), daemon=True)
+             for i in range(len(addresses))]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout + 1.0)
+  if any(problem is None for problem in problems):
+    return None
+  return "; ".join(f"{host}:{port} {problem}"
+                   for (host, port), problem in zip(addresses, problems))
+
+
 class _TfdsSource:
-  """tensorflow-datasets; records are (uint8 image, label) pairs."""
+  """tensorflow-datasets; records are (uint8 image, label) pairs.
+
+  A dataset that is not prepared yet needs a download. Offline,
+  tensorflow-datasets would retry for minutes before failing; a TCP probe of
+  its download hosts (a few seconds at most) fails first, with the same
+  one-line error.
+  """
 
   def __init__(self, dataset, data_dir, download):
     try:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
       self._tfds = tfds
       self._builder = tfds.builder(dataset, data_dir=data_dir)
-      if download:
+      if download and not self._builder.is_prepared():
+        problem = _unreachable_download_hosts(_TFDS_DOWNLOAD_HOSTS[dataset])
+        if problem:
+          raise ConnectionError(f"no network: {problem}")
         self._builder.download_and_prepare()
       # as_dataset fails if the data are absent.
       self._counts = {split: self._count(split) for split in ("train", "test")}

@@ -10,9 +10,12 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from unittest import mock
 
 from absl.testing import parameterized
 import numpy as np
@@ -513,6 +516,99 @@ class TfdsSourceTest(tf.test.TestCase):
       self.assertEqual(images.shape, [10, 32, 32, 3])
       self.assertEqual(labels.dtype, tf.int32)
       self.assertLen(take(cifar.eval_dataset("validation"))[1], 10)
+
+
+def closed_local_port():
+  """A local TCP port nothing listens on (connections are refused)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+_NO_PROXY_ENV = {k: "" for k in ("http_proxy", "https_proxy", "all_proxy",
+                                 "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                                 "no_proxy", "NO_PROXY")}
+
+
+class OfflineTfdsTest(tf.test.TestCase):
+  """Without a network the tfds source fails in seconds, not minutes.
+
+  The download hosts are pointed at local ports, so nothing here depends on
+  the machine's network.
+  """
+
+  def test_offline_start_fails_fast_with_one_line(self):
+    hosts = {"cifar10": (("127.0.0.1", closed_local_port()),)}
+    config = data.PipelineConfig(tfds_data_dir=self.create_tempdir().full_path)
+    self.assertTrue(config.download)
+    start = time.monotonic()
+    with mock.patch.dict(data._TFDS_DOWNLOAD_HOSTS, hosts), \
+        mock.patch.dict(os.environ, _NO_PROXY_ENV):
+      with self.assertRaisesRegex(
+          data.DataError, r"^No CIFAR-10 data: tensorflow-datasets could not "
+          r"download or find it \(ConnectionError: no network: "
+          r"127\.0\.0\.1:\d+ ConnectionRefusedError.*\)\. Pass "
+          r"--data_dir=DIR where DIR holds cifar-10-batches-bin/") as cm:
+        data.CifarData(config)
+    self.assertLess(time.monotonic() - start, 15.0)
+    self.assertNotIn("\n", str(cm.exception))
+
+  def test_a_hanging_probe_gives_up_after_its_timeout(self):
+    def hang(*args, **kwargs):
+      del args, kwargs
+      time.sleep(30)
+
+    start = time.monotonic()
+    with mock.patch.object(socket, "create_connection", hang):
+      problem = data._unreachable_download_hosts(
+          [("download.invalid", 443), ("mirror.invalid", 443)], timeout=0.5)
+    self.assertLess(time.monotonic() - start, 3.0)
+    self.assertIn("no answer within 0.5 s", problem)
+
+  def test_one_reachable_host_is_enough(self):
+    with socket.socket() as server, \
+        mock.patch.dict(os.environ, _NO_PROXY_ENV):
+      server.bind(("127.0.0.1", 0))
+      server.listen(1)
+      port = server.getsockname()[1]
+      self.assertIsNone(data._unreachable_download_hosts(
+          [("127.0.0.1", closed_local_port()), ("127.0.0.1", port)],
+          timeout=2.0))
+      self.assertIsNotNone(data._unreachable_download_hosts(
+          [("127.0.0.1", closed_local_port())], timeout=2.0))
+
+  def test_probes_the_proxy(self):
+    env = dict(_NO_PROXY_ENV, https_proxy="http://proxy.example:3128")
+    with mock.patch.dict(os.environ, env):
+      self.assertEqual(data._via_proxy("www.cs.toronto.edu", 443),
+                       ("proxy.example", 3128))
+    env["no_proxy"] = "www.cs.toronto.edu"
+    with mock.patch.dict(os.environ, env):
+      self.assertEqual(data._via_proxy("www.cs.toronto.edu", 443),
+                       ("www.cs.toronto.edu", 443))
+
+  def test_prepared_data_need_no_probe(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    probe = mock.Mock(side_effect=AssertionError("probed"))
+    with tfds.testing.mock_data(num_examples=20), \
+        mock.patch.object(data, "_unreachable_download_hosts", probe), \
+        mock.patch.object(tfds.core.DatasetBuilder, "is_prepared",
+                          return_value=True):
+      cifar = data.CifarData(data.PipelineConfig(
+          batch_size=10, tfds_data_dir=self.create_tempdir().full_path))
+    self.assertEqual(cifar.num_examples("train"), 20)
+    probe.assert_not_called()
+
+  def test_reachable_hosts_let_tfds_download(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    with tfds.testing.mock_data(num_examples=20), \
+        mock.patch.object(data, "_unreachable_download_hosts",
+                          return_value=None) as probe:
+      cifar = data.CifarData(data.PipelineConfig(
+          dataset="cifar100", batch_size=10,
+          tfds_data_dir=self.create_tempdir().full_path))
+    self.assertEqual(cifar.num_examples("train"), 20)
+    probe.assert_called_once_with(data._TFDS_DOWNLOAD_HOSTS["cifar100"])
 
 
 class RealCifar10Test(tf.test.TestCase):

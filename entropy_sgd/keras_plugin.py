@@ -182,6 +182,14 @@ class EntropySGD(keras.optimizers.Optimizer):
         langevin_learning_rate=langevin_learning_rate, gamma=gamma,
         scoping=scoping, noise=noise, alpha=alpha, weight_decay=weight_decay,
         conventions=_conventions(conventions), seed=seed, name=name)
+    if self._rules.needs_anchor_gradient:
+      raise ValueError(
+          "These conventions (outer_velocity_init='anchor_gradient' with "
+          "outer momentum, e.g. the pytorch_reference preset) need one more "
+          "minibatch per step, a gradient at x, which the Keras plugin does "
+          "not feed; use entropy_sgd.train_step.make_train_step, or "
+          "dataclasses.replace(optimizers.PYTORCH_REFERENCE, "
+          "outer_velocity_init='zero').")
     self._conventions_arg = conventions
     self._state_built = False
 

@@ -52,7 +52,7 @@ _HELP = {
     "scoping": "Entropy-SGD: gamma1; gamma_t = gamma0 (1 + gamma1)^t.",
     "alpha": "Entropy-SGD: running-mean weight (meaning set by "
              "--conventions).",
-    "conventions": "Entropy-SGD conventions: paper or lua_reference "
+    "conventions": "Entropy-SGD: paper, lua_reference or pytorch_reference "
                    "(README: 'Conventions').",
     "parle": "Entropy-SGD: Parle mode; each replica runs its own chain and "
              "the replicas average elastically once per outer step.",
@@ -88,6 +88,12 @@ _HELP = {
                       "evaluation and checkpoints happen between calls.",
     "eval_every_steps": "Also evaluate and checkpoint every N outer steps "
                         "(besides every epoch).",
+    "track_flatness_every_steps": "Every N outer steps, log "
+                                  "flatness/lambda_max and "
+                                  "flatness/hessian_trace at x: 10 power and "
+                                  "10 Hutchinson iterations of the Hessian on "
+                                  "2 fixed training batches (README: "
+                                  "'Flatness'). Unset: off.",
     "keep_checkpoints": "Checkpoints kept in the run directory.",
     "deterministic": "Enable TF op determinism (bit-reproducible, slower).",
 }

@@ -3,10 +3,16 @@
 All optimizers share one interface, so one training step drives them all:
 
     optimizer.initialize(parameters)          # once, inside strategy.scope()
-    optimizer.begin_outer_step(parameters)
-    for _ in range(optimizer.gradient_evaluations_per_step):
+    optimizer.begin_outer_step(parameters)    # (see needs_anchor_gradient)
+    for _ in range(optimizer.apply_calls_per_step):
       optimizer.apply(gradients_on_a_fresh_minibatch, parameters)
     metrics = optimizer.end_outer_step(parameters)
+
+When `optimizer.needs_anchor_gradient` (only the `pytorch_reference`
+conventions, with outer momentum), the outer step also needs the gradient at
+x on a minibatch of its own, before the inner loop:
+`begin_outer_step(parameters, anchor_gradients)`. `gradient_evaluations_per_step`
+counts every minibatch an outer step consumes, that one included.
 
 For SGD the "outer step" is one gradient step. For Entropy-SGD it is one
 iteration of Algorithm 1 (Chaudhari et al., ICLR 2017): `begin_outer_step`
@@ -53,6 +59,19 @@ def _check_non_negative(name, value):
     raise ValueError(f"{name} must be >= 0; got {value}")
 
 
+def _as_dtype(value, dtype) -> tf.Tensor:
+  """`value` as a tensor of `dtype`.
+
+  A Python number becomes a constant of `dtype` directly: `tf.cast(0.1,
+  tf.float64)` would first make it a float32 tensor (0.10000000149...). A
+  tensor or `tf.Variable` is cast, so a float32 learning-rate variable keeps
+  float32 precision; give float64 models a float64 variable.
+  """
+  if isinstance(value, (int, float)):
+    return tf.constant(value, dtype)
+  return tf.cast(value, dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Conventions:
   """Where the paper and the reference implementations of Entropy-SGD differ.
@@ -66,17 +85,42 @@ class Conventions:
       "sqrt_2lr" (reference code): sqrt(2 * eta') * eps.
     outer_scale: scale s of the outer step x <- x - eta * s * (x - mu).
       "gamma" (paper ICLR version, Alg. 1) or "one" (reference code).
-    inner_momentum: momentum of the SGLD steps (0 in the paper, 0.9 in Lua);
-      its buffer restarts at every outer step.
+    inner_momentum: momentum of the SGLD steps (0 in the paper, 0.9 in the
+      reference codes); its buffer restarts at every outer step.
     inner_nesterov: Nesterov form of the inner momentum.
     inner_weight_decay: where weight decay enters the SGLD step:
       "before_momentum" (PyTorch reference) or "after_momentum" (Lua).
-    outer_momentum: momentum of the outer step (0 in paper and Lua).
+    inner_momentum_buffer: what the heavy-ball buffer v of the SGLD steps
+      accumulates. "gradient" (default): v <- m v + g (+ wd x' when weight
+      decay comes before the momentum); the coupling -gamma (x - x'), weight
+      decay after the momentum and the noise enter only this step's
+      direction. "direction" (Lua and PyTorch reference): their `dw = mdw`
+      makes the direction the buffer itself, so those terms are added to v
+      as well and carried into the later SGLD steps of the outer step with
+      weights m, m^2, ... With Nesterov momentum (both presets) the
+      direction is a separate tensor and this field changes nothing; it
+      matters for heavy-ball (`inner_nesterov=False`).
+    outer_momentum: momentum of the outer step (0 in paper and Lua, 0.9 in
+      the PyTorch reference).
     outer_nesterov: Nesterov form of the outer momentum.
     outer_weight_decay: whether weight decay is added to the outer
       direction too (PyTorch reference) or only in the inner loop.
+    outer_velocity_init: the outer momentum buffer before the first outer
+      step. "zero" (default) or "anchor_gradient" (PyTorch reference): the
+      gradient at x on the minibatch of the reference's extra evaluation
+      (its `deepcopy(w.grad)` on first use; no weight decay). With outer
+      momentum m > 0 the outer step t then carries an extra m^(t+1) grad
+      f(x_0) (heavy ball; m^(t+2) with Nesterov), so the optimizer needs
+      that gradient
+      (`needs_anchor_gradient`): the train step evaluates it at x on a
+      minibatch of its own before the inner loop of every outer step, as
+      the reference does (so both consume L + 1 minibatches per step).
     scoping_offset: gamma_t = gamma0 * (1 + gamma1)**(t + offset) for the
       t-th outer step (t from 0). Lua increments its counter first: 1.
+    scoping_advances: False keeps gamma at gamma0 * (1 + gamma1)**offset
+      forever: the PyTorch reference computes gamma0 (1 + gamma1)**t from a
+      counter `t` it never increments (its bug, reproduced only by the
+      `pytorch_reference` preset).
   """
   alpha_weights: str = "new_sample"
   noise_scale: str = "sqrt_lr"
@@ -84,10 +128,13 @@ class Conventions:
   inner_momentum: float = 0.0
   inner_nesterov: bool = False
   inner_weight_decay: str = "before_momentum"
+  inner_momentum_buffer: str = "gradient"
   outer_momentum: float = 0.0
   outer_nesterov: bool = False
   outer_weight_decay: bool = False
+  outer_velocity_init: str = "zero"
   scoping_offset: int = 0
+  scoping_advances: bool = True
 
   def __post_init__(self):
     _check_choice("alpha_weights", self.alpha_weights,
@@ -96,6 +143,13 @@ class Conventions:
     _check_choice("outer_scale", self.outer_scale, ("gamma", "one"))
     _check_choice("inner_weight_decay", self.inner_weight_decay,
                   ("before_momentum", "after_momentum"))
+    _check_choice("inner_momentum_buffer", self.inner_momentum_buffer,
+                  ("gradient", "direction"))
+    _check_choice("outer_velocity_init", self.outer_velocity_init,
+                  ("zero", "anchor_gradient"))
+    if not isinstance(self.scoping_advances, bool):
+      raise ValueError(f"scoping_advances must be True or False; got "
+                       f"{self.scoping_advances!r}")
     _check_range("inner_momentum", self.inner_momentum, 0.0, 1.0)
     _check_range("outer_momentum", self.outer_momentum, 0.0, 1.0)
     if self.scoping_offset < 0:
@@ -115,14 +169,35 @@ LUA_REFERENCE = Conventions(
     inner_momentum=0.9,
     inner_nesterov=True,
     inner_weight_decay="after_momentum",
+    inner_momentum_buffer="direction",  # No effect with Nesterov.
     outer_momentum=0.0,
     outer_weight_decay=False,
     scoping_offset=1,
 )
 
+# ucla-vision/entropy-sgd `python/optim.py` as `python/train.py` runs it
+# (momentum 0.9, Nesterov, dampening 0; its Langevin step size 0.1 and
+# beta1 = 0.75 are fixed: pass langevin_learning_rate=0.1, alpha=0.75).
+PYTORCH_REFERENCE = Conventions(
+    alpha_weights="old_mean",
+    noise_scale="sqrt_2lr",
+    outer_scale="one",
+    inner_momentum=0.9,
+    inner_nesterov=True,
+    inner_weight_decay="before_momentum",
+    inner_momentum_buffer="direction",  # No effect with Nesterov.
+    outer_momentum=0.9,
+    outer_nesterov=True,
+    outer_weight_decay=True,
+    outer_velocity_init="anchor_gradient",
+    scoping_offset=0,
+    scoping_advances=False,
+)
+
 PRESETS: Mapping[str, Conventions] = {
     "paper": PAPER,
     "lua_reference": LUA_REFERENCE,
+    "pytorch_reference": PYTORCH_REFERENCE,
 }
 
 
@@ -165,7 +240,13 @@ def _assign(variables, values):
 class Optimizer(snt.Module):
   """Shared interface and checks; subclasses define the per-device math."""
 
+  # Minibatches (gradient evaluations) one outer step consumes, all of them.
   gradient_evaluations_per_step = 1
+  # Whether one of them is the gradient at x, taken before the inner loop and
+  # passed to `begin_outer_step(parameters, anchor_gradients)`; the others go
+  # to `apply`. Only Entropy-SGD with `outer_velocity_init="anchor_gradient"`
+  # and outer momentum sets it.
+  needs_anchor_gradient = False
   # Whether `apply` expects gradients summed over replicas (synchronous
   # training); Parle's replicas each follow their own gradients.
   all_reduces_gradients = True
@@ -196,8 +277,19 @@ class Optimizer(snt.Module):
       self.step = _counter("step")
       self._create_state(parameters)
 
-  def begin_outer_step(self, parameters: Sequence[tf.Variable]):
-    """Prepares one outer step (no-op for SGD)."""
+  @property
+  def apply_calls_per_step(self) -> int:
+    """Calls of `apply` per outer step: L for Entropy-SGD, 1 for SGD."""
+    return self.gradient_evaluations_per_step - int(self.needs_anchor_gradient)
+
+  def begin_outer_step(self, parameters: Sequence[tf.Variable],
+                       anchor_gradients: Optional[Sequence[tf.Tensor]] = None):
+    """Prepares one outer step (no-op for SGD).
+
+    `anchor_gradients` (dL/dx at the current weights, on a minibatch of its
+    own) is needed when `needs_anchor_gradient` and ignored otherwise.
+    """
+    del anchor_gradients
     self._check_parameters(parameters)
 
   def apply(self, updates: Sequence[tf.Tensor],
@@ -302,7 +394,7 @@ class SGD(Optimizer):
     for i, (x, g) in enumerate(zip(parameters, gradients)):
       x, v = update_rules.sgd_step(
           x, g, velocities[i] if velocities else None,
-          learning_rate=tf.cast(self.learning_rate, x.dtype),
+          learning_rate=_as_dtype(self.learning_rate, x.dtype),
           weight_decay=self.weight_decay,
           momentum=self.momentum,
           nesterov=self.nesterov)
@@ -328,7 +420,7 @@ class EntropySGD(Optimizer):
   One outer step, on weights x:
 
       gamma <- gamma0 * (1 + gamma1)**(t + scoping_offset)
-      x', mu <- x
+      x', mu <- x                                         (`begin_outer_step`)
       for l = 1..L, each on a fresh minibatch:            (`apply`)
         dx' <- grad f(x') + wd * x' - gamma * (x - x')
         x'  <- x' - eta' * dx' + noise_std * N(0, I)
@@ -395,7 +487,12 @@ class EntropySGD(Optimizer):
     if not 0.0 < alpha <= 1.0:
       raise ValueError(f"alpha must be in (0, 1]; got {alpha}")
     self.learning_rate = learning_rate
-    self.gradient_evaluations_per_step = num_langevin_steps
+    self._num_langevin_steps = num_langevin_steps
+    self.needs_anchor_gradient = (
+        conventions.outer_velocity_init == "anchor_gradient" and
+        conventions.outer_momentum > 0)
+    self.gradient_evaluations_per_step = num_langevin_steps + int(
+        self.needs_anchor_gradient)
     self.langevin_learning_rate = langevin_learning_rate
     self.gamma0 = gamma
     self.scoping = scoping
@@ -412,7 +509,7 @@ class EntropySGD(Optimizer):
 
   @property
   def num_langevin_steps(self) -> int:
-    return self.gradient_evaluations_per_step
+    return self._num_langevin_steps
 
   def _create_state(self, parameters):
     c = self.conventions
@@ -425,31 +522,53 @@ class EntropySGD(Optimizer):
       if c.outer_momentum > 0:
         self.outer_velocities.append(_state_like(p, f"outer_velocity_{i}"))
 
-  def gamma(self, step=None) -> tf.Tensor:
-    """gamma_t for outer step `step` (default: the current one)."""
+  def gamma(self, step=None, dtype=tf.float32) -> tf.Tensor:
+    """gamma_t for outer step `step` (default: the current one), in `dtype`."""
     step = self.step if step is None else step
-    return update_rules.scoped_gamma(
-        self.gamma0, self.scoping,
-        tf.cast(step, tf.int64) + self.conventions.scoping_offset)
+    c = self.conventions
+    exponent = tf.constant(c.scoping_offset, tf.int64)
+    if c.scoping_advances:
+      exponent += tf.cast(step, tf.int64)
+    return update_rules.scoped_gamma(self.gamma0, self.scoping, exponent,
+                                     dtype)
 
-  def begin_outer_step(self, parameters):
-    """x', mu <- x; restarts the inner momentum."""
+  def begin_outer_step(self, parameters, anchor_gradients=None):
+    """x', mu <- x; restarts the inner momentum.
+
+    With `needs_anchor_gradient`, `anchor_gradients` (the gradient at x on a
+    minibatch of its own) becomes the outer momentum buffer at t = 0 (see
+    `Conventions.outer_velocity_init`).
+    """
     self._check_parameters(parameters)
+    if not self.needs_anchor_gradient:
+      anchor_gradients = None
+    elif anchor_gradients is None:
+      raise ValueError(
+          "These conventions (outer_velocity_init='anchor_gradient' with "
+          "outer momentum) need the gradient at x: call "
+          "begin_outer_step(parameters, anchor_gradients) with the gradient "
+          "on a minibatch of its own (train_step.make_train_step does).")
+    else:
+      self._check_updates(anchor_gradients, parameters)
 
-    def restart():
+    def restart(*gradients):
       _assign(self.anchor, _read(parameters))
       _assign(self.mean, _read(parameters))
       for v in self.inner_velocities:
         v.assign(tf.zeros_like(v))
+      if gradients:
+        first = tf.equal(self.step.read_value(), 0)
+        for v, g in zip(self.outer_velocities, gradients):
+          v.assign(tf.where(first, g, v.read_value()))
       self.inner_step.assign(0)
 
-    distribution.update_on_each_device(self.step, restart)
+    distribution.update_on_each_device(self.step, restart,
+                                       *(anchor_gradients or ()))
 
   def _langevin_step_math(self, samples, anchors, means, gradients,
                           velocities, step, inner_step, noise_stream):
     c = self.conventions
     new_samples, new_means, new_velocities = [], [], []
-    gamma = self.gamma(step)
     standard_normals = [None] * len(samples)
     if self._draws_noise:
       standard_normals = langevin_noise(
@@ -458,23 +577,23 @@ class EntropySGD(Optimizer):
     for i, (x_prime, x, mu, g) in enumerate(
         zip(samples, anchors, means, gradients)):
       dtype = x_prime.dtype
-      learning_rate = tf.cast(self.langevin_learning_rate, dtype)
-      noise_std = update_rules.langevin_noise_std(learning_rate,
-                                                  tf.cast(self.noise, dtype),
-                                                  c.noise_scale)
+      learning_rate = _as_dtype(self.langevin_learning_rate, dtype)
+      noise_std = update_rules.langevin_noise_std(
+          learning_rate, _as_dtype(self.noise, dtype), c.noise_scale)
       standard_normal = standard_normals[i]
       if standard_normal is not None:
         standard_normal = tf.cast(standard_normal, dtype)
       x_prime, v = update_rules.langevin_step(
           x_prime, x, g, velocities[i] if velocities else None,
           standard_normal,
-          gamma=tf.cast(gamma, dtype),
+          gamma=self.gamma(step, dtype),
           learning_rate=learning_rate,
           noise_std=noise_std,
           weight_decay=self.weight_decay,
           momentum=c.inner_momentum,
           nesterov=c.inner_nesterov,
-          decay_before_momentum=c.inner_weight_decay == "before_momentum")
+          decay_before_momentum=c.inner_weight_decay == "before_momentum",
+          buffer_takes_direction=c.inner_momentum_buffer == "direction")
       new_samples.append(x_prime)
       new_means.append(
           update_rules.running_mean_step(mu, x_prime,
@@ -505,13 +624,14 @@ class EntropySGD(Optimizer):
 
   def _outer_step_math(self, anchors, means, velocities, step):
     c = self.conventions
-    scale = self.gamma(step) if c.outer_scale == "gamma" else 1.0
     new_anchors, new_velocities = [], []
     for i, (x, mu) in enumerate(zip(anchors, means)):
+      scale = (self.gamma(step, x.dtype) if c.outer_scale == "gamma"
+               else tf.constant(1, x.dtype))
       x, v = update_rules.outer_step(
           x, mu, velocities[i] if velocities else None,
-          learning_rate=tf.cast(self.learning_rate, x.dtype),
-          scale=tf.cast(scale, x.dtype),
+          learning_rate=_as_dtype(self.learning_rate, x.dtype),
+          scale=scale,
           weight_decay=self.weight_decay if c.outer_weight_decay else 0.0,
           momentum=c.outer_momentum,
           nesterov=c.outer_nesterov)
@@ -581,13 +701,13 @@ class Parle(EntropySGD):
     self.rho0 = rho
     self.rho_scoping = rho_scoping
 
-  def rho(self, step=None) -> tf.Tensor:
-    """rho_t for outer step `step` (default: the current one)."""
+  def rho(self, step=None, dtype=tf.float32) -> tf.Tensor:
+    """rho_t for outer step `step` (default: the current one), in `dtype`."""
     step = self.step if step is None else step
     if self.rho0 == float("inf"):
-      return tf.constant(float("inf"))
+      return tf.constant(float("inf"), dtype)
     return update_rules.scoped_gamma(self.rho0, self.rho_scoping,
-                                     tf.cast(step, tf.int64))
+                                     tf.cast(step, tf.int64), dtype)
 
   def apply(self, updates, parameters):
     """One SGLD step of this replica's chain, on its own gradients."""
@@ -611,9 +731,12 @@ class Parle(EntropySGD):
       raise RuntimeError("Parle.end_outer_step must run in replica context "
                          "(inside strategy.run).")
     means = context.all_reduce(tf.distribute.ReduceOp.MEAN, anchors)
-    learning_rate = tf.cast(self.learning_rate, tf.float32)
-    coupling = tf.minimum(learning_rate * self.rho(step), 1.0)
-    coupled = [x - tf.cast(coupling, x.dtype) * (x - xbar)
+
+    def coupling(dtype):  # c = min(eta * rho_t, 1), in the parameters' dtype.
+      return tf.minimum(
+          _as_dtype(self.learning_rate, dtype) * self.rho(step, dtype), 1.0)
+
+    coupled = [x - coupling(x.dtype) * (x - xbar)
                for x, xbar in zip(anchors, means)]
     metrics = {
         "gamma": self.gamma(step),

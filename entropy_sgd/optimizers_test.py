@@ -6,6 +6,7 @@ quadratic f(x) = 1/2 x^T A x, and misuse meets clear errors.
 """
 
 import dataclasses
+import decimal
 
 from absl.testing import parameterized
 import numpy as np
@@ -128,6 +129,24 @@ class ScopingTest(tf.test.TestCase, parameterized.TestCase):
       self.assertAllClose(optimizer.gamma(t),
                           0.03 * (1 + 1e-3)**(t + offset), rtol=2e-6)
 
+  def test_gamma_in_float64(self):
+    optimizer = optimizers.EntropySGD(gamma=0.03, scoping=1e-3)
+    with decimal.localcontext() as context:
+      context.prec = 40
+      for t in (0, 1, 10, 1000, 20000):
+        # Exact: (1 + 1e-3)**t in float64 would be off by t ulps.
+        exact = float(decimal.Decimal(0.03) *
+                      (1 + decimal.Decimal(1e-3))**t)
+        gamma = optimizer.gamma(t, tf.float64)
+        self.assertEqual(gamma.dtype, tf.float64)
+        self.assertAllClose(gamma, exact, rtol=1e-14, atol=0)
+
+  def test_pytorch_reference_never_advances(self):
+    optimizer = optimizers.EntropySGD(gamma=0.03, scoping=1e-3,
+                                      conventions="pytorch_reference")
+    for t in (0, 1, 1000):
+      self.assertEqual(float(optimizer.gamma(t, tf.float64)), 0.03)
+
   def test_gamma_grows_with_every_outer_step(self):
     x = tf.Variable([1.0, 2.0])
     optimizer = optimizers.EntropySGD(num_langevin_steps=2, gamma=0.5,
@@ -141,6 +160,88 @@ class ScopingTest(tf.test.TestCase, parameterized.TestCase):
       gammas.append(float(optimizer.end_outer_step([x])["gamma"]))
     self.assertAllClose(gammas, [0.5 * 1.1**t for t in range(4)], rtol=1e-6)
     self.assertEqual(int(optimizer.step.numpy()), 4)
+
+
+class Float64Test(tf.test.TestCase, parameterized.TestCase):
+  """Python-float hyperparameters reach float64 parameters exactly."""
+
+  def test_python_floats_are_not_rounded_to_float32(self):
+    self.assertEqual(float(optimizers._as_dtype(0.1, tf.float64)), 0.1)  # pylint: disable=protected-access
+    self.assertNotEqual(float(tf.cast(0.1, tf.float64)), 0.1)  # The trap.
+
+  def test_sgd_step(self):
+    x = tf.Variable(tf.constant([1.0, -2.0], tf.float64))
+    optimizer = optimizers.SGD(0.1, weight_decay=0.3)
+    optimizer.initialize([x])
+    optimizer.apply([tf.constant([0.7, 0.2], tf.float64)], [x])
+    expected = np.array([1.0, -2.0]) - 0.1 * (np.array([0.7, 0.2]) +
+                                              0.3 * np.array([1.0, -2.0]))
+    self.assertAllClose(x.numpy(), expected, rtol=1e-15, atol=0)
+
+  @parameterized.parameters("paper", "lua_reference", "pytorch_reference")
+  def test_entropy_sgd_outer_step(self, conventions):
+    # One SGLD step on f = 1/2 a x^2 without noise, then the outer step.
+    a, x0, lr, llr, gamma = 0.7, 1.3, 0.9, 0.1, 0.03
+    x = tf.Variable(tf.constant([x0], tf.float64))
+    optimizer = optimizers.EntropySGD(
+        learning_rate=lr, num_langevin_steps=1, langevin_learning_rate=llr,
+        gamma=gamma, scoping=1e-3, noise=0.0, alpha=0.75,
+        conventions=conventions)
+    optimizer.initialize([x])
+    anchor_gradient = [a * x.read_value()]
+    optimizer.begin_outer_step([x], anchor_gradient)
+    optimizer.apply([a * x.read_value()], [x])
+    optimizer.end_outer_step([x])
+    c = optimizer.conventions
+    g = gamma * (1 + 1e-3)**c.scoping_offset
+    sample = x0 - llr * a * x0  # Coupling and momentum buffers start at 0.
+    if c.inner_momentum:
+      sample = x0 - llr * a * x0 * (1 + c.inner_momentum)  # Nesterov.
+    weight = 0.75 if c.alpha_weights == "new_sample" else 0.25
+    mean = x0 + weight * (sample - x0)
+    direction = (g if c.outer_scale == "gamma" else 1.0) * (x0 - mean)
+    if c.outer_momentum:  # Nesterov, buffer started at the anchor gradient.
+      velocity = c.outer_momentum * a * x0 + direction
+      direction += c.outer_momentum * velocity
+    self.assertAllClose(x.numpy(), [x0 - lr * direction], rtol=1e-15, atol=0)
+
+
+class AnchorGradientTest(tf.test.TestCase):
+
+  def make(self):
+    x = tf.Variable([1.0, 2.0])
+    optimizer = optimizers.EntropySGD(num_langevin_steps=1, noise=0.0,
+                                      conventions="pytorch_reference")
+    optimizer.initialize([x])
+    return x, optimizer
+
+  def test_is_required(self):
+    x, optimizer = self.make()
+    with self.assertRaisesRegex(ValueError, "need the gradient at x"):
+      optimizer.begin_outer_step([x])
+
+  def test_starts_the_outer_velocity_only_at_the_first_step(self):
+    x, optimizer = self.make()
+    optimizer.begin_outer_step([x], [tf.constant([3.0, 4.0])])
+    self.assertAllEqual(optimizer.outer_velocities[0], [3.0, 4.0])
+    optimizer.apply([tf.constant([0.0, 0.0])], [x])
+    optimizer.end_outer_step([x])
+    velocity = optimizer.outer_velocities[0].numpy()
+    optimizer.begin_outer_step([x], [tf.constant([30.0, 40.0])])
+    self.assertAllEqual(optimizer.outer_velocities[0], velocity)
+
+  def test_is_checked(self):
+    x, optimizer = self.make()
+    with self.assertRaisesRegex(ValueError, "has shape"):
+      optimizer.begin_outer_step([x], [tf.constant([3.0])])
+
+  def test_ignored_by_other_conventions(self):
+    x = tf.Variable([1.0, 2.0])
+    optimizer = optimizers.EntropySGD(conventions="lua_reference")
+    optimizer.initialize([x])
+    optimizer.begin_outer_step([x], [tf.constant([3.0, 4.0])])
+    optimizer.begin_outer_step([x])
+    self.assertFalse(optimizer.needs_anchor_gradient)
 
 
 class OptimizerTestBase(tf.test.TestCase, parameterized.TestCase):
@@ -275,19 +376,30 @@ class EntropySGDTest(OptimizerTestBase):
       dict(alpha_weights="newest"), dict(noise_scale="sqrt"),
       dict(outer_scale="eta"), dict(inner_weight_decay="never"),
       dict(inner_momentum=1.0), dict(outer_momentum=-0.1),
-      dict(scoping_offset=-1))
+      dict(scoping_offset=-1), dict(inner_momentum_buffer="velocity"),
+      dict(outer_velocity_init="gradient"), dict(scoping_advances="yes"))
   def test_bad_conventions(self, **kwargs):
     with self.assertRaises(ValueError):
       optimizers.Conventions(**kwargs)
 
   def test_presets_differ_where_documented(self):
     paper, lua = optimizers.PAPER, optimizers.LUA_REFERENCE
+    torch = optimizers.PYTORCH_REFERENCE
     self.assertEqual((paper.alpha_weights, lua.alpha_weights),
                      ("new_sample", "old_mean"))
     self.assertEqual((paper.noise_scale, lua.noise_scale),
                      ("sqrt_lr", "sqrt_2lr"))
     self.assertEqual((paper.outer_scale, lua.outer_scale), ("gamma", "one"))
     self.assertEqual((paper.scoping_offset, lua.scoping_offset), (0, 1))
+    self.assertEqual(
+        dataclasses.asdict(torch),
+        dict(alpha_weights="old_mean", noise_scale="sqrt_2lr",
+             outer_scale="one", inner_momentum=0.9, inner_nesterov=True,
+             inner_weight_decay="before_momentum",
+             inner_momentum_buffer="direction", outer_momentum=0.9,
+             outer_nesterov=True, outer_weight_decay=True,
+             outer_velocity_init="anchor_gradient", scoping_offset=0,
+             scoping_advances=False))
 
   def test_momentum_state_only_when_used(self):
     x = tf.Variable([1.0])

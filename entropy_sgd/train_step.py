@@ -4,7 +4,10 @@
 given optimizer: for Entropy-SGD, L inner SGLD iterations, each pulling its
 own minibatch from the iterator, then the outer update, all in one graph.
 Each gradient evaluation runs under `strategy.run`, with gradients
-all-reduced across replicas before the update. One call runs `num_steps`
+all-reduced across replicas before the update. An optimizer that
+`needs_anchor_gradient` (Entropy-SGD with the `pytorch_reference`
+conventions) also gets the gradient at x on a minibatch of its own before the
+inner loop; no other optimizer pays for it. One call runs `num_steps`
 outer steps (default 1) in a graph loop, which saves the per-call overhead
 on small models.
 """
@@ -61,9 +64,12 @@ def make_train_step(
     (per-replica) `(images, labels)` batches. A call runs `num_steps` outer
     steps (one compiled graph for every `num_steps`), consuming
     `num_steps * optimizer.gradient_evaluations_per_step` batches, and returns
-    the mean training `loss` and `accuracy` over them plus the optimizer's
-    diagnostics of the last outer step (`optimizer.diagnostics`, e.g.
-    `gamma`, `anchor_to_mean_distance`).
+    the mean training `loss` and `accuracy` over the batches passed to
+    `optimizer.apply` (not the anchor-gradient batch of an optimizer that
+    `needs_anchor_gradient`) plus the optimizer's diagnostics of the last
+    outer step (`optimizer.diagnostics`, e.g. `gamma`,
+    `anchor_to_mean_distance`). Metrics are float32 whatever the model's
+    dtype; float64 models train in float64.
   """
   if global_batch_size % strategy.num_replicas_in_sync:
     raise ValueError(
@@ -91,24 +97,36 @@ def make_train_step(
     gradients = tape.gradient(loss, parameters)
     correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype),
                        labels)
-    return (gradients, tf.reduce_sum(per_example_loss),
+    return (gradients, tf.cast(tf.reduce_sum(per_example_loss), tf.float32),
             tf.reduce_sum(tf.cast(correct, tf.float32)))
 
   if jit_compile:
     forward_backward = tf.function(forward_backward, jit_compile=True)
 
-  def replica_step(images, labels):
+  def replica_gradients(images, labels):
     gradients, loss_sum, num_correct = forward_backward(images, labels)
     if optimizer.all_reduces_gradients:
       gradients = tf.distribute.get_replica_context().all_reduce(
           tf.distribute.ReduceOp.SUM, gradients)
+    return gradients, loss_sum, num_correct
+
+  def replica_step(images, labels):
+    gradients, loss_sum, num_correct = replica_gradients(images, labels)
     optimizer.apply(gradients, parameters)
     num_examples = tf.cast(tf.shape(labels)[0], tf.float32)
     return tf.stack([loss_sum, num_correct, num_examples])
 
+  def replica_begin_with_anchor_gradient(images, labels):
+    gradients, _, _ = replica_gradients(images, labels)  # At x.
+    optimizer.begin_outer_step(parameters, anchor_gradients=gradients)
+
   def outer_step(iterator, totals):
-    strategy.run(optimizer.begin_outer_step, args=(parameters,))
-    for _ in tf.range(optimizer.gradient_evaluations_per_step):
+    if optimizer.needs_anchor_gradient:
+      images, labels = next(iterator)
+      strategy.run(replica_begin_with_anchor_gradient, args=(images, labels))
+    else:
+      strategy.run(optimizer.begin_outer_step, args=(parameters,))
+    for _ in tf.range(optimizer.apply_calls_per_step):
       images, labels = next(iterator)
       per_replica = strategy.run(replica_step, args=(images, labels))
       totals += strategy.reduce(

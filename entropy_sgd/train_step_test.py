@@ -23,16 +23,20 @@ BATCH = 8
 
 
 class MLP(snt.Module):
-  """x -> tanh(x W1 + b1) W2 + b2; no BatchNorm, so replicas are exact."""
+  """x -> tanh(x W1 + b1) W2 + b2; no BatchNorm, so replicas are exact.
 
-  def __init__(self):
+  Its variables take `dtype` (the inputs are cast to it).
+  """
+
+  def __init__(self, dtype=tf.float32):
     super().__init__(name="mlp")
+    self.dtype = dtype
     self.hidden = snt.Linear(NUM_HIDDEN, name="hidden")
     self.logits = snt.Linear(NUM_CLASSES, name="logits")
 
   def __call__(self, x, is_training):
     del is_training
-    return self.logits(tf.tanh(self.hidden(x)))
+    return self.logits(tf.tanh(self.hidden(tf.cast(x, self.dtype))))
 
 
 # ---------------------------------------------------------------- NumPy side.
@@ -142,11 +146,14 @@ def short_name(variable):
   return "/".join(variable.name.split(":")[0].split("/")[-2:])
 
 
-def run_tf(strategy, optimizer, x, y, num_outer, jit_compile=False):
-  model = train_step_lib.build_model(strategy, MLP, [NUM_FEATURES])
+def run_tf(strategy, optimizer, x, y, num_outer, jit_compile=False,
+           dtype=tf.float32):
+  model = train_step_lib.build_model(strategy, lambda: MLP(dtype),
+                                     [NUM_FEATURES])
   rng = np.random.RandomState(42)  # The same start under every strategy.
   for v in model.trainable_variables:
-    v.assign(rng.normal(scale=0.5, size=v.shape).astype(np.float32))
+    v.assign(rng.normal(scale=0.5, size=v.shape).astype(
+        dtype.as_numpy_dtype))
   initial = {short_name(v): v.numpy().astype(np.float64)
              for v in model.trainable_variables}
   dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
@@ -159,7 +166,7 @@ def run_tf(strategy, optimizer, x, y, num_outer, jit_compile=False):
   return model, initial, final, metrics
 
 
-def noise_lookup(model, seed, jit_compile=False):
+def noise_lookup(model, seed, jit_compile=False, dtype=tf.float32):
   """The optimizer's noise draws; XLA and TF kernels draw differently."""
   draw = optimizers.langevin_noise
   if jit_compile:
@@ -171,7 +178,7 @@ def noise_lookup(model, seed, jit_compile=False):
   def step_noise(t, l):
     return [n.numpy().astype(np.float64) for n in draw(
         seed, tf.constant(t, tf.int64), tf.constant(l, tf.int64), shapes,
-        tf.float32)]
+        dtype)]
 
   def noise_of(t, l, name):
     return step_noise(t, l)[names.index(name)]
@@ -201,15 +208,20 @@ CONVENTIONS = {
 }
 
 
+def make_entropy_sgd(conventions, jit_compile=False):
+  """EntropySGD with HYPER, the named CONVENTIONS and noise seed 7."""
+  return optimizers.EntropySGD(
+      learning_rate=HYPER["lr"], num_langevin_steps=HYPER["L"],
+      langevin_learning_rate=HYPER["llr"], gamma=HYPER["gamma"],
+      scoping=HYPER["scoping"], noise=HYPER["eps"], alpha=HYPER["alpha"],
+      weight_decay=HYPER["wd"], conventions=CONVENTIONS[conventions], seed=7,
+      jit_compile=jit_compile)
+
+
 class EntropySGDStepTest(tf.test.TestCase, parameterized.TestCase):
 
   def make_optimizer(self, conventions, jit_compile=False):
-    return optimizers.EntropySGD(
-        learning_rate=HYPER["lr"], num_langevin_steps=HYPER["L"],
-        langevin_learning_rate=HYPER["llr"], gamma=HYPER["gamma"],
-        scoping=HYPER["scoping"], noise=HYPER["eps"], alpha=HYPER["alpha"],
-        weight_decay=HYPER["wd"], conventions=CONVENTIONS[conventions], seed=7,
-        jit_compile=jit_compile)
+    return make_entropy_sgd(conventions, jit_compile)
 
   @parameterized.product(
       conventions=sorted(CONVENTIONS), jit_compile=[False, True])
@@ -292,6 +304,52 @@ class SGDStepTest(tf.test.TestCase, parameterized.TestCase):
                         -log_p[np.arange(len(y)), y].mean(), rtol=1e-5)
     self.assertAllClose(metrics[0]["accuracy"],
                         (logits.argmax(axis=1) == y).mean())
+
+
+class Float64Test(tf.test.TestCase, parameterized.TestCase):
+  """float64 models train in float64: Python-float hyperparameters reach
+  them without a float32 round trip, so they follow NumPy to round-off."""
+
+  @parameterized.parameters(sorted(CONVENTIONS))
+  def test_entropy_sgd_matches_numpy(self, conventions):
+    num_outer = 3
+    x, y = make_data(num_outer * HYPER["L"])
+    optimizer = make_entropy_sgd(conventions)
+    model, initial, final, metrics = run_tf(
+        tf.distribute.get_strategy(), optimizer, x, y, num_outer,
+        dtype=tf.float64)
+    self.assertEqual({v.dtype for v in model.trainable_variables},
+                     {tf.float64})
+    expected = np_entropy_sgd(
+        initial, batches_of(x, y),
+        noise_lookup(model, 7, dtype=tf.float64), num_outer, HYPER,
+        CONVENTIONS[conventions])
+    assert_close_relative(self, final, expected, rtol=1e-12)
+    self.assertEqual(metrics[-1]["loss"].dtype, tf.float32)
+
+  @parameterized.named_parameters(
+      ("plain", 0.0, False, 0.0),
+      ("momentum", 0.9, False, 5e-3),
+      ("nesterov", 0.9, True, 5e-3),
+  )
+  def test_sgd_matches_numpy(self, momentum, nesterov, weight_decay):
+    x, y = make_data(5)
+    optimizer = optimizers.SGD(0.3, momentum=momentum, nesterov=nesterov,
+                               weight_decay=weight_decay)
+    _, initial, final, _ = run_tf(tf.distribute.get_strategy(), optimizer,
+                                  x, y, 5, dtype=tf.float64)
+    expected = np_sgd(initial, batches_of(x, y), 0.3, momentum, nesterov,
+                      weight_decay)
+    assert_close_relative(self, final, expected, rtol=1e-12)
+
+  def test_float64_variable_learning_rate(self):
+    x, y = make_data(3)
+    learning_rate = tf.Variable(0.3, dtype=tf.float64)
+    _, initial, final, _ = run_tf(tf.distribute.get_strategy(),
+                                  optimizers.SGD(learning_rate), x, y, 3,
+                                  dtype=tf.float64)
+    expected = np_sgd(initial, batches_of(x, y), 0.3, 0.0, False, 0.0)
+    assert_close_relative(self, final, expected, rtol=1e-12)
 
 
 class MirroredStrategyTest(tf.test.TestCase, parameterized.TestCase):

@@ -51,14 +51,16 @@ def sgd_step(parameter, gradient, velocity, learning_rate, weight_decay,
                       nesterov)
 
 
-def scoped_gamma(gamma, scoping, step):
+def scoped_gamma(gamma, scoping, step, dtype=tf.float32):
   """gamma_t = gamma0 * (1 + gamma1)**t, computed as exp(t * log1p(gamma1)).
 
-  `log1p` is taken in float64 on the host, so the result stays accurate in
-  float32 (no float64 on TPU) for hundreds of thousands of steps.
+  Computed in `dtype`, the parameters' dtype: float64 parameters get a
+  float64 gamma (the Python floats `gamma` and `scoping` never pass through
+  float32). `log1p` is taken in float64 on the host, so the result stays
+  accurate in float32 (no float64 on TPU) for hundreds of thousands of steps.
   """
   log_growth = math.log1p(scoping)
-  step = tf.cast(step, tf.float32)
+  step = tf.cast(step, dtype)
   return gamma * tf.exp(step * log_growth)
 
 
@@ -79,7 +81,8 @@ def langevin_noise_std(langevin_learning_rate, noise, noise_scale):
 
 def langevin_step(sample, anchor, gradient, velocity, standard_normal, *,
                   gamma, learning_rate, noise_std, weight_decay, momentum,
-                  nesterov, decay_before_momentum):
+                  nesterov, decay_before_momentum,
+                  buffer_takes_direction=False):
   """One SGLD step of the inner loop (Algorithm 1, lines 5-6).
 
       dx' = grad f(x') [+ wd * x'] -> momentum [+ wd * x'] - gamma * (x - x')
@@ -87,20 +90,31 @@ def langevin_step(sample, anchor, gradient, velocity, standard_normal, *,
 
   Weight decay enters before the momentum buffer when
   `decay_before_momentum` (PyTorch reference) and after it otherwise (Lua
-  reference). The coupling to the anchor and the noise never enter momentum.
+  reference). By default the coupling to the anchor and the noise never enter
+  the momentum buffer. With `buffer_takes_direction` and heavy-ball momentum
+  (the reference codes' `dw = mdw`, which makes the direction the buffer
+  itself) every term added after the momentum (weight decay after it, the
+  coupling -gamma (x - x') and the noise, as -noise_std / eta' * N(0, I)) is
+  added to the buffer too; with Nesterov momentum it changes nothing.
+  Either way x' moves by +noise_std * N(0, I).
   Returns `(sample, velocity)`.
   """
   direction = gradient
   if decay_before_momentum:
     direction = direction + weight_decay * sample
+  aliased = buffer_takes_direction and velocity is not None and not nesterov
   if velocity is not None:
     direction, velocity = momentum_direction(direction, velocity, momentum,
                                              nesterov)
   if not decay_before_momentum:
     direction = direction + weight_decay * sample
   direction = direction - gamma * (anchor - sample)
+  if aliased:
+    if standard_normal is not None:
+      direction = direction - (noise_std / learning_rate) * standard_normal
+    velocity = direction
   sample = sample - learning_rate * direction
-  if standard_normal is not None:  # None: no noise (eps = 0).
+  if standard_normal is not None and not aliased:  # None: no noise (eps = 0).
     sample = sample + noise_std * standard_normal
   return sample, velocity
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import sonnet as snt
 import tensorflow as tf
@@ -74,8 +74,12 @@ def _check_images(images, rank=4):
 class PaperNet(snt.Module):
   """Shared by the paper's nets: keyed dropout and BatchNorm conventions."""
 
-  def __init__(self, seed: int, name: Optional[str]):
+  def __init__(self, seed: int, name: Optional[str], dropout: float,
+               input_dropout: float = 0.0):
     super().__init__(name=name)
+    _check_rate("input_dropout", input_dropout)
+    _check_rate("dropout", dropout)
+    self.input_dropout, self.dropout = input_dropout, dropout
     self.seed = seed
     # Training calls so far; keys the dropout masks.
     self.dropout_calls = tf.Variable(tf.constant(0, tf.int64),
@@ -119,10 +123,7 @@ class MnistFC(PaperNet):
   def __init__(self, num_classes: int = 10, hidden_units: int = 1024,
                input_dropout: float = 0.2, dropout: float = 0.5,
                seed: int = 0, name: Optional[str] = None):
-    super().__init__(seed, name)
-    _check_rate("input_dropout", input_dropout)
-    _check_rate("dropout", dropout)
-    self.input_dropout, self.dropout = input_dropout, dropout
+    super().__init__(seed, name, dropout, input_dropout)
     self.hidden = [snt.Linear(hidden_units, with_bias=False,
                               w_init=_he_normal(), name=f"hidden{i}")
                    for i in (1, 2)]
@@ -146,9 +147,7 @@ class LeNet(PaperNet):
 
   def __init__(self, num_classes: int = 10, dropout: float = 0.5,
                seed: int = 0, name: Optional[str] = None):
-    super().__init__(seed, name)
-    _check_rate("dropout", dropout)
-    self.dropout = dropout
+    super().__init__(seed, name, dropout)
     self.convs = [
         snt.Conv2D(channels, 5, padding="VALID", with_bias=False,
                    w_init=_he_normal(), name=f"conv{i}")
@@ -203,10 +202,7 @@ class AllCNN(PaperNet):
                                                                           192),
                input_dropout: float = 0.2, dropout: float = 0.5,
                seed: int = 0, name: Optional[str] = None):
-    super().__init__(seed, name)
-    _check_rate("input_dropout", input_dropout)
-    _check_rate("dropout", dropout)
-    self.input_dropout, self.dropout = input_dropout, dropout
+    super().__init__(seed, name, dropout, input_dropout)
     widths = {"c1": channels[0], "c2": channels[1], "classes": num_classes}
     self.layers = []
     for layer in _ALLCNN_LAYERS:
@@ -293,12 +289,18 @@ def spec(name: str) -> ModelSpec:
               cross_replica_batch_norm=cross_replica_batch_norm)), 0.0)
 
 
+def models_for(dataset: str) -> List[str]:
+  """The model names built for `dataset`; "wrn-28-10" stands for the WRNs."""
+  names = [m if m in _PAPER_MODELS else "wrn-28-10" for m in MODEL_NAMES]
+  return [m for m in names if dataset in spec(m).datasets]
+
+
 def check_fits(name: str, dataset: str):
   """ValueError unless model `name` is meant for `dataset`."""
   model_spec = spec(name)
   if dataset not in model_spec.datasets:
-    suitable = [m for m in MODEL_NAMES if dataset in spec(
-        "wrn-16-1" if m == "wrn-DEPTH-WIDTH" else m).datasets]
+    suitable = [m if m in _PAPER_MODELS else "wrn-DEPTH-WIDTH"
+                for m in models_for(dataset)]
     raise ValueError(
         f"--model={name} is built for {'/'.join(model_spec.datasets)}, not "
         f"{dataset}; choose one of {', '.join(suitable)}.")

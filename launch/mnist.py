@@ -1,8 +1,8 @@
 """Train the paper's MNIST nets (mnistfc, LeNet) with SGD, Nesterov or
 Entropy-SGD.
 
-    bazel run //launch:mnist -- --opt=entropy_sgd --model=mnistfc \
-        --data_dir=../shared/data/mnist
+    bazel run //launch:mnist -- --opt=entropy_sgd --model=mnistfc
+    bazel run //launch:mnist -- --opt=nesterov --data_dir=../shared/data/mnist
     bazel run //launch:mnist -- --help
 """
 

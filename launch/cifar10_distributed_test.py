@@ -61,11 +61,15 @@ class MirroredTest(absltest.TestCase):
       actual = training.checkpoint_model_variables(os.path.join(log_dir, name))
       self.assertSameElements(actual, expected)
       for variable in expected:
+        # One device keeps the fused BatchNorm kernel, whose moving variance
+        # takes the unbiased batch variance: n/(n-1) <= 1 + 8e-4 here (the
+        # final BatchNorm sees 20 x 8 x 8 values per channel).
+        rtol = 2e-3 if "moving_variance" in variable else 1e-4
         np.testing.assert_allclose(actual[variable], expected[variable],
-                                   rtol=1e-4, atol=1e-6,
+                                   rtol=rtol, atol=1e-6,
                                    err_msg=f"{name}: {variable}")
       self.assertAlmostEqual(checksums[name], checksums["default"],
-                             delta=1e-6 * checksums["default"])
+                             delta=1e-5 * checksums["default"])
 
 
 class MultiWorkerTest(absltest.TestCase):
@@ -109,7 +113,8 @@ class MultiWorkerTest(absltest.TestCase):
     events = [f for f in os.listdir(run_dir) if f.startswith("events.out")]
     self.assertLen(events, 1)
     self.assertEqual(events[0].split(".")[-3], str(workers[0].pid))
-    self.assertEqual(set(os.listdir(run_dir)), {events[0], "checkpoints"})
+    self.assertEqual(set(os.listdir(run_dir)),
+                     {events[0], "checkpoints", "config.json"})
     self.assertIn("ckpt-2.index",
                   os.listdir(os.path.join(run_dir, "checkpoints")))
     saved = sum(np.abs(value).sum(dtype=np.float64)

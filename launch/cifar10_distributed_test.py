@@ -69,7 +69,7 @@ class MirroredTest(absltest.TestCase):
                                    rtol=rtol, atol=1e-6,
                                    err_msg=f"{name}: {variable}")
       self.assertAlmostEqual(checksums[name], checksums["default"],
-                             delta=1e-5 * checksums["default"])
+                             delta=1e-4 * checksums["default"])  # Moving variances differ by n/(n-1).
 
 
 class MultiWorkerTest(absltest.TestCase):

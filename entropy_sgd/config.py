@@ -80,6 +80,7 @@ class TrainConfig:
   log_every_steps: int = 50
   steps_per_loop: int = 1
   eval_every_steps: Optional[int] = None
+  track_flatness_every_steps: Optional[int] = None
   keep_checkpoints: int = 3
   deterministic: bool = False
 
@@ -209,12 +210,8 @@ def describe_presets(dataset: str) -> str:
   lines = []
   shown = ("epochs", "lr", "lr_decay_epochs", "lr_decay_factor", "momentum",
            "weight_decay", "L", "gamma", "conventions")
-  for model in models.MODEL_NAMES:
-    name = "wrn-28-10" if model.startswith("wrn") else model
-    try:
-      models.check_fits(name, dataset)
-    except ValueError:
-      continue
+  for name in models.models_for(dataset):
+    model = "wrn-DEPTH-WIDTH" if name.startswith("wrn") else name
     for opt in OPTIMIZERS:
       recipe = preset(dataset, name, opt)
       values = ", ".join(f"{k}={recipe[k]}" for k in shown if k in recipe
@@ -322,5 +319,9 @@ def validate(config: TrainConfig):
            f"{c.steps_per_loop}.")
   _require(c.eval_every_steps is None or c.eval_every_steps >= 1,
            f"--eval_every_steps must be >= 1; got {c.eval_every_steps}.")
+  _require(c.track_flatness_every_steps is None or
+           c.track_flatness_every_steps >= 1,
+           f"--track_flatness_every_steps must be >= 1; got "
+           f"{c.track_flatness_every_steps}.")
   _require(c.keep_checkpoints >= 1, f"--keep_checkpoints must be >= 1; got "
            f"{c.keep_checkpoints}.")

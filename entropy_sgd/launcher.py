@@ -105,12 +105,7 @@ def _preset_note(name, dataset):
   if name == "model":
     return f" [default {model!r}]"
   values = {}
-  for model_name in models.MODEL_NAMES:
-    model_name = "wrn-28-10" if model_name.startswith("wrn") else model_name
-    try:
-      models.check_fits(model_name, dataset)
-    except ValueError:
-      continue
+  for model_name in models.models_for(dataset):
     for opt in config_lib.OPTIMIZERS:
       recipe = config_lib.preset(dataset, model_name, opt)
       values[f"{model_name.split('-')[0]}/{opt}"] = recipe.get(

@@ -41,6 +41,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 from entropy_sgd import config as config_lib
 from entropy_sgd import data as data_lib
 from entropy_sgd import distribution
+from entropy_sgd import hessian
 from entropy_sgd import models
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
@@ -365,7 +366,6 @@ class Trainer:
           f"{self.train_examples} training examples; lower it.")
     if self.is_chief:  # Only now: a refused setting leaves no run directory.
       _check_writable(self.run_dir)
-    self.evaluations_per_step = config.gradient_evaluations_per_step
     self.total_steps = config.epochs * self.steps_per_epoch
     if config.max_steps is not None:
       self.total_steps = min(self.total_steps, config.max_steps)
@@ -382,6 +382,9 @@ class Trainer:
       self.best_accuracy = tf.Variable(0.0, trainable=False,
                                        name="best_accuracy")
     self.optimizer = make_optimizer(config, self.learning_rate)
+    # L for Entropy-SGD (L + 1 with the pytorch_reference conventions, whose
+    # step also takes a gradient at x), 1 for SGD.
+    self.evaluations_per_step = self.optimizer.gradient_evaluations_per_step
     self.train_step = train_step_lib.make_train_step(
         self.model, self.optimizer, strategy, config.batch_size,
         jit_compile=config.jit)
@@ -405,6 +408,9 @@ class Trainer:
       logging.info("Resuming from %s (outer step %d).", latest, self.step)
     _check_workers_resumed_alike(strategy, self.step)
     self.evaluator = _Evaluator(self.model, strategy, self.data, config)
+    self.flatness = (_flatness_tracker(self.model, strategy, self.data,
+                                       config.seed)
+                     if config.track_flatness_every_steps else None)
 
   def save_checkpoint(self, step: int) -> str:
     """Saves on every worker (collectives); only the chief's copy stays.
@@ -465,9 +471,10 @@ class Trainer:
     boundaries = [step + config.steps_per_loop, self.total_steps,
                   (step // self.steps_per_epoch + 1) * self.steps_per_epoch,
                   (step // config.log_every_steps + 1) * config.log_every_steps]
-    if config.eval_every_steps:
-      boundaries.append((step // config.eval_every_steps + 1) *
-                        config.eval_every_steps)
+    for every in (config.eval_every_steps,
+                  config.track_flatness_every_steps):
+      if every:
+        boundaries.append((step // every + 1) * every)
     boundaries += [decay_step for decay_step in (
         math.ceil(epoch * self.steps_per_epoch)
         for epoch in config.lr_decay_epochs) if decay_step > step]
@@ -580,6 +587,12 @@ class Trainer:
           hinted = True
           _hint_if_cpu_run_is_long(config, remaining)
         window_start, window_steps = time.perf_counter(), 0
+
+      if self.flatness and step % config.track_flatness_every_steps == 0:
+        flatness = self.flatness.measure()  # At x; the model is restored.
+        write_scalars(flatness, step)
+        logging.info("flatness at step %d: %s", step, ", ".join(
+            f"{k} {v:.4g}" for k, v in flatness.items()))
 
       if (step % self.steps_per_epoch == 0 or step == self.total_steps or
           (config.eval_every_steps and step % config.eval_every_steps == 0)):
@@ -697,6 +710,13 @@ def _hint_if_cpu_run_is_long(config, remaining_seconds: float):
       "//launch:mnist (README: 'Sizing a run for a CPU').",
       _format_duration(remaining_seconds), config.opt, config.model,
       max(1, config.epochs // 10))
+
+
+def _flatness_tracker(model, strategy, data, seed):
+  """lambda_max and tr(H) on 2 fixed un-augmented training batches."""
+  return hessian.FlatnessTracker(
+      model, strategy, lambda context: data.recalibration_dataset(0, context),
+      num_batches=2, iterations=10, seed=seed)
 
 
 def _checkpoint_name(variable) -> str:

@@ -80,13 +80,18 @@ def filter_normalized_direction(weights: Sequence[np.ndarray],
   return direction
 
 
-def _evaluate_at(objective, points, callback=None):
-  """(losses, accuracies) at each flat point; x is restored after."""
+def _evaluate_at(objective, points, callback=None, recalibrate=None):
+  """(losses, accuracies) at each flat point; x is restored after.
+
+  `recalibrate`, if given, runs at every point before the evaluation.
+  """
   x = objective.get_flat()
   losses, accuracies = [], []
   try:
     for i, point in enumerate(points):
       objective.set_flat(point)
+      if recalibrate is not None:
+        recalibrate()
       loss, accuracy = objective.loss_and_accuracy()
       losses.append(loss)
       accuracies.append(accuracy)
@@ -124,21 +129,8 @@ def interpolate(objective: hessian.Objective, start: np.ndarray,
   every point (neither end's statistics fit in between). The weights are
   restored afterwards, the statistics are the last point's: wrap the call
   in `hessian.preserved_state` to keep them too."""
-  x = objective.get_flat()
-  losses, accuracies = [], []
-  try:
-    for i, alpha in enumerate(alphas):
-      objective.set_flat((1 - alpha) * start + alpha * end)
-      if recalibrate is not None:
-        recalibrate()
-      loss, accuracy = objective.loss_and_accuracy()
-      losses.append(loss)
-      accuracies.append(accuracy)
-      if callback is not None:
-        callback(i + 1)
-  finally:
-    objective.set_flat(x)
-  return np.array(losses), np.array(accuracies)
+  points = ((1 - alpha) * start + alpha * end for alpha in alphas)
+  return _evaluate_at(objective, points, callback, recalibrate)
 
 
 # ----------------------------------------------------------- Epsilon-sharpness.

@@ -707,7 +707,7 @@ def _hint_if_cpu_run_is_long(config, remaining_seconds: float):
       "No GPU or TPU found and this run would take %s: the %s preset of "
       "--model=%s is sized for accelerators. For a CPU-sized run pass e.g. "
       "--model=wrn-16-1 --epochs=%d (or --max_steps=N), or train MNIST with "
-      "//launch:mnist (README: 'Sizing a run for a CPU').",
+      "//launch:mnist (README: 'Quick start', 'Results').",
       _format_duration(remaining_seconds), config.opt, config.model,
       max(1, config.epochs // 10))
 

@@ -220,7 +220,8 @@ def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
 def _check_writable(run_dir):
   try:
     os.makedirs(run_dir, exist_ok=True)
-    probe = os.path.join(run_dir, ".write_probe")
+    # Per process: workers of one run share the directory.
+    probe = os.path.join(run_dir, f".write_probe.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

@@ -178,14 +178,10 @@ LUA_REFERENCE = Conventions(
 # ucla-vision/entropy-sgd `python/optim.py` as `python/train.py` runs it
 # (momentum 0.9, Nesterov, dampening 0; its Langevin step size 0.1 and
 # beta1 = 0.75 are fixed: pass langevin_learning_rate=0.1, alpha=0.75).
-PYTORCH_REFERENCE = Conventions(
-    alpha_weights="old_mean",
-    noise_scale="sqrt_2lr",
-    outer_scale="one",
-    inner_momentum=0.9,
-    inner_nesterov=True,
+# Where it differs from the Lua code:
+PYTORCH_REFERENCE = dataclasses.replace(
+    LUA_REFERENCE,
     inner_weight_decay="before_momentum",
-    inner_momentum_buffer="direction",  # No effect with Nesterov.
     outer_momentum=0.9,
     outer_nesterov=True,
     outer_weight_decay=True,

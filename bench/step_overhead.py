@@ -16,6 +16,8 @@ interleaved, and prints images/s for each.
     bazel run //bench:step_overhead -- --model=mnistfc,lenet --jit=off
     bazel run //bench:step_overhead -- --model=mnistfc --jit=off \
         --loop_lengths=1,50
+    bazel run //bench:step_overhead -- --model=mnistfc --jit=off \
+        --compare_noise_kernel
 """
 
 import statistics
@@ -26,6 +28,7 @@ from absl import flags
 import tensorflow as tf
 
 from entropy_sgd import models
+from entropy_sgd import noise as noise_lib
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
 
@@ -46,9 +49,13 @@ _OUTER_STEPS = flags.DEFINE_integer(
     "number of gradient evaluations).")
 _JIT = flags.DEFINE_enum("jit", "both", ["both", "on", "off"],
                          "Measure with XLA, without, or both.")
+_COMPARE_NOISE_KERNEL = flags.DEFINE_bool(
+    "compare_noise_kernel", False, "Also time Entropy-SGD (without XLA) "
+    "with TensorFlow's ops for the noise instead of the compiled kernel.")
 
 
-def make_runner(model_name, optimizer_name, jit_compile, loop_length=1):
+def make_runner(model_name, optimizer_name, jit_compile, loop_length=1,
+                noise_kernel=None):
   """A function timing one round; returns seconds per gradient evaluation."""
   shape = (models.MNIST_SHAPE if "mnist" in models.spec(model_name).datasets
            else models.CIFAR_SHAPE)
@@ -60,6 +67,8 @@ def make_runner(model_name, optimizer_name, jit_compile, loop_length=1):
         learning_rate=1.0, num_langevin_steps=_L.value, weight_decay=5e-4,
         noise=_NOISE.value, conventions="lua_reference",
         jit_compile=jit_compile)
+    if noise_kernel is False:
+      optimizer.use_noise_kernel = False
   else:
     optimizer = optimizers.SGD(0.1, momentum=0.9, nesterov=True,
                                weight_decay=5e-4, jit_compile=jit_compile)
@@ -99,11 +108,14 @@ def measure(runners, label):
 
 def compare_optimizers(model_name, jit_modes):
   """Both optimizers in every XLA mode, all interleaved in the same rounds."""
-  runners = {(name, jit): make_runner(model_name, name, jit)
+  runners = {f"{name}/xla={jit}": make_runner(model_name, name, jit)
              for jit in jit_modes for name in ("nesterov", "entropy_sgd")}
-  median, fastest = measure(
-      {f"{name}/xla={jit}": runner for (name, jit), runner in runners.items()},
-      model_name)
+  compare_kernel = (_COMPARE_NOISE_KERNEL.value and False in jit_modes and
+                    noise_lib.kernel_status().startswith("loaded"))
+  if compare_kernel:
+    runners["entropy_sgd_tf_noise/xla=False"] = make_runner(
+        model_name, "entropy_sgd", False, noise_kernel=False)
+  median, fastest = measure(runners, model_name)
   target = 1.02 if model_name.startswith("wrn") else 1.15
   for jit in jit_modes:
     nesterov, esgd = f"nesterov/xla={jit}", f"entropy_sgd/xla={jit}"
@@ -120,6 +132,13 @@ def compare_optimizers(model_name, jit_modes):
           f"median ratio entropy_sgd/nesterov = {ratio:.3f} "
           f"({'meets' if ratio <= target else 'misses'} the {target} target)",
           flush=True)
+  if compare_kernel:
+    tf_noise, nesterov = "entropy_sgd_tf_noise/xla=False", "nesterov/xla=False"
+    print(f"{model_name} xla=False  entropy_sgd with TensorFlow-op noise "
+          f"{median[tf_noise] * 1e3:7.1f} ms; ratio to nesterov "
+          f"{median[tf_noise] / median[nesterov]:.3f}; the kernel saves "
+          f"{(median[tf_noise] - median['entropy_sgd/xla=False']) * 1e3:.1f}"
+          f" ms per gradient evaluation", flush=True)
   if len(jit_modes) == 2:
     print(f"{model_name} XLA on/off time per gradient evaluation: nesterov "
           f"{median['nesterov/xla=True'] / median['nesterov/xla=False']:.3f},"
@@ -146,7 +165,8 @@ def main(argv):
         f"L={_L.value}, noise={_NOISE.value}, {_ROUNDS.value} rounds x "
         f"{_OUTER_STEPS.value * _L.value} gradient evaluations per "
         f"optimizer; TF {tf.__version__}, "
-        f"{len(tf.config.list_physical_devices())} device(s)")
+        f"{len(tf.config.list_physical_devices())} device(s); noise kernel "
+        f"{noise_lib.kernel_status()}")
   for model_name in _MODELS.value:
     compare_optimizers(model_name, jit_modes[_JIT.value])
     if _LOOP_LENGTHS.value:

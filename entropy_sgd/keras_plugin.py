@@ -450,6 +450,9 @@ def attach(model: keras.Model) -> keras.Model:
   if not optimizer.built:
     with model.distribute_strategy.scope():
       optimizer.build(model.trainable_variables)
+  # The compiled noise kernel cannot run in an XLA-compiled train step.
+  if getattr(model, "jit_compile", False) is not False:
+    optimizer._rules.use_noise_kernel = False  # pylint: disable=protected-access
   model.train_step = lambda data: _entropy_sgd_train_step(model, data)
   model.train_function = None
   _slice_symbolic_build_in_fit(model, optimizer.num_langevin_steps)

@@ -46,13 +46,35 @@ class BoxMullerTest(absltest.TestCase):
     self.assertAlmostEqual(sin_part, radius * math.sin(math.pi / 2), 12)
 
 
+def skip_unless_kernel(test):
+  """Skips without the compiled kernel, unless Bazel said it was built."""
+  if noise.kernel_status().startswith("loaded"):
+    return
+  if (noise.kernel_build_status() == "built" and
+      not noise.kernel_status().startswith("off")):
+    test.fail(f"The kernel was built but is {noise.kernel_status()}")
+  test.skipTest(f"noise kernel {noise.kernel_status()}")
+
+
 class StandardNormalTest(absltest.TestCase):
+  """Distribution of TensorFlow ops' draw (`use_kernel=False`)."""
+
+  use_kernel = False
 
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.sample = noise.standard_normal(
-        noise.step_key(7, 3, 1), 2_000_001).numpy().astype(np.float64)
+    cls.sample = None
+
+  def setUp(self):
+    super().setUp()
+    if self.use_kernel:
+      skip_unless_kernel(self)
+    if type(self).sample is None:
+      type(self).sample = noise.standard_normal(
+          noise.step_key(7, 3, 1), 2_000_001,
+          use_kernel=self.use_kernel).numpy().astype(np.float64)
+      self.sample = type(self).sample
 
   def test_length_and_dtype(self):
     self.assertEqual(self.sample.shape, (2_000_001,))
@@ -89,6 +111,62 @@ class StandardNormalTest(absltest.TestCase):
         half))
     self.assertLess(abs(np.corrcoef(cosines**2, sines**2)[0, 1]),
                     5 / math.sqrt(half))
+
+
+class KernelStandardNormalTest(StandardNormalTest):
+  """The same checks of the compiled CPU kernel's draw."""
+
+  use_kernel = True
+
+
+class KernelAgreementTest(absltest.TestCase):
+  """The kernel against TensorFlow's Philox and a float64 NumPy reference."""
+
+  def setUp(self):
+    super().setUp()
+    skip_unless_kernel(self)
+
+  def test_philox_words_are_tensorflows_bit_for_bit(self):
+    # Sizes across block (4 words) and chunk (2^18 words) boundaries.
+    for num_words in (1, 3, 4, 5, 1000, noise.BITS_PER_CHUNK + 5,
+                      3 * noise.BITS_PER_CHUNK):
+      key = noise.step_key(2, 9, 4)
+      np.testing.assert_array_equal(
+          noise.philox_words(key, num_words).numpy(),
+          noise.random_bits(key, num_words).numpy(), f"{num_words} words")
+
+  def test_normals_match_float64_box_muller(self):
+    for num_values in (1, 2, 7, noise.BITS_PER_CHUNK + 3):
+      key = noise.step_key(11, 0, 5)
+      num_pairs = (num_values + 1) // 2
+      bits = noise.random_bits(key, 2 * num_pairs).numpy().astype(np.float64)
+      radius = np.sqrt(-2 * np.log((bits[:num_pairs] + 0.5) / 2**32))
+      angle = 2 * np.pi * np.floor(bits[num_pairs:] / 2**8) / 2**24
+      expected = np.concatenate([radius * np.cos(angle),
+                                 radius * np.sin(angle)])[:num_values]
+      actual = noise.standard_normal(key, num_values, use_kernel=True).numpy()
+      # float32 rounding of the angle (about 4e-7 rad) times radii up to
+      # about 5, and of the radius itself.
+      np.testing.assert_allclose(actual, expected, rtol=4e-7, atol=3e-6)
+
+  def test_default_uses_the_kernel_on_this_cpu(self):
+    key = noise.step_key(1, 2, 3)
+    np.testing.assert_array_equal(
+        noise.standard_normal(key, 1001).numpy(),
+        noise.standard_normal(key, 1001, use_kernel=True).numpy())
+
+  def test_float64_and_xla_use_tensorflow_ops(self):
+    key = noise.step_key(1, 2, 3)
+    np.testing.assert_array_equal(
+        noise.standard_normal(key, 101, tf.float64).numpy(),
+        noise.standard_normal(key, 101, tf.float64, use_kernel=False).numpy())
+    jitted = tf.function(
+        lambda k: noise.standard_normal(k, 101, use_kernel=False),
+        jit_compile=True)
+    np.testing.assert_allclose(
+        jitted(key).numpy(),
+        noise.standard_normal(key, 101, use_kernel=False).numpy(),
+        atol=1e-6)
 
 
 class LangevinNoiseTest(absltest.TestCase):

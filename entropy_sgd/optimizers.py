@@ -500,6 +500,9 @@ class EntropySGD(Optimizer):
     self.anchor, self.mean = [], []
     self.inner_velocities, self.outer_velocities = [], []
     self.inner_step = None
+    # The compiled CPU noise kernel cannot run inside XLA: None lets
+    # `noise.standard_normal` decide, False keeps TensorFlow's ops.
+    self.use_noise_kernel = False if jit_compile else None
     self._langevin_math = _maybe_jit(self._langevin_step_math, jit_compile)
     self._outer_math = _maybe_jit(self._outer_step_math, jit_compile)
 
@@ -569,7 +572,7 @@ class EntropySGD(Optimizer):
     if self._draws_noise:
       standard_normals = langevin_noise(
           self.seed, step, inner_step, [x.shape for x in samples],
-          samples[0].dtype, noise_stream)
+          samples[0].dtype, noise_stream, self.use_noise_kernel)
     for i, (x_prime, x, mu, g) in enumerate(
         zip(samples, anchors, means, gradients)):
       dtype = x_prime.dtype

@@ -189,21 +189,23 @@ def standard_normal(key: tf.Tensor, num_values: int, dtype=tf.float32,
   if use_kernel is None:
     use_kernel = _kernel_applies(dtype)
   if use_kernel:
-    if _load_kernel() is None:
+    kernel = _load_kernel()  # Not the global: AutoGraph copies globals.
+    if kernel is None:
       raise RuntimeError(f"The noise kernel is {kernel_status()}.")
     keys, counters = _chunk_keys_and_counters(key, 2 * num_pairs)
-    normals = _kernel.langevin_standard_normal(keys, counters,
-                                               num_values=num_values)
+    normals = kernel.langevin_standard_normal(keys, counters,
+                                              num_values=num_values)
     return tf.cast(normals, dtype)
   return box_muller(random_bits(key, 2 * num_pairs), dtype)[:num_values]
 
 
 def philox_words(key: tf.Tensor, num_words: int) -> tf.Tensor:
   """The kernel's Philox words; equal to `random_bits(key, num_words)`."""
-  if _load_kernel() is None:
+  kernel = _load_kernel()
+  if kernel is None:
     raise RuntimeError(f"The noise kernel is {kernel_status()}.")
   keys, counters = _chunk_keys_and_counters(key, num_words)
-  return _kernel.langevin_philox_words(keys, counters, num_words=num_words)
+  return kernel.langevin_philox_words(keys, counters, num_words=num_words)
 
 
 def langevin_noise(seed, step, inner_step, shapes: Sequence[tf.TensorShape],

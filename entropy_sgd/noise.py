@@ -24,7 +24,8 @@ bit for bit, and applies the same Box-Muller map in vectorised loops, about
 agree with the TensorFlow ops' to float32 rounding (|difference| < 2e-6),
 not bit for bit. It is used for float32 draws when it is built and loaded,
 no GPU is visible, the strategy is not a TPU strategy and the caller does not
-compile with XLA; `kernel_status()` says whether it is loaded and why not;
+compile with XLA (inside an XLA-compiled function the TensorFlow ops are
+used); `kernel_status()` says whether it is loaded and why not;
 ENTROPY_SGD_NOISE_KERNEL=off disables it and =PATH loads that library.
 
 Keys: the noise of one SGLD step is keyed by (seed, stream, outer step t,
@@ -41,6 +42,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 from tensorflow.python.ops import gen_stateless_random_ops_v2
 
 _TWO_PI = 2.0 * math.pi
@@ -164,8 +166,13 @@ def kernel_status() -> str:
   return _kernel_status
 
 
+def _in_xla_function() -> bool:
+  return control_flow_util.GraphOrParentsInXlaContext(
+      tf.compat.v1.get_default_graph())
+
+
 def _kernel_applies(dtype) -> bool:
-  if dtype != tf.float32 or _load_kernel() is None:
+  if dtype != tf.float32 or _load_kernel() is None or _in_xla_function():
     return False
   if tf.config.list_logical_devices("GPU"):
     return False

@@ -705,6 +705,34 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
                for a, v in zip(before, model.trainable_variables)]
     self.assertTrue(any(changed))
 
+  @parameterized.parameters(False, True)
+  def test_overflow_on_two_replicas(self, parle):
+    # Replica 1's half of the first batch is Inf: every replica skips that
+    # update (Parle's too), the next one is applied, copies stay identical.
+    x, y = make_data(4)
+    x[BATCH:2 * BATCH] = np.inf
+    strategy = mirrored_strategy()
+    with strategy.scope():
+      loss_scale = precision.DynamicLossScale(initial_scale=64.0)
+    optimizer = (make_esgd(optimizers.Parle, num_langevin_steps=2, rho=1.0)
+                 if parle else make_esgd(num_langevin_steps=2))
+    model = train_step_lib.build_model(
+        strategy, lambda: MixedMLP(tf.float16), [NUM_FEATURES])
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(2 * BATCH)
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    step = train_step_lib.make_train_step(model, optimizer, strategy,
+                                          2 * BATCH, loss_scale=loss_scale)
+    metrics = step(iterator)
+    self.assertEqual(float(metrics["skipped_updates"]), 1.0)
+    self.assertEqual(float(metrics["loss_scale"]), 32.0)
+    self.assertTrue(np.isfinite(float(metrics["loss"])))
+    for v in model.trainable_variables:
+      copies = [c.numpy() for c in v.values]
+      self.assertTrue(np.all(np.isfinite(copies[0])))
+      if not parle:
+        self.assertAllEqual(copies[0], copies[1])
+    self.assertEqual(int(optimizer.inner_step.numpy()), 2)
+
   def test_float32_is_unchanged_by_the_precision_layers(self):
     # compute_dtype=None adds no cast: the MLP of plain Sonnet layers and
     # the precision layers follow bit-identical trajectories.

@@ -671,8 +671,8 @@ class Trainer:
 
     Such a call has no loss (0/0). It is not divergence while the loss
     scale can still be halved: the overflow is the scale's, and the state
-    is untouched. At the scale's floor of 1 the gradients overflow
-    unscaled, and the run has diverged.
+    is untouched. Once the scale has fallen to its floor of 1 the gradients
+    overflow (nearly) unscaled, and the run has diverged.
     """
     if self.loss_scale is None:
       return False

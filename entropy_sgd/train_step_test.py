@@ -499,19 +499,28 @@ class ParleTest(tf.test.TestCase, parameterized.TestCase):
 
 class MixedMLP(snt.Module):
   """x -> relu(BN(x W1)) W2 + b2 computed in `compute_dtype` (None: float32),
-  over float32 variables, returning float32 logits (see `precision`)."""
+  over float32 variables, returning float32 logits (see `precision`).
 
-  def __init__(self, compute_dtype=None, hidden=NUM_HIDDEN):
+  `batch_norm=False`: relu(x W1 + b1) W2 + b2, whose variables have the
+  shapes of `MLP`'s (collectives of several MirroredStrategy objects in one
+  process share instance keys, and TensorFlow refuses a key reused with
+  another shape).
+  """
+
+  def __init__(self, compute_dtype=None, hidden=NUM_HIDDEN, batch_norm=True):
     super().__init__(name="mixed_mlp")
     self.compute_dtype = compute_dtype
-    self.hidden = precision.Linear(hidden, with_bias=False, name="hidden")
-    self.bn = precision.BatchNorm(True, True, decay_rate=0.9, name="bn")
+    self.hidden = precision.Linear(hidden, with_bias=not batch_norm,
+                                   name="hidden")
+    self.bn = (precision.BatchNorm(True, True, decay_rate=0.9, name="bn")
+               if batch_norm else None)
     self.logits = precision.Linear(NUM_CLASSES, name="logits")
 
   def __call__(self, x, is_training):
     net = self.hidden(precision.to_compute(x, self.compute_dtype))
-    net = tf.nn.relu(self.bn(net, is_training=is_training))
-    return precision.logits_to_float32(self.logits(net))
+    if self.bn is not None:
+      net = self.bn(net, is_training=is_training)
+    return precision.logits_to_float32(self.logits(tf.nn.relu(net)))
 
 
 # Inner and outer momentum, so that every kind of optimizer state exists.
@@ -717,7 +726,8 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
     optimizer = (make_esgd(optimizers.Parle, num_langevin_steps=2, rho=1.0)
                  if parle else make_esgd(num_langevin_steps=2))
     model = train_step_lib.build_model(
-        strategy, lambda: MixedMLP(tf.float16), [NUM_FEATURES])
+        strategy, lambda: MixedMLP(tf.float16, batch_norm=False),
+        [NUM_FEATURES])
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(2 * BATCH)
     iterator = iter(strategy.experimental_distribute_dataset(dataset))
     step = train_step_lib.make_train_step(model, optimizer, strategy,

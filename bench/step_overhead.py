@@ -12,12 +12,20 @@ rounds, so the XLA on/off ratio is measured side by side too.
 outer steps per compiled call (the launchers' --steps_per_loop),
 interleaved, and prints images/s for each.
 
+`--precision=mixed_bfloat16` (or mixed_float16) also runs both optimizers in
+that precision, interleaved in the same rounds as float32, and prints
+images/s of both precisions side by side, the speedup, and the
+Entropy-SGD/Nesterov ratio in mixed precision (target <= 1.02 on wrn-16-1:
+the float32 update must not show more once the gradient is cheaper).
+
     bazel run //bench:step_overhead -- --model=wrn-16-1 --batch_size=128
     bazel run //bench:step_overhead -- --model=mnistfc,lenet --jit=off
     bazel run //bench:step_overhead -- --model=mnistfc --jit=off \
         --loop_lengths=1,50
     bazel run //bench:step_overhead -- --model=mnistfc --jit=off \
         --compare_noise_kernel
+    bazel run //bench:step_overhead -- --model=wrn-16-1 --jit=off \
+        --precision=mixed_bfloat16
 """
 
 import statistics
@@ -30,6 +38,7 @@ import tensorflow as tf
 from entropy_sgd import models
 from entropy_sgd import noise as noise_lib
 from entropy_sgd import optimizers
+from entropy_sgd import precision as precision_lib
 from entropy_sgd import train_step as train_step_lib
 
 _MODELS = flags.DEFINE_list(
@@ -52,16 +61,23 @@ _JIT = flags.DEFINE_enum("jit", "both", ["both", "on", "off"],
 _COMPARE_NOISE_KERNEL = flags.DEFINE_bool(
     "compare_noise_kernel", False, "Also time Entropy-SGD (without XLA) "
     "with TensorFlow's ops for the noise instead of the compiled kernel.")
+_PRECISION = flags.DEFINE_enum(
+    "precision", "float32", precision_lib.PRECISIONS,
+    "Also measure in this mixed precision, beside float32.")
 
 
 def make_runner(model_name, optimizer_name, jit_compile, loop_length=1,
-                noise_kernel=None):
+                precision="float32", noise_kernel=None):
   """A function timing one round; returns seconds per gradient evaluation."""
   shape = (models.MNIST_SHAPE if "mnist" in models.spec(model_name).datasets
            else models.CIFAR_SHAPE)
   strategy = tf.distribute.get_strategy()
   model = train_step_lib.build_model(
-      strategy, lambda: models.build(model_name, 10), shape)
+      strategy, lambda: models.build(
+          model_name, 10,
+          compute_dtype=precision_lib.compute_dtype(precision)), shape)
+  loss_scale = (precision_lib.DynamicLossScale()
+                if precision_lib.uses_loss_scaling(precision) else None)
   if optimizer_name == "entropy_sgd":
     optimizer = optimizers.EntropySGD(
         learning_rate=1.0, num_langevin_steps=_L.value, weight_decay=5e-4,
@@ -78,7 +94,8 @@ def make_runner(model_name, optimizer_name, jit_compile, loop_length=1,
   dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
   iterator = iter(dataset)
   step = train_step_lib.make_train_step(
-      model, optimizer, strategy, _BATCH_SIZE.value, jit_compile=jit_compile)
+      model, optimizer, strategy, _BATCH_SIZE.value, jit_compile=jit_compile,
+      loss_scale=loss_scale)
   evaluations_per_call = optimizer.gradient_evaluations_per_step * loop_length
   calls = max(1, _OUTER_STEPS.value * _L.value // evaluations_per_call)
 
@@ -106,10 +123,16 @@ def measure(runners, label):
           {name: min(t) for name, t in times.items()})
 
 
-def compare_optimizers(model_name, jit_modes):
-  """Both optimizers in every XLA mode, all interleaved in the same rounds."""
+def compare_optimizers(model_name, jit_modes, mixed=None):
+  """Both optimizers in every XLA mode (and in float32 and the `mixed`
+  precision), all interleaved in the same rounds."""
   runners = {f"{name}/xla={jit}": make_runner(model_name, name, jit)
              for jit in jit_modes for name in ("nesterov", "entropy_sgd")}
+  if mixed:
+    runners.update({
+        f"{name}/xla={jit}/{mixed}": make_runner(model_name, name, jit,
+                                                 precision=mixed)
+        for jit in jit_modes for name in ("nesterov", "entropy_sgd")})
   compare_kernel = (_COMPARE_NOISE_KERNEL.value and False in jit_modes and
                     noise_lib.kernel_status().startswith("loaded"))
   if compare_kernel:
@@ -139,11 +162,34 @@ def compare_optimizers(model_name, jit_modes):
           f"{median[tf_noise] / median[nesterov]:.3f}; the kernel saves "
           f"{(median[tf_noise] - median['entropy_sgd/xla=False']) * 1e3:.1f}"
           f" ms per gradient evaluation", flush=True)
+  for jit in jit_modes if mixed else ():
+    print_mixed_precision(model_name, jit, mixed, median, target)
   if len(jit_modes) == 2:
     print(f"{model_name} XLA on/off time per gradient evaluation: nesterov "
           f"{median['nesterov/xla=True'] / median['nesterov/xla=False']:.3f},"
           f" entropy_sgd {median['entropy_sgd/xla=True'] / median['entropy_sgd/xla=False']:.3f}",
           flush=True)
+
+
+def print_mixed_precision(model_name, jit, mixed, median, target):
+  """images/s of float32 and `mixed` side by side; the ratio in `mixed`."""
+  batch = _BATCH_SIZE.value
+  prefix = f"{model_name} xla={str(jit):5s}"
+  speeds = []
+  for name in ("nesterov", "entropy_sgd"):
+    full = median[f"{name}/xla={jit}"]
+    half = median[f"{name}/xla={jit}/{mixed}"]
+    speeds.append(f"{name} {batch / full:7.1f} -> {batch / half:7.1f} "
+                  f"images/s ({full / half:.2f}x)")
+  print(f"{prefix}  float32 -> {mixed}: " + ", ".join(speeds), flush=True)
+  nesterov = median[f"nesterov/xla={jit}/{mixed}"]
+  esgd = median[f"entropy_sgd/xla={jit}/{mixed}"]
+  ratio = esgd / nesterov
+  print(f"{prefix}  {mixed} per gradient evaluation: nesterov "
+        f"{nesterov * 1e3:7.1f} ms, entropy_sgd {esgd * 1e3:7.1f} ms; "
+        f"{mixed} median ratio entropy_sgd/nesterov = {ratio:.3f} "
+        f"({'meets' if ratio <= target else 'misses'} the {target} target)",
+        flush=True)
 
 
 def compare_loop_lengths(model_name, jit_compile):
@@ -164,11 +210,14 @@ def main(argv):
   print(f"models {','.join(_MODELS.value)}, batch {_BATCH_SIZE.value}, "
         f"L={_L.value}, noise={_NOISE.value}, {_ROUNDS.value} rounds x "
         f"{_OUTER_STEPS.value * _L.value} gradient evaluations per "
-        f"optimizer; TF {tf.__version__}, "
+        f"optimizer; precision float32"
+        f"{'' if _PRECISION.value == 'float32' else ' and ' + _PRECISION.value}"
+        f"; TF {tf.__version__}, "
         f"{len(tf.config.list_physical_devices())} device(s); noise kernel "
         f"{noise_lib.kernel_status()}")
   for model_name in _MODELS.value:
-    compare_optimizers(model_name, jit_modes[_JIT.value])
+    mixed = None if _PRECISION.value == "float32" else _PRECISION.value
+    compare_optimizers(model_name, jit_modes[_JIT.value], mixed)
     if _LOOP_LENGTHS.value:
       compare_loop_lengths(model_name, False)
 

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 from entropy_sgd import models
 from entropy_sgd import optimizers
+from entropy_sgd import precision
 
 OPTIMIZERS = ("sgd", "nesterov", "entropy_sgd")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -67,6 +68,7 @@ class TrainConfig:
   rho_scoping: float = 1e-3
   seed: int = 0
   jit: bool = False
+  precision: str = "float32"  # Or mixed_bfloat16, mixed_float16.
   max_steps: Optional[int] = None
   strategy: str = "default"
   num_devices: int = 2
@@ -93,6 +95,8 @@ class TrainConfig:
     if self.opt == "entropy_sgd":
       parts.append(f"L{self.L}")
     parts.append(f"seed{self.seed}")
+    if self.precision != "float32":  # Never resumes a run of another one.
+      parts.append(self.precision)
     return "_".join(parts)
 
 
@@ -291,6 +295,9 @@ def validate(config: TrainConfig):
            f"{c.rho}.")
   _require(c.rho_scoping >= 0, f"--rho_scoping must be >= 0; got "
            f"{c.rho_scoping}.")
+  _require(c.precision in precision.PRECISIONS,
+           f"--precision={c.precision!r} is unknown; choose one of "
+           f"{', '.join(precision.PRECISIONS)}.")
   _require(c.max_steps is None or c.max_steps >= 1,
            f"--max_steps must be >= 1; got {c.max_steps}.")
   _require(c.strategy in STRATEGIES,

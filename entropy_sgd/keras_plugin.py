@@ -24,6 +24,14 @@ Switching a Keras pipeline to Entropy-SGD takes three changes:
   of L batches, laid out `[batch, L, ...]` so that `MirroredStrategy` splits
   the batch (not the L inner steps) across replicas.
 
+Mixed precision: under `keras.mixed_precision.set_global_policy(
+"mixed_bfloat16")` the layers compute in bfloat16 while their variables, and
+so this optimizer's state (made from them) and the Langevin noise added to
+x', stay float32; Keras computes the loss in float32. The mixed_float16
+policy makes Keras wrap the optimizer in a `LossScaleOptimizer`, which cannot
+drive the L-step inner loop: `attach` refuses it (use mixed_bfloat16, or the
+Sonnet path's `--precision=mixed_float16` with dynamic loss scaling).
+
 The math is the Sonnet optimizer's: each step calls
 `optimizers.EntropySGD._langevin_step_math` / `_outer_step_math` (which call
 `updates.py`) and `optimizers.langevin_noise` keyed by (seed, t, l,
@@ -442,6 +450,14 @@ def attach(model: keras.Model) -> keras.Model:
     raise ValueError("The model has no trainable weights: Entropy-SGD has "
                      "nothing to train.")
   optimizer = getattr(model, "optimizer", None)
+  if isinstance(getattr(optimizer, "inner_optimizer", None), EntropySGD):
+    raise ValueError(
+        "The mixed_float16 policy is not supported: Keras wrapped "
+        "EntropySGD in a LossScaleOptimizer, whose one-gradient update "
+        "cannot drive Entropy-SGD's L-step inner loop. Use "
+        "keras.mixed_precision.set_global_policy('mixed_bfloat16') (no loss "
+        "scaling needed), or the Sonnet launchers' --precision=mixed_float16,"
+        " which scale the loss dynamically.")
   if not isinstance(optimizer, EntropySGD):
     raise ValueError(
         "Call model.compile(optimizer=entropy_sgd.keras_plugin.EntropySGD(...), "

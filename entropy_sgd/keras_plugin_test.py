@@ -401,6 +401,64 @@ class MirroredStrategyTest(tf.test.TestCase):
                         atol=1e-5)
 
 
+class MixedPrecisionTest(tf.test.TestCase):
+  """Keras' mixed_bfloat16 policy: bfloat16 compute, float32 state."""
+
+  def setUp(self):
+    super().setUp()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    self.addCleanup(keras.mixed_precision.set_global_policy, "float32")
+
+  def fit_wide_model(self, seed, noise, hidden=256):
+    """One Entropy-SGD step (L=1, paper conventions); returns the model."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input([NUM_FEATURES]),
+        keras.layers.Dense(hidden),
+        keras.layers.BatchNormalization(),
+        keras.layers.Activation("relu"),
+        keras.layers.Dense(NUM_CLASSES),
+    ])
+    model.compile(optimizer=esgd_keras.EntropySGD(
+        learning_rate=1.0, num_langevin_steps=1, langevin_learning_rate=0.1,
+        gamma=0.3, scoping=0.0, noise=noise, alpha=0.75, seed=seed,
+        conventions="paper"), loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+    esgd_keras.attach(model)
+    x, y = make_data(1)
+    model.fit(esgd_keras.group_batches(batches(x, y), 1), epochs=1,
+              verbose=0)
+    return model
+
+  def test_state_stays_float32_and_compute_is_bfloat16(self):
+    model = self.fit_wide_model(seed=0, noise=1e-4)
+    self.assertEqual(model.layers[0].compute_dtype, "bfloat16")
+    self.assertEqual({v.dtype for v in model.variables}, {"float32"})
+    optimizer = model.optimizer
+    for name in ("anchor", "mean"):
+      self.assertEqual({v.dtype for v in getattr(optimizer, name)},
+                       {"float32"}, name)
+
+  def test_noise_reaches_the_float32_weights(self):
+    # L=1, paper conventions: x <- x - eta gamma alpha (x - x'), so two
+    # noise seeds move x apart by eta gamma alpha sqrt(eta') eps (n1 - n2),
+    # std 5e-6 here: far below what bfloat16 weights could hold.
+    weights = [np.concatenate([w.ravel() for w in self.fit_wide_model(
+        seed, noise=1e-4).get_weights()[:2]]) for seed in (0, 1)]
+    expected_std = 1.0 * 0.3 * 0.75 * np.sqrt(0.1) * 1e-4 * np.sqrt(2.0)
+    self.assertAllClose(np.std(weights[0] - weights[1]), expected_std,
+                        rtol=0.1)
+
+  def test_mixed_float16_is_refused_clearly(self):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = keras.Sequential([keras.Input([NUM_FEATURES]),
+                              keras.layers.Dense(NUM_CLASSES)])
+    model.compile(optimizer=esgd_keras.EntropySGD(**HYPER), loss="mse")
+    with self.assertRaisesRegex(ValueError,
+                                "mixed_float16 policy is not supported"):
+      esgd_keras.attach(model)
+
+
 def setUpModule():
   distribution.logical_cpus(2)  # Before TensorFlow starts up.
 

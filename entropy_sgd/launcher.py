@@ -61,6 +61,12 @@ _HELP = {
     "rho_scoping": "Parle: rho_t = rho0 (1 + rho_scoping)^t.",
     "seed": "Seed of initialisation, data order, augmentation and noise.",
     "jit": "Compile the per-replica step with XLA.",
+    "precision": "float32; mixed_bfloat16 (forward and backward passes in "
+                 "bfloat16, fast on CPUs with AVX512_BF16, TPUs and recent "
+                 "GPUs); or mixed_float16 (float16 with dynamic loss "
+                 "scaling, for GPUs). Parameters, optimizer state (x, mu, "
+                 "momenta), BatchNorm statistics and the loss stay float32. "
+                 "README: 'Mixed precision'.",
     "max_steps": "Stop after this many outer steps in total (then evaluate "
                  "and checkpoint); for smoke runs.",
     "strategy": "default (one device); mirrored (all local GPUs, else "

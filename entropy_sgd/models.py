@@ -24,7 +24,9 @@ reference uses Torch's default uniform initialisation.
 
 Every module is called as `model(images, is_training)` with NHWC float
 images and returns logits; `is_training` is a Python bool that switches
-BatchNorm statistics and dropout.
+BatchNorm statistics and dropout. With `compute_dtype` (bfloat16 or
+float16) a module casts the images to it, computes in 16 bits over float32
+variables and returns float32 logits (see `precision`).
 
 Dropout in the paper's nets is stateless: the masks of the k-th training call
 are keyed by (seed, k, layer), and k is a variable that checkpoints save, so
@@ -42,6 +44,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import sonnet as snt
 import tensorflow as tf
 
+from entropy_sgd import precision
 from entropy_sgd import wide_resnet
 
 Shape = Tuple[int, int, int]
@@ -54,8 +57,8 @@ def _he_normal() -> snt.initializers.Initializer:
 
 
 def _batch_norm(name: str) -> snt.BatchNorm:
-  return snt.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9,
-                       eps=1e-5, name=name)
+  return precision.BatchNorm(create_scale=True, create_offset=True,
+                             decay_rate=0.9, eps=1e-5, name=name)
 
 
 def _check_rate(name, rate):
@@ -75,8 +78,12 @@ class PaperNet(snt.Module):
   """Shared by the paper's nets: keyed dropout and BatchNorm conventions."""
 
   def __init__(self, seed: int, name: Optional[str], dropout: float,
-               input_dropout: float = 0.0):
+               input_dropout: float = 0.0,
+               compute_dtype: Optional[tf.DType] = None):
     super().__init__(name=name)
+    # 16-bit compute over float32 variables (see `precision`); None: the
+    # input's dtype throughout.
+    self.compute_dtype = compute_dtype
     _check_rate("input_dropout", input_dropout)
     _check_rate("dropout", dropout)
     self.input_dropout, self.dropout = input_dropout, dropout
@@ -88,7 +95,11 @@ class PaperNet(snt.Module):
     self._layer = 0
 
   def _begin_call(self, is_training, use_dropout):
-    """Starts a forward pass; returns whether dropout is on."""
+    """Starts a forward pass; returns whether dropout is on.
+
+    Cast the images with `precision.to_compute(images, self.compute_dtype)`
+    and return `precision.logits_to_float32(logits)`.
+    """
     self._layer = 0
     on = is_training if use_dropout is None else use_dropout
     if on:
@@ -122,46 +133,48 @@ class MnistFC(PaperNet):
 
   def __init__(self, num_classes: int = 10, hidden_units: int = 1024,
                input_dropout: float = 0.2, dropout: float = 0.5,
-               seed: int = 0, name: Optional[str] = None):
-    super().__init__(seed, name, dropout, input_dropout)
-    self.hidden = [snt.Linear(hidden_units, with_bias=False,
-                              w_init=_he_normal(), name=f"hidden{i}")
+               seed: int = 0, name: Optional[str] = None,
+               compute_dtype: Optional[tf.DType] = None):
+    super().__init__(seed, name, dropout, input_dropout, compute_dtype)
+    self.hidden = [precision.Linear(hidden_units, with_bias=False,
+                                    w_init=_he_normal(), name=f"hidden{i}")
                    for i in (1, 2)]
     self.hidden_bns = [_batch_norm(f"hidden{i}_bn") for i in (1, 2)]
-    self.logits_layer = snt.Linear(num_classes, name="logits")
+    self.logits_layer = precision.Linear(num_classes, name="logits")
 
   def __call__(self, images: tf.Tensor, is_training: bool,
                use_dropout: Optional[bool] = None) -> tf.Tensor:
-    images = _check_images(images)
+    images = precision.to_compute(_check_images(images), self.compute_dtype)
     dropout = self._begin_call(is_training, use_dropout)
     net = tf.reshape(images, [tf.shape(images)[0], -1])
     net = self._dropout(net, self.input_dropout, dropout)
     for linear, bn in zip(self.hidden, self.hidden_bns):
       net = self._normalise(bn, linear(net), is_training)
       net = self._dropout(net, self.dropout, dropout)
-    return self.logits_layer(net)
+    return precision.logits_to_float32(self.logits_layer(net))
 
 
 class LeNet(PaperNet):
   """The paper's LeNet (the reference's "mnistconv")."""
 
   def __init__(self, num_classes: int = 10, dropout: float = 0.5,
-               seed: int = 0, name: Optional[str] = None):
-    super().__init__(seed, name, dropout)
+               seed: int = 0, name: Optional[str] = None,
+               compute_dtype: Optional[tf.DType] = None):
+    super().__init__(seed, name, dropout, compute_dtype=compute_dtype)
     self.convs = [
-        snt.Conv2D(channels, 5, padding="VALID", with_bias=False,
-                   w_init=_he_normal(), name=f"conv{i}")
+        precision.Conv2D(channels, 5, padding="VALID", with_bias=False,
+                         w_init=_he_normal(), name=f"conv{i}")
         for i, channels in enumerate((20, 50), start=1)]
     self.conv_bns = [_batch_norm(f"conv{i}_bn") for i in (1, 2)]
     self.pool_sizes = (3, 2)
-    self.hidden = snt.Linear(500, with_bias=False, w_init=_he_normal(),
-                             name="hidden")
+    self.hidden = precision.Linear(500, with_bias=False,
+                                   w_init=_he_normal(), name="hidden")
     self.hidden_bn = _batch_norm("hidden_bn")
-    self.logits_layer = snt.Linear(num_classes, name="logits")
+    self.logits_layer = precision.Linear(num_classes, name="logits")
 
   def __call__(self, images: tf.Tensor, is_training: bool,
                use_dropout: Optional[bool] = None) -> tf.Tensor:
-    net = _check_images(images)
+    net = precision.to_compute(_check_images(images), self.compute_dtype)
     dropout = self._begin_call(is_training, use_dropout)
     for conv, bn, pool in zip(self.convs, self.conv_bns, self.pool_sizes):
       net = self._normalise(bn, conv(net), is_training)
@@ -170,7 +183,7 @@ class LeNet(PaperNet):
     net = tf.reshape(net, [tf.shape(net)[0], -1])
     net = self._normalise(self.hidden_bn, self.hidden(net), is_training)
     net = self._dropout(net, self.dropout, dropout)
-    return self.logits_layer(net)
+    return precision.logits_to_float32(self.logits_layer(net))
 
 
 # (output channels, kernel, stride) of each conv -> BN -> ReLU layer;
@@ -201,8 +214,9 @@ class AllCNN(PaperNet):
   def __init__(self, num_classes: int = 10, channels: Tuple[int, int] = (96,
                                                                           192),
                input_dropout: float = 0.2, dropout: float = 0.5,
-               seed: int = 0, name: Optional[str] = None):
-    super().__init__(seed, name, dropout, input_dropout)
+               seed: int = 0, name: Optional[str] = None,
+               compute_dtype: Optional[tf.DType] = None):
+    super().__init__(seed, name, dropout, input_dropout, compute_dtype)
     widths = {"c1": channels[0], "c2": channels[1], "classes": num_classes}
     self.layers = []
     for layer in _ALLCNN_LAYERS:
@@ -212,22 +226,24 @@ class AllCNN(PaperNet):
       width, kernel, stride = layer
       index = sum(1 for l in self.layers if l != "dropout") + 1
       self.layers.append((
-          snt.Conv2D(widths[width], kernel, stride=stride, padding="SAME",
-                     with_bias=False, w_init=_he_normal(),
-                     name=f"conv{index}"),
+          precision.Conv2D(widths[width], kernel, stride=stride,
+                           padding="SAME", with_bias=False,
+                           w_init=_he_normal(), name=f"conv{index}"),
           _batch_norm(f"conv{index}_bn")))
 
   def __call__(self, images: tf.Tensor, is_training: bool,
                use_dropout: Optional[bool] = None) -> tf.Tensor:
     dropout = self._begin_call(is_training, use_dropout)
-    net = self._dropout(_check_images(images), self.input_dropout, dropout)
+    net = self._dropout(
+        precision.to_compute(_check_images(images), self.compute_dtype),
+        self.input_dropout, dropout)
     for layer in self.layers:
       if layer == "dropout":
         net = self._dropout(net, self.dropout, dropout)
       else:
         conv, bn = layer
         net = self._normalise(bn, conv(net), is_training)
-    return tf.reduce_mean(net, axis=[1, 2])
+    return precision.logits_to_float32(tf.reduce_mean(net, axis=[1, 2]))
 
 
 # -------------------------------------------------------------- Model names.
@@ -238,7 +254,8 @@ class ModelSpec:
   """What `--model=NAME` builds and which datasets it is meant for."""
   name: str
   datasets: Tuple[str, ...]
-  build: Callable[..., snt.Module]  # (num_classes, dropout, seed) -> module.
+  # (num_classes, dropout, seed, compute_dtype) -> module.
+  build: Callable[..., snt.Module]
   default_dropout: float
 
 
@@ -247,17 +264,19 @@ _CIFAR_DATASETS = ("cifar10", "cifar100")
 _PAPER_MODELS = {
     "mnistfc": ModelSpec(
         "mnistfc", _MNIST_DATASETS,
-        lambda classes, dropout, seed=0, **_: MnistFC(classes, dropout=dropout,
-                                                      seed=seed),
+        lambda classes, dropout, seed=0, compute_dtype=None, **_: MnistFC(
+            classes, dropout=dropout, seed=seed, compute_dtype=compute_dtype),
         0.5),
     "lenet": ModelSpec(
         "lenet", _MNIST_DATASETS,
-        lambda classes, dropout, seed=0, **_: LeNet(classes, dropout=dropout,
-                                                    seed=seed), 0.5),
+        lambda classes, dropout, seed=0, compute_dtype=None, **_: LeNet(
+            classes, dropout=dropout, seed=seed, compute_dtype=compute_dtype),
+        0.5),
     "allcnn": ModelSpec(
         "allcnn", _CIFAR_DATASETS,
-        lambda classes, dropout, seed=0, **_: AllCNN(classes, dropout=dropout,
-                                                     seed=seed), 0.5),
+        lambda classes, dropout, seed=0, compute_dtype=None, **_: AllCNN(
+            classes, dropout=dropout, seed=seed, compute_dtype=compute_dtype),
+        0.5),
 }
 MODEL_NAMES = tuple(_PAPER_MODELS) + ("wrn-DEPTH-WIDTH",)
 _WRN_PATTERN = re.compile(r"wrn-\d+-\d+", re.IGNORECASE)
@@ -283,10 +302,12 @@ def spec(name: str) -> ModelSpec:
   depth, width = wide_resnet.parse_model_name(name)
   return ModelSpec(
       name.lower(), _CIFAR_DATASETS,
-      lambda classes, dropout, cross_replica_batch_norm=False, **_: (
+      lambda classes, dropout, cross_replica_batch_norm=False,
+      compute_dtype=None, **_: (
           wide_resnet.WideResNet(
               depth, width, classes, dropout_rate=dropout,
-              cross_replica_batch_norm=cross_replica_batch_norm)), 0.0)
+              cross_replica_batch_norm=cross_replica_batch_norm,
+              compute_dtype=compute_dtype)), 0.0)
 
 
 def models_for(dataset: str) -> List[str]:
@@ -308,12 +329,15 @@ def check_fits(name: str, dataset: str):
 
 def build(name: str, num_classes: int, dropout: Optional[float] = None,
           cross_replica_batch_norm: bool = False,
-          seed: int = 0) -> snt.Module:
+          seed: int = 0,
+          compute_dtype: Optional[tf.DType] = None) -> snt.Module:
   """The (unbuilt) module of `--model=name`.
 
   `cross_replica_batch_norm` (synchronised BatchNorm) is supported by the
   Wide ResNets; the paper's nets refuse it. `seed` keys the paper nets'
-  dropout masks.
+  dropout masks. `compute_dtype` (bfloat16 or float16; None: float32)
+  runs the forward and backward passes in 16 bits over float32 variables
+  (see `precision`).
   """
   model_spec = spec(name)
   if cross_replica_batch_norm and model_family(name) != "wrn":
@@ -322,8 +346,10 @@ def build(name: str, num_classes: int, dropout: Optional[float] = None,
   rate = model_spec.default_dropout if dropout is None else dropout
   if model_family(name) == "wrn":
     return model_spec.build(num_classes, rate,
-                            cross_replica_batch_norm=cross_replica_batch_norm)
-  return model_spec.build(num_classes, rate, seed=seed)
+                            cross_replica_batch_norm=cross_replica_batch_norm,
+                            compute_dtype=compute_dtype)
+  return model_spec.build(num_classes, rate, seed=seed,
+                          compute_dtype=compute_dtype)
 
 
 def reference_parameter_count(name: str, num_classes: int = 10,

@@ -300,6 +300,22 @@ class Optimizer(snt.Module):
         self.step, lambda *g: self._apply_on_device(list(g), parameters),
         *updates)
 
+  def skip_apply(self, parameters: Sequence[tf.Variable]):
+    """Counts one `apply` call whose update is skipped; changes no state.
+
+    For an overflowed float16 gradient (`train_step` with loss scaling):
+    only the counter `apply` advances moves (SGD's step; Entropy-SGD's
+    inner step l, so later SGLD steps keep their noise keys).
+    """
+    self._check_parameters(parameters)
+    counter = self._apply_counter()
+    distribution.update_on_each_device(self.step,
+                                       lambda: counter.assign_add(1))
+
+  def _apply_counter(self) -> tf.Variable:
+    """The counter one `apply` call advances."""
+    return self.step
+
   def end_outer_step(
       self, parameters: Sequence[tf.Variable]) -> Mapping[str, tf.Tensor]:
     """Finishes one outer step and returns scalar diagnostics."""
@@ -509,6 +525,9 @@ class EntropySGD(Optimizer):
   @property
   def num_langevin_steps(self) -> int:
     return self._num_langevin_steps
+
+  def _apply_counter(self):
+    return self.inner_step  # `apply` is one SGLD step.
 
   def _create_state(self, parameters):
     c = self.conventions

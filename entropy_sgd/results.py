@@ -327,12 +327,15 @@ def experiment_settings(config: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def optimizer_label(config: Dict[str, Any]) -> str:
-  """E.g. "nesterov", "entropy_sgd (L=20)", "entropy_sgd (L=20, Parle)"."""
+  """E.g. "nesterov", "entropy_sgd (L=20)", "entropy_sgd (L=20, Parle)",
+  "nesterov (mixed_bfloat16)": the precision when it is not float32."""
   opt = str(config.get("opt"))
+  mixed = config.get("precision", "float32")
+  mixed = "" if mixed == "float32" else f", {mixed}"
   if opt != "entropy_sgd":
-    return opt
+    return f"{opt} ({mixed[2:]})" if mixed else opt
   parle = ", Parle" if config.get("parle") else ""
-  return f"{opt} (L={config.get('L')}{parle})"
+  return f"{opt} (L={config.get('L')}{parle}{mixed})"
 
 
 def _format_setting(value: Any) -> str:

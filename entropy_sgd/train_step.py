@@ -10,15 +10,26 @@ conventions) also gets the gradient at x on a minibatch of its own before the
 inner loop; no other optimizer pays for it. One call runs `num_steps`
 outer steps (default 1) in a graph loop, which saves the per-call overhead
 on small models.
+
+Mixed precision lives in the model (`precision`: 16-bit compute, float32
+variables, float32 logits), so the step sees float32 losses and gradients.
+With a `precision.DynamicLossScale` (float16) the loss is scaled before the
+backward pass and the gradients unscaled after the all-reduce; an update
+whose gradients are not all finite on every replica is skipped
+(`optimizer.skip_apply`: for Entropy-SGD x', mu and the momentum buffer stay
+as they are, the inner step l still advances so the noise keys stay
+aligned, and the outer step proceeds with the mu it has), and the scale is
+halved.
 """
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd import distribution
 from entropy_sgd import optimizers
+from entropy_sgd import precision
 
 
 def build_model(strategy: tf.distribute.Strategy,
@@ -45,6 +56,7 @@ def make_train_step(
     strategy: tf.distribute.Strategy,
     global_batch_size: int,
     jit_compile: bool = False,
+    loss_scale: Optional[precision.DynamicLossScale] = None,
 ) -> Callable[[tf.distribute.DistributedIterator], Mapping[str, tf.Tensor]]:
   """Builds `train_step(iterator) -> metrics` for any of our optimizers.
 
@@ -58,6 +70,8 @@ def make_train_step(
       the loss of each replica is divided by it.
     jit_compile: compile each replica's forward and backward pass with XLA.
       (The optimizer's own `jit_compile` covers the update math.)
+    loss_scale: dynamic loss scaling for float16 compute (created in
+      `strategy.scope()`); None: gradients are used as computed.
 
   Returns:
     `train_step(iterator, num_steps=1) -> metrics`, taking an iterator over
@@ -69,7 +83,10 @@ def make_train_step(
     `needs_anchor_gradient`) plus the optimizer's diagnostics of the last
     outer step (`optimizer.diagnostics`, e.g. `gamma`,
     `anchor_to_mean_distance`). Metrics are float32 whatever the model's
-    dtype; float64 models train in float64.
+    dtype; float64 models train in float64. With `loss_scale` the loss and
+    accuracy cover the applied updates only, and the metrics add
+    `loss_scale` (S after the call) and `skipped_updates` (updates of this
+    call skipped for non-finite gradients).
   """
   if global_batch_size % strategy.num_replicas_in_sync:
     raise ValueError(
@@ -94,7 +111,11 @@ def make_train_step(
       logits = model(images, is_training=True)
       per_example_loss = classification_loss(logits, labels)
       loss = tf.reduce_sum(per_example_loss) / loss_denominator
+      if loss_scale is not None:
+        loss = loss_scale.scale_loss(loss)
     gradients = tape.gradient(loss, parameters)
+    if loss_scale is not None:
+      gradients = loss_scale.unscale(gradients)
     correct = tf.equal(tf.argmax(logits, axis=-1, output_type=labels.dtype),
                        labels)
     return (gradients, tf.cast(tf.reduce_sum(per_example_loss), tf.float32),
@@ -118,9 +139,45 @@ def make_train_step(
 
   def replica_begin_with_anchor_gradient(images, labels):
     gradients, _, _ = replica_gradients(images, labels)  # At x.
+    if loss_scale is not None:  # An overflowed anchor gradient counts as 0.
+      gradients = [tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
+                   for g in gradients]
     optimizer.begin_outer_step(parameters, anchor_gradients=gradients)
 
-  def outer_step(iterator, totals):
+  def replica_scaled_gradients(images, labels):
+    gradients, loss_sum, num_correct = replica_gradients(images, labels)
+    num_examples = tf.cast(tf.shape(labels)[0], tf.float32)
+    nonfinite = 1.0 - tf.cast(precision.all_finite(gradients), tf.float32)
+    return (gradients, tf.stack([loss_sum, num_correct, num_examples]),
+            nonfinite)
+
+  def replica_apply(gradients):
+    optimizer.apply(gradients, parameters)
+
+  def loss_scaled_step(images, labels, totals, skipped):
+    """One gradient evaluation; the update is skipped unless all finite."""
+    gradients, per_replica_totals, nonfinite = strategy.run(
+        replica_scaled_gradients, args=(images, labels))
+    # Every replica skips when any one overflowed (Parle's replicas differ).
+    finite = tf.equal(strategy.reduce(tf.distribute.ReduceOp.SUM, nonfinite,
+                                      axis=None), 0.0)
+
+    def apply_update():
+      strategy.run(replica_apply, args=(gradients,))
+      return tf.constant(0)
+
+    def skip_update():
+      optimizer.skip_apply(parameters)
+      return tf.constant(0)
+
+    tf.cond(finite, apply_update, skip_update)
+    loss_scale.update(finite)
+    step_totals = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                                  per_replica_totals, axis=None)
+    totals += tf.where(finite, step_totals, tf.zeros_like(step_totals))
+    return totals, skipped + tf.cast(~finite, tf.float32)
+
+  def outer_step(iterator, totals, skipped):
     if optimizer.needs_anchor_gradient:
       images, labels = next(iterator)
       strategy.run(replica_begin_with_anchor_gradient, args=(images, labels))
@@ -128,27 +185,33 @@ def make_train_step(
       strategy.run(optimizer.begin_outer_step, args=(parameters,))
     for _ in tf.range(optimizer.apply_calls_per_step):
       images, labels = next(iterator)
-      per_replica = strategy.run(replica_step, args=(images, labels))
-      totals += strategy.reduce(
-          tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+      if loss_scale is None:
+        per_replica = strategy.run(replica_step, args=(images, labels))
+        totals += strategy.reduce(
+            tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+      else:
+        totals, skipped = loss_scaled_step(images, labels, totals, skipped)
     per_replica_metrics = strategy.run(optimizer.end_outer_step,
                                        args=(parameters,))
     diagnostics = {
         name: tf.cast(strategy.reduce(tf.distribute.ReduceOp.MEAN, value,
                                       axis=None), tf.float32)
         for name, value in per_replica_metrics.items()}
-    return totals, diagnostics
+    return totals, skipped, diagnostics
 
   @tf.function
   def compiled_step(iterator, num_steps):
     with strategy.scope():
-      totals = tf.zeros([3])
+      totals, skipped = tf.zeros([3]), tf.zeros([])
       diagnostics = {name: tf.zeros([]) for name in optimizer.diagnostics}
       for _ in tf.range(num_steps):
-        totals, diagnostics = outer_step(iterator, totals)
+        totals, skipped, diagnostics = outer_step(iterator, totals, skipped)
     metrics = dict(diagnostics)
     metrics["loss"] = totals[0] / totals[2]
     metrics["accuracy"] = totals[1] / totals[2]
+    if loss_scale is not None:
+      metrics["loss_scale"] = tf.identity(loss_scale.scale.read_value())
+      metrics["skipped_updates"] = skipped
     return metrics
 
   def train_step(iterator, num_steps=1):

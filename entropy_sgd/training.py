@@ -44,6 +44,7 @@ from entropy_sgd import distribution
 from entropy_sgd import hessian
 from entropy_sgd import models
 from entropy_sgd import optimizers
+from entropy_sgd import precision
 from entropy_sgd import train_step as train_step_lib
 
 ConfigError = config_lib.ConfigError
@@ -376,22 +377,29 @@ class Trainer:
             config.model, data_lib.num_classes(config.dataset),
             dropout=config.dropout,
             cross_replica_batch_norm=config.sync_batch_norm,
-            seed=config.seed),
+            seed=config.seed,
+            compute_dtype=precision.compute_dtype(config.precision)),
         self.data.image_shape)
     with strategy.scope():
       self.learning_rate = tf.Variable(config.lr, trainable=False, name="lr")
       self.best_accuracy = tf.Variable(0.0, trainable=False,
                                        name="best_accuracy")
+      # float16 only: the loss scale and the count of skipped updates.
+      self.loss_scale = (precision.DynamicLossScale()
+                         if precision.uses_loss_scaling(config.precision)
+                         else None)
     self.optimizer = make_optimizer(config, self.learning_rate)
     # L for Entropy-SGD (L + 1 with the pytorch_reference conventions, whose
     # step also takes a gradient at x), 1 for SGD.
     self.evaluations_per_step = self.optimizer.gradient_evaluations_per_step
     self.train_step = train_step_lib.make_train_step(
         self.model, self.optimizer, strategy, config.batch_size,
-        jit_compile=config.jit)
+        jit_compile=config.jit, loss_scale=self.loss_scale)
+    extra_state = ({} if self.loss_scale is None
+                   else {"loss_scale": self.loss_scale})
     self.checkpoint = tf.train.Checkpoint(
         model=self.model, optimizer=self.optimizer,
-        best_accuracy=self.best_accuracy)
+        best_accuracy=self.best_accuracy, **extra_state)
     self._saved_variables = [
         v for v in (list(self.model.variables) +
                     list(self.optimizer.variables) + [self.best_accuracy])
@@ -549,7 +557,8 @@ class Trainer:
         timed_steps += num_steps
       step += num_steps
       window_steps += num_steps
-      if not math.isfinite(loss):
+      if not math.isfinite(loss) and not self._all_updates_skipped(
+          metrics, num_steps):
         self._diverged(step, f"the training loss is {loss}")
       if step % config.log_every_steps == 0 or step == self.total_steps:
         elapsed = time.perf_counter() - window_start
@@ -577,12 +586,18 @@ class Trainer:
           scalars["parle/rho"] = float(metrics["rho"])
           scalars["parle/distance_to_replica_mean"] = float(
               metrics["distance_to_replica_mean"])
+        if self.loss_scale is not None:
+          scalars["precision/loss_scale"] = float(metrics["loss_scale"])
+          scalars["precision/skipped_updates"] = float(
+              self.loss_scale.skipped_updates.numpy())
+          if not math.isfinite(loss):  # Every update of the call skipped.
+            del scalars["train/loss"], scalars["train/accuracy"]
         write_scalars(scalars, step)
         logging.info(
             "epoch %d/%d (effective %.2f) step %d/%d: loss %.4f, accuracy "
             "%.4f, %.0f images/s, ETA %s", epoch + 1, config.epochs,
             self.effective_epoch(step), step, self.total_steps, loss,
-            scalars["train/accuracy"], images_per_second,
+            float(metrics["accuracy"]), images_per_second,
             _format_duration(remaining))
         if not hinted and timed_steps:
           hinted = True
@@ -650,6 +665,27 @@ class Trainer:
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
         for k, v in summary.items()))
     return summary
+
+  def _all_updates_skipped(self, metrics, num_steps: int) -> bool:
+    """Whether float16 loss scaling skipped every update of the last call.
+
+    Such a call has no loss (0/0). It is not divergence while the loss
+    scale can still be halved: the overflow is the scale's, and the state
+    is untouched. Once the scale has fallen to its floor of 1 the gradients
+    overflow (nearly) unscaled, and the run has diverged.
+    """
+    if self.loss_scale is None:
+      return False
+    skipped = int(float(metrics["skipped_updates"]))
+    if skipped < num_steps * self.optimizer.apply_calls_per_step:
+      return False
+    if self.loss_scale.at_minimum:
+      return False
+    logging.warning(
+        "All %d updates of the last call overflowed in float16 and were "
+        "skipped; the loss scale is now %g.", skipped,
+        float(metrics["loss_scale"]))
+    return True
 
   def _saved_at(self, step: int) -> bool:
     latest = tf.train.latest_checkpoint(self.checkpoint_dir)

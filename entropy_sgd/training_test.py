@@ -118,6 +118,30 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
              for path in glob.glob(os.path.join(checkpoint_dir, "*"))}
     self.assertEqual(before, after)
 
+  def test_float16_overflows_are_skipped_not_divergence(self):
+    log_dir = self.create_tempdir().full_path
+    trainer = training.Trainer(tiny_config(
+        "entropy_sgd", log_dir, max_steps=4, log_every_steps=1,
+        precision="mixed_float16"))
+    trainer.loss_scale.scale.assign(2.0**60)  # All 8 updates overflow.
+    summary = trainer.run()
+    self.assertEqual(summary["outer_steps"], 4)
+    self.assertTrue(np.isfinite(summary["final_test_loss"]))
+    self.assertEqual(int(trainer.loss_scale.skipped_updates.numpy()), 8)
+    accumulator, tags = scalar_tags(summary["run_dir"])
+    self.assertContainsSubset({"precision/loss_scale",
+                               "precision/skipped_updates"}, tags)
+    scales = [float(tf.make_ndarray(e.tensor_proto))
+              for e in accumulator.Tensors("precision/loss_scale")]
+    self.assertEqual(scales, [2.0**58, 2.0**56, 2.0**54, 2.0**52])
+    # At the scale's floor an overflow is genuine: the run has diverged.
+    with self.assertRaisesRegex(training.DivergenceError, "loss is nan"):
+      trainer = training.Trainer(tiny_config(
+          "sgd", log_dir, run_name="floor", precision="mixed_float16",
+          lr=1e30))
+      trainer.loss_scale.scale.assign(1.0)
+      trainer.run()
+
   def test_batch_norm_recalibration_uses_the_current_weights(self):
     log_dir = self.create_tempdir().full_path
     config = tiny_config("entropy_sgd", log_dir, max_steps=2,

@@ -24,6 +24,9 @@ global batch over all replicas of the strategy (synchronised BatchNorm).
 Under a strategy with a single replica the statistics are local anyway, so
 the network keeps `snt.BatchNorm` and its fused kernel.
 
+With `compute_dtype` (bfloat16 or float16) the network computes in 16 bits
+over float32 variables and returns float32 logits (`precision`).
+
 Input: NHWC float images, e.g. [batch, 32, 32, 3].
 """
 
@@ -35,6 +38,8 @@ from typing import Optional
 
 import sonnet as snt
 import tensorflow as tf
+
+from entropy_sgd import precision
 
 _STEM_CHANNELS = 16
 _GROUP_BASE_CHANNELS = (16, 32, 64)
@@ -87,7 +92,7 @@ def _he_normal() -> snt.initializers.Initializer:
 
 
 def _conv(channels: int, kernel: int, stride: int, name: str) -> snt.Conv2D:
-  return snt.Conv2D(
+  return precision.Conv2D(
       output_channels=channels,
       kernel_shape=kernel,
       stride=stride,
@@ -97,7 +102,7 @@ def _conv(channels: int, kernel: int, stride: int, name: str) -> snt.Conv2D:
       name=name)
 
 
-class CrossReplicaBatchNorm(snt.BatchNorm):
+class CrossReplicaBatchNorm(precision.BatchNorm):
   """BatchNorm whose batch statistics cover all replicas (synchronised BN).
 
   With batch statistics (training) each replica sums its inputs, their
@@ -139,7 +144,7 @@ class CrossReplicaBatchNorm(snt.BatchNorm):
 def _batch_norm(bn_config: dict, name: str) -> snt.BatchNorm:
   config = dict(bn_config)
   cross_replica = config.pop("cross_replica")
-  return (CrossReplicaBatchNorm if cross_replica else snt.BatchNorm)(
+  return (CrossReplicaBatchNorm if cross_replica else precision.BatchNorm)(
       **config, name=name)
 
 
@@ -208,8 +213,13 @@ class WideResNet(snt.Module):
                bn_decay_rate: float = 0.9,
                bn_eps: float = 1e-5,
                cross_replica_batch_norm: bool = False,
+               compute_dtype: Optional[tf.DType] = None,
                name: Optional[str] = None):
-    """Builds the modules of a WRN-`depth`-`width` with `num_classes` logits."""
+    """Builds the modules of a WRN-`depth`-`width` with `num_classes` logits.
+
+    `compute_dtype` (bfloat16 or float16; None: the input's dtype) runs the
+    network in 16 bits over float32 variables (see `precision`).
+    """
     super().__init__(name=name)
     num_blocks = blocks_per_group(depth)
     if not _is_int(width) or width < 1:
@@ -234,6 +244,7 @@ class WideResNet(snt.Module):
     self.width = int(width)
     self.num_classes = int(num_classes)
     self.dropout_rate = dropout_rate
+    self.compute_dtype = compute_dtype
     bn_config = dict(
         create_scale=True,
         create_offset=True,
@@ -259,7 +270,7 @@ class WideResNet(snt.Module):
         in_channels = out_channels
     self.blocks = tuple(blocks)
     self._final_bn = _batch_norm(bn_config, "final_bn")
-    self.logits_layer = snt.Linear(
+    self.logits_layer = precision.Linear(
         num_classes,
         w_init=snt.initializers.Zeros(),
         b_init=snt.initializers.Zeros(),
@@ -277,10 +288,10 @@ class WideResNet(snt.Module):
     if images.shape.rank != 4:
       raise ValueError(
           f"WideResNet expects NHWC images of rank 4; got shape {images.shape}")
-    net = self.stem(images)
+    net = self.stem(precision.to_compute(images, self.compute_dtype))
     for block in self.blocks:
       net = block(net, is_training=is_training)
     net = tf.nn.relu(
         self._final_bn(net, is_training=is_training, test_local_stats=False))
     net = tf.reduce_mean(net, axis=[1, 2])
-    return self.logits_layer(net)
+    return precision.logits_to_float32(self.logits_layer(net))

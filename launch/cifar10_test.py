@@ -10,6 +10,7 @@ import shutil
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import tensorflow as tf
 
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import run_launcher
@@ -47,6 +48,28 @@ class LauncherTest(parameterized.TestCase):
                                                 "checkpoint")))
     self.assertTrue(any(name.startswith("events.out.tfevents")
                         for name in os.listdir(run_dir)))
+
+  @parameterized.parameters("mixed_bfloat16", "mixed_float16")
+  def test_mixed_precision_keeps_float32_state(self, precision):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher(
+        "cifar10", "--opt=entropy_sgd", f"--precision={precision}", "--L=2",
+        "--max_steps=2", f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
+        f"--log_dir={log_dir}", *TINY)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("summary: outer_steps=2", result.stdout)
+    run_dir = os.path.join(
+        log_dir, f"cifar10_wrn-10-1_entropy_sgd_L2_seed0_{precision}")
+    dtypes = tf.train.load_checkpoint(os.path.join(
+        run_dir, "checkpoints")).get_variable_to_dtype_map()
+    for prefix in ("model/", "optimizer/anchor/", "optimizer/mean/",
+                   "optimizer/inner_velocities/"):
+      floats = {dtype for name, dtype in dtypes.items()
+                if name.startswith(prefix) and dtype.is_floating}
+      self.assertEqual(floats, {tf.float32}, prefix)
+    self.assertEqual(
+        "loss_scale/scale/.ATTRIBUTES/VARIABLE_VALUE" in dtypes,
+        precision == "mixed_float16")
 
   def test_allcnn_smoke_run(self):
     log_dir = self.create_tempdir().full_path
@@ -106,6 +129,9 @@ class LauncherTest(parameterized.TestCase):
       ("no_tpu", ["--strategy=tpu"], "--strategy=tpu: no TPU found .*--tpu"),
       ("tpu_flag_without_tpu_strategy", ["--tpu=my-tpu"],
        "--tpu='my-tpu' needs --strategy=tpu"),
+      ("bad_precision", ["--precision=bfloat16"],
+       "--precision='bfloat16' is unknown; choose one of float32, "
+       "mixed_bfloat16, mixed_float16"),
       ("sync_batch_norm_jit_on_cpus", ["--strategy=mirrored",
                                        "--num_devices=2", "--sync_batch_norm",
                                        "--jit"],

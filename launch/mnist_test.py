@@ -45,6 +45,19 @@ class MnistLauncherTest(parameterized.TestCase):
     with open(os.path.join(run_dir, "config.json")) as f:
       self.assertEqual(json.load(f)["model"], model)
 
+  @parameterized.parameters(("mnistfc", "mixed_bfloat16"),
+                            ("lenet", "mixed_float16"))
+  def test_mixed_precision_smoke_run(self, model, precision):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher("mnist", "--opt=nesterov", f"--model={model}",
+                          f"--precision={precision}", "--max_steps=3",
+                          f"--data_dir={MNIST}", f"--log_dir={log_dir}",
+                          *TINY)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("summary: outer_steps=3", result.stdout)
+    self.assertEqual(os.listdir(log_dir),
+                     [f"mnist_{model}_nesterov_seed0_{precision}"])
+
   def test_presets_follow_the_reference(self):
     result = run_launcher("mnist", "--helpfull")
     for text in ("lenet/entropy_sgd: 5", "mnistfc/sgd: 100",
@@ -147,6 +160,7 @@ class MnistLauncherTest(parameterized.TestCase):
       ("zero_steps_per_loop", ["--steps_per_loop=0"],
        "--steps_per_loop must be >= 1"),
       ("bad_seeds", ["--seeds=0,x"], "--seeds must be integers"),
+      ("bad_precision", ["--precision=fp16"], "--precision='fp16' is unknown"),
   )
   def test_bad_flags_are_one_line(self, args, message):
     log_dir = self.create_tempdir().full_path

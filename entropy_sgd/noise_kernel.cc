@@ -245,17 +245,25 @@ class LangevinStandardNormalOp : public OpKernel {
 
 }  // namespace
 
+constexpr char kNumWords[] = "num_words";
+constexpr char kNumValues[] = "num_values";
+
+// Shape function: a vector whose length is the int attribute `kAttr`.
+template <const char* kAttr>
+::tensorflow::Status VectorOfLengthAttr(
+    ::tensorflow::shape_inference::InferenceContext* c) {
+  int64_t length;
+  TF_RETURN_IF_ERROR(c->GetAttr(kAttr, &length));
+  c->set_output(0, c->Vector(length));
+  return ::tensorflow::OkStatus();
+}
+
 REGISTER_OP("LangevinPhiloxWords")
     .Input("keys: uint64")
     .Input("counters: uint64")
     .Attr("num_words: int >= 0")
     .Output("words: uint32")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      int64_t num_words;
-      TF_RETURN_IF_ERROR(c->GetAttr("num_words", &num_words));
-      c->set_output(0, c->Vector(num_words));
-      return ::tensorflow::OkStatus();
-    })
+    .SetShapeFn(VectorOfLengthAttr<kNumWords>)
     .Doc("The Philox words of entropy_sgd.noise.random_bits, on the CPU.");
 
 REGISTER_KERNEL_BUILDER(
@@ -267,12 +275,7 @@ REGISTER_OP("LangevinStandardNormal")
     .Input("counters: uint64")
     .Attr("num_values: int >= 0")
     .Output("normals: float")
-    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
-      int64_t num_values;
-      TF_RETURN_IF_ERROR(c->GetAttr("num_values", &num_values));
-      c->set_output(0, c->Vector(num_values));
-      return ::tensorflow::OkStatus();
-    })
+    .SetShapeFn(VectorOfLengthAttr<kNumValues>)
     .Doc("N(0, 1) values of entropy_sgd.noise.standard_normal, on the CPU.");
 
 REGISTER_KERNEL_BUILDER(

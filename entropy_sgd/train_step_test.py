@@ -557,6 +557,19 @@ def values(variables):
   return [v.numpy().copy() for v in variables]
 
 
+def float16_step(optimizer, loss_scale):
+  """A float16 MLP, its initial weights, its train step and a 1-batch iterator."""
+  strategy = tf.distribute.get_strategy()
+  model = train_step_lib.build_model(
+      strategy, lambda: MixedMLP(tf.float16), [NUM_FEATURES])
+  before = values(model.trainable_variables)
+  x, y = data_batches(1)[0]
+  iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+  step = train_step_lib.make_train_step(model, optimizer, strategy, BATCH,
+                                        loss_scale=loss_scale)
+  return model, before, step, iterator
+
+
 class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters((tf.bfloat16,), (tf.float16,))
@@ -647,14 +660,7 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
     # x by nothing (mu = x); l and t still advance.
     loss_scale = precision.DynamicLossScale(initial_scale=2.0**40)
     optimizer = make_esgd(conventions=MOMENTA, num_langevin_steps=1)
-    strategy = tf.distribute.get_strategy()
-    model = train_step_lib.build_model(
-        strategy, lambda: MixedMLP(tf.float16), [NUM_FEATURES])
-    before = values(model.trainable_variables)
-    x, y = data_batches(1)[0]
-    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
-    step = train_step_lib.make_train_step(model, optimizer, strategy, BATCH,
-                                          loss_scale=loss_scale)
+    model, before, step, iterator = float16_step(optimizer, loss_scale)
     metrics = step(iterator)
     for name, variables in (("weights", model.trainable_variables),
                             ("anchor", optimizer.anchor),
@@ -696,14 +702,7 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
   def test_sgd_overflow_counts_the_step_and_changes_nothing(self):
     loss_scale = precision.DynamicLossScale(initial_scale=2.0**40)
     sgd = optimizers.SGD(0.1, momentum=0.9, nesterov=True)
-    strategy = tf.distribute.get_strategy()
-    model = train_step_lib.build_model(
-        strategy, lambda: MixedMLP(tf.float16), [NUM_FEATURES])
-    before = values(model.trainable_variables)
-    x, y = data_batches(1)[0]
-    iterator = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
-    step = train_step_lib.make_train_step(model, sgd, strategy, BATCH,
-                                          loss_scale=loss_scale)
+    model, before, step, iterator = float16_step(sgd, loss_scale)
     metrics = step(iterator, 30)  # Scale 2^40 halves to finite gradients.
     skipped = int(float(metrics["skipped_updates"]))
     self.assertBetween(skipped, 1, 29)

@@ -123,6 +123,7 @@ def _kernel_directories() -> List[str]:
   ]
 
 
+@tf.autograph.experimental.do_not_convert  # Plain Python.
 def kernel_build_status() -> Optional[str]:
   """What the Bazel build of the kernel said ("built", "not built: ..."),
   or None outside Bazel's runfiles and source tree."""
@@ -134,6 +135,7 @@ def kernel_build_status() -> Optional[str]:
   return None
 
 
+@tf.autograph.experimental.do_not_convert  # Plain Python.
 def _load_kernel():
   """Loads the kernel once; returns the op module or None."""
   global _kernel, _kernel_status
@@ -166,11 +168,13 @@ def kernel_status() -> str:
   return _kernel_status
 
 
+@tf.autograph.experimental.do_not_convert  # Plain Python.
 def _in_xla_function() -> bool:
   return control_flow_util.GraphOrParentsInXlaContext(
       tf.compat.v1.get_default_graph())
 
 
+@tf.autograph.experimental.do_not_convert  # Plain Python.
 def _kernel_applies(dtype) -> bool:
   if dtype != tf.float32 or _load_kernel() is None or _in_xla_function():
     return False

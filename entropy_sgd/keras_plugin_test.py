@@ -95,15 +95,20 @@ def make_keras_model(conventions="paper", jit_compile=False, strategy=None,
   return model
 
 
-def make_batch_norm_model():
-  """Dense -> BatchNorm -> tanh -> Dense, compiled and attached."""
-  model = keras.Sequential([
+def batch_norm_mlp(hidden=NUM_HIDDEN, activation="tanh"):
+  """Dense -> BatchNorm -> activation -> Dense, not compiled."""
+  return keras.Sequential([
       keras.Input([NUM_FEATURES]),
-      keras.layers.Dense(NUM_HIDDEN),
+      keras.layers.Dense(hidden),
       keras.layers.BatchNormalization(),
-      keras.layers.Activation("tanh"),
+      keras.layers.Activation(activation),
       keras.layers.Dense(NUM_CLASSES),
   ])
+
+
+def make_batch_norm_model():
+  """`batch_norm_mlp()`, compiled and attached."""
+  model = batch_norm_mlp()
   model.compile(optimizer=esgd_keras.EntropySGD(**HYPER),
                 loss=keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True), metrics=["accuracy"])
@@ -412,13 +417,7 @@ class MixedPrecisionTest(tf.test.TestCase):
   def fit_wide_model(self, seed, noise, hidden=256):
     """One Entropy-SGD step (L=1, paper conventions); returns the model."""
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input([NUM_FEATURES]),
-        keras.layers.Dense(hidden),
-        keras.layers.BatchNormalization(),
-        keras.layers.Activation("relu"),
-        keras.layers.Dense(NUM_CLASSES),
-    ])
+    model = batch_norm_mlp(hidden, "relu")
     model.compile(optimizer=esgd_keras.EntropySGD(
         learning_rate=1.0, num_langevin_steps=1, langevin_learning_rate=0.1,
         gamma=0.3, scoping=0.0, noise=noise, alpha=0.75, seed=seed,

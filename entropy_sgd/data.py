@@ -46,6 +46,11 @@ DATASETS = {"cifar10": 10, "cifar100": 100, "mnist": 10}
 IMAGE_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3),
                 "mnist": (28, 28, 1)}
 AUGMENTATIONS = ("flip_rotate", "flip_crop", "flip_crop_rotate", "none")
+PREPROCESSING = ("standardize", "gcn_zca")
+# Added to sqrt(eigenvalue) in the ZCA matrix: the value of the paper runs'
+# preprocessing (pratikac/explore-hessian dnn/preprocess_cifar10.py at
+# 4eed403, `PCA.transform(regularizer=1e-5)`).
+ZCA_BIAS = 1e-5
 SPLITS = ("train", "validation", "test")
 IMAGE_SIZE = 32  # CIFAR's.
 CROP_PADDING = 4
@@ -83,6 +88,9 @@ class PipelineConfig:
     validation_examples: the last N training images, held out of training
       and served as the "validation" split.
     augment: training augmentation, one of `AUGMENTATIONS`.
+    preprocess: "standardize" (per-channel mean and std of the training
+      images) or "gcn_zca" (global contrast normalisation, then ZCA
+      whitening fitted on the training images only; see `fit_zca`).
     rotation_degrees: maximum absolute rotation angle, for "*rotate".
     seed: seeds shuffling and augmentation.
     shuffle_buffer: shuffle buffer size (default: a whole CIFAR split).
@@ -95,6 +103,7 @@ class PipelineConfig:
   data_dir: Optional[str] = None
   validation_examples: int = 0
   augment: str = "flip_crop"
+  preprocess: str = "standardize"
   rotation_degrees: float = 10.0
   seed: int = 0
   shuffle_buffer: int = 50_000
@@ -107,6 +116,9 @@ class PipelineConfig:
     if self.augment not in AUGMENTATIONS:
       raise ValueError(f"Unknown augment {self.augment!r}; choose from "
                        f"{AUGMENTATIONS}.")
+    if self.preprocess not in PREPROCESSING:
+      raise ValueError(f"Unknown preprocess {self.preprocess!r}; choose "
+                       f"from {PREPROCESSING}.")
     if self.batch_size < 1 or (self.eval_batch_size or 1) < 1:
       raise ValueError("Batch sizes must be positive.")
     if self.validation_examples < 0 or self.shuffle_buffer < 1:
@@ -477,7 +489,50 @@ def _channel_statistics(chunks, num_images):
   return mean.astype(np.float32), np.sqrt(variance).astype(np.float32)
 
 
-_STATISTICS = {}  # (source key, dataset, validation_examples) -> (mean, std)
+def global_contrast_normalize(images: np.ndarray) -> np.ndarray:
+  """Per image: subtract its mean, divide by its std (ddof 1), in float64.
+
+  `images` is [n, d]. As the paper runs' preprocessing (`normalize` in
+  dnn/preprocess_cifar10.py): no scale or bias term; a constant image
+  (std below 1e-8) is only centred.
+  """
+  images = np.asarray(images, np.float64)
+  centred = images - images.mean(axis=1, keepdims=True)
+  std = centred.std(axis=1, ddof=1, keepdims=True)
+  return centred / np.where(std < 1e-8, 1.0, std)
+
+
+def fit_zca(images: np.ndarray, bias: float = ZCA_BIAS):
+  """ZCA whitening of [n, d] `images`: (mean [d], matrix [d, d]), float64.
+
+  With C = cov(images) = V diag(lambda) V^T (ddof 1), the matrix is
+  W = V diag(1 / (sqrt(lambda) + bias)) V^T, so (x - mean) W has covariance
+  close to I over the fitted images and stays nearest to x among whitening
+  maps (Bell & Sejnowski 1997; Krizhevsky 2009, App. A).
+  """
+  images = np.asarray(images, np.float64)
+  mean = images.mean(axis=0)
+  centred = images - mean
+  covariance = centred.T @ centred / (len(images) - 1)
+  eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+  scale = 1.0 / (np.sqrt(np.maximum(eigenvalues, 0.0)) + bias)
+  return mean, (eigenvectors * scale) @ eigenvectors.T
+
+
+def _zca_statistics(chunks, num_images):
+  """GCN + ZCA fitted on the first `num_images` (HWC-flattened) images."""
+  rows, seen = [], 0
+  for pixels, _ in chunks:  # [n, channels, pixels] uint8.
+    take = pixels[:max(0, num_images - seen)]
+    seen += len(take)
+    rows.append(take.transpose(0, 2, 1).reshape(len(take), -1))
+  mean, matrix = fit_zca(global_contrast_normalize(np.concatenate(rows)))
+  return mean.astype(np.float32), matrix.astype(np.float32)
+
+
+# (source key, dataset, validation_examples, preprocess) -> (mean, std) or,
+# for gcn_zca, (ZCA mean, ZCA matrix).
+_STATISTICS = {}
 
 
 # ----------------------------------------------------------------- Pipeline.
@@ -506,15 +561,22 @@ class ImageData:
       raise ValueError(f"validation_examples={config.validation_examples} "
                        f"leaves no training data (of {total} images).")
     self._num_train = total - config.validation_examples
-    key = (self._source.key, config.dataset, config.validation_examples)
+    key = (self._source.key, config.dataset, config.validation_examples,
+           config.preprocess)
     if key not in _STATISTICS:
-      _STATISTICS[key] = _channel_statistics(
-          self._source.numpy_chunks("train"), self._num_train)
+      fit = (_zca_statistics if config.preprocess == "gcn_zca"
+             else _channel_statistics)
+      _STATISTICS[key] = fit(self._source.numpy_chunks("train"),
+                             self._num_train)
       for _ in self._source.numpy_chunks("test"):  # Just check the files.
         pass
-      logging.info("%s training images: mean %s, std %s", config.dataset,
-                   *_STATISTICS[key])
-    self.mean, self.std = _STATISTICS[key]
+      if config.preprocess == "gcn_zca":
+        logging.info("%s: GCN + ZCA whitening fitted on the %d training "
+                     "images", config.dataset, self._num_train)
+      else:
+        logging.info("%s training images: mean %s, std %s", config.dataset,
+                     *_STATISTICS[key])
+    self.mean, self.std = _STATISTICS[key]  # gcn_zca: ZCA mean and matrix.
 
   def num_examples(self, split: str) -> int:
     """Number of images in "train", "validation" or "test"."""
@@ -533,8 +595,17 @@ class ImageData:
     return self._num_train // self.config.batch_size
 
   def normalise(self, images: tf.Tensor) -> tf.Tensor:
-    """[0, 1]-scaled images -> zero mean, unit variance per channel."""
-    return (images - self.mean) / self.std
+    """[0, 1]-scaled images -> the network's input (see `preprocess`)."""
+    if self.config.preprocess == "standardize":
+      return (images - self.mean) / self.std
+    shape = tf.shape(images)
+    flat = tf.reshape(images, [shape[0], -1])
+    flat = flat - tf.reduce_mean(flat, axis=1, keepdims=True)
+    count = tf.cast(tf.shape(flat)[1], tf.float32)
+    std = tf.sqrt(tf.reduce_sum(tf.square(flat), axis=1, keepdims=True) /
+                  (count - 1))
+    flat = flat / tf.where(std < 1e-8, tf.ones_like(std), std)
+    return tf.reshape(tf.matmul(flat - self.mean, self.std), shape)
 
   def train_dataset(
       self, input_context: Optional[tf.distribute.InputContext] = None,

@@ -27,13 +27,31 @@ _HELP = {
     "log_dir": "Parent of the run directories (TensorBoard, checkpoints).",
     "run_name": "Run directory under --log_dir; unset: derived from dataset, "
                 "model, opt, L and seed. An existing run resumes.",
-    "model": "mnistfc or lenet (MNIST), allcnn (All-CNN-BN) or Wide ResNet "
+    "model": "mnistfc or lenet (MNIST; mnistfc-iclr17 and lenet-iclr17: as "
+             "the paper's runs built them), allcnn (All-CNN-BN) or Wide ResNet "
              "wrn-DEPTH-WIDTH, e.g. wrn-28-10 or wrn-16-1 (CIFAR). Unset: "
              "the dataset's default.",
     "dropout": "Dropout rate: inside the WRN blocks (default 0), after the "
                "hidden layers of mnistfc/lenet/allcnn (default 0.5).",
-    "opt": "Optimizer: sgd (heavy-ball momentum --momentum), nesterov or "
-           "entropy_sgd. Chooses the preset of every unset flag.",
+    "init": "Initialisation of the paper's nets: he (He-normal, Glorot "
+            "logits) or torch (Torch7's default reset(): U(+-1/sqrt(fan_in)) "
+            "weights and biases, BatchNorm scale U(0, 1)). Unset: the "
+            "model's own (torch for the -iclr17 nets).",
+    "recipe": "Which published recipe fills the unset flags: "
+              "reference_code (the public ucla-vision/entropy-sgd code) or "
+              "paper (the ICLR 2017 text, and the January 2017 Lua code of "
+              "its runs where the text is silent). README: 'Recipes'.",
+    "opt": "Optimizer: sgd (heavy-ball momentum --momentum), nesterov, adam "
+           "(Torch's optim.adam) or entropy_sgd. Chooses the preset of "
+           "every unset flag.",
+    "adam_beta1": "Adam: decay of the first-moment average.",
+    "adam_beta2": "Adam: decay of the second-moment average.",
+    "adam_epsilon": "Adam: added to sqrt(v) before the bias correction "
+                    "(Torch's placement).",
+    "preprocess": "CIFAR input normalisation: standardize (per-channel "
+                  "mean and std of the training images) or gcn_zca (global "
+                  "contrast normalisation, then ZCA whitening fitted on the "
+                  "training split; the paper's Sec. 5.2).",
     "epochs": "Outer epochs (train_examples / batch_size outer steps each; "
               "an Entropy-SGD epoch is L passes over the data).",
     "batch_size": "Global minibatch size (split over replicas).",

@@ -56,9 +56,52 @@ def _he_normal() -> snt.initializers.Initializer:
   return snt.initializers.VarianceScaling(2.0, "fan_in", "truncated_normal")
 
 
-def _batch_norm(name: str) -> snt.BatchNorm:
+INITIALISATIONS = ("he", "torch")
+
+
+class _TorchDefault:
+  """Torch7's default `reset()` of nn.Linear and nn.SpatialConvolution.
+
+  Weights and biases ~ U(-1/sqrt(fan_in), +1/sqrt(fan_in)), fan_in = inputs
+  (Linear) or kh * kw * input channels (convolution). Sonnet creates a layer's
+  weights before its bias, so `weights` records fan_in for `bias`. One
+  instance per layer.
+  """
+
+  def __init__(self):
+    self._bound = None
+
+  def weights(self, shape, dtype):
+    fan_in = 1
+    for size in shape[:-1]:
+      fan_in *= int(size)
+    self._bound = 1.0 / fan_in**0.5
+    return tf.random.uniform(shape, -self._bound, self._bound, dtype)
+
+  def bias(self, shape, dtype):
+    if self._bound is None:
+      raise RuntimeError("Torch-default bias created before its weights.")
+    return tf.random.uniform(shape, -self._bound, self._bound, dtype)
+
+
+def _layer_init(init: str, before_relu: bool = True) -> dict:
+  """`w_init` (and `b_init`) of one linear or convolution layer."""
+  if init == "torch":
+    torch_default = _TorchDefault()
+    return dict(w_init=torch_default.weights, b_init=torch_default.bias)
+  if init != "he":
+    raise ValueError(f"init must be one of {INITIALISATIONS}; got {init!r}")
+  # Glorot (Sonnet's default) for the logits layer.
+  return dict(w_init=_he_normal()) if before_relu else {}
+
+
+def _batch_norm(name: str, init: str = "he") -> snt.BatchNorm:
+  # Torch7's nn.BatchNormalization `reset()`: scale ~ U(0, 1), offset 0.
+  scale_init = (snt.initializers.RandomUniform(0.0, 1.0) if init == "torch"
+                else None)
   return precision.BatchNorm(create_scale=True, create_offset=True,
-                             decay_rate=0.9, eps=1e-5, name=name)
+                             decay_rate=0.9, eps=1e-5, scale_init=scale_init,
+                             name=name)
 
 
 def _check_rate(name, rate):
@@ -134,13 +177,15 @@ class MnistFC(PaperNet):
   def __init__(self, num_classes: int = 10, hidden_units: int = 1024,
                input_dropout: float = 0.2, dropout: float = 0.5,
                seed: int = 0, name: Optional[str] = None,
-               compute_dtype: Optional[tf.DType] = None):
+               compute_dtype: Optional[tf.DType] = None, init: str = "he"):
     super().__init__(seed, name, dropout, input_dropout, compute_dtype)
     self.hidden = [precision.Linear(hidden_units, with_bias=False,
-                                    w_init=_he_normal(), name=f"hidden{i}")
+                                    name=f"hidden{i}",
+                                    **_without_bias(_layer_init(init)))
                    for i in (1, 2)]
-    self.hidden_bns = [_batch_norm(f"hidden{i}_bn") for i in (1, 2)]
-    self.logits_layer = precision.Linear(num_classes, name="logits")
+    self.hidden_bns = [_batch_norm(f"hidden{i}_bn", init) for i in (1, 2)]
+    self.logits_layer = precision.Linear(
+        num_classes, name="logits", **_layer_init(init, before_relu=False))
 
   def __call__(self, images: tf.Tensor, is_training: bool,
                use_dropout: Optional[bool] = None) -> tf.Tensor:
@@ -154,23 +199,55 @@ class MnistFC(PaperNet):
     return precision.logits_to_float32(self.logits_layer(net))
 
 
+class MnistFCIclr17(PaperNet):
+  """mnistfc as the paper's runs built it ("mnistfc-iclr17").
+
+  pratikac/explore-hessian `dnn/models.lua` `mnistfc()` (commit 9564f29,
+  the version of the January 2017 runs): Linear 784-1024 -> ReLU -> dropout,
+  Linear 1024-1024 -> ReLU -> dropout, Linear 1024-10; every layer with a
+  bias, no BatchNorm and no input dropout.
+  """
+
+  def __init__(self, num_classes: int = 10, hidden_units: int = 1024,
+               dropout: float = 0.5, seed: int = 0,
+               name: Optional[str] = None,
+               compute_dtype: Optional[tf.DType] = None, init: str = "torch"):
+    super().__init__(seed, name, dropout, compute_dtype=compute_dtype)
+    self.hidden = [precision.Linear(hidden_units, name=f"hidden{i}",
+                                    **_layer_init(init))
+                   for i in (1, 2)]
+    self.logits_layer = precision.Linear(
+        num_classes, name="logits", **_layer_init(init, before_relu=False))
+
+  def __call__(self, images: tf.Tensor, is_training: bool,
+               use_dropout: Optional[bool] = None) -> tf.Tensor:
+    images = precision.to_compute(_check_images(images), self.compute_dtype)
+    dropout = self._begin_call(is_training, use_dropout)
+    net = tf.reshape(images, [tf.shape(images)[0], -1])
+    for linear in self.hidden:
+      net = self._dropout(tf.nn.relu(linear(net)), self.dropout, dropout)
+    return precision.logits_to_float32(self.logits_layer(net))
+
+
 class LeNet(PaperNet):
   """The paper's LeNet (the reference's "mnistconv")."""
 
   def __init__(self, num_classes: int = 10, dropout: float = 0.5,
                seed: int = 0, name: Optional[str] = None,
-               compute_dtype: Optional[tf.DType] = None):
+               compute_dtype: Optional[tf.DType] = None, init: str = "he"):
     super().__init__(seed, name, dropout, compute_dtype=compute_dtype)
     self.convs = [
         precision.Conv2D(channels, 5, padding="VALID", with_bias=False,
-                         w_init=_he_normal(), name=f"conv{i}")
+                         name=f"conv{i}",
+                         **_without_bias(_layer_init(init)))
         for i, channels in enumerate((20, 50), start=1)]
-    self.conv_bns = [_batch_norm(f"conv{i}_bn") for i in (1, 2)]
+    self.conv_bns = [_batch_norm(f"conv{i}_bn", init) for i in (1, 2)]
     self.pool_sizes = (3, 2)
-    self.hidden = precision.Linear(500, with_bias=False,
-                                   w_init=_he_normal(), name="hidden")
-    self.hidden_bn = _batch_norm("hidden_bn")
-    self.logits_layer = precision.Linear(num_classes, name="logits")
+    self.hidden = precision.Linear(500, with_bias=False, name="hidden",
+                                   **_without_bias(_layer_init(init)))
+    self.hidden_bn = _batch_norm("hidden_bn", init)
+    self.logits_layer = precision.Linear(
+        num_classes, name="logits", **_layer_init(init, before_relu=False))
 
   def __call__(self, images: tf.Tensor, is_training: bool,
                use_dropout: Optional[bool] = None) -> tf.Tensor:
@@ -184,6 +261,51 @@ class LeNet(PaperNet):
     net = self._normalise(self.hidden_bn, self.hidden(net), is_training)
     net = self._dropout(net, self.dropout, dropout)
     return precision.logits_to_float32(self.logits_layer(net))
+
+
+class LeNetIclr17(PaperNet):
+  """LeNet as the paper's runs built it ("lenet-iclr17").
+
+  pratikac/explore-hessian `dnn/models.lua` `mnistconv()` (commit 9564f29):
+
+      conv 20 5x5 (+bias) -> ReLU -> max-pool 3 -> BN -> dropout
+      conv 50 5x5 (+bias) -> ReLU -> max-pool 2 -> BN -> dropout
+      fc 500 (+bias) -> ReLU -> dropout, fc 10
+
+  BatchNorm comes after the pooling, and the fc-500 layer has none.
+  """
+
+  def __init__(self, num_classes: int = 10, dropout: float = 0.5,
+               seed: int = 0, name: Optional[str] = None,
+               compute_dtype: Optional[tf.DType] = None, init: str = "torch"):
+    super().__init__(seed, name, dropout, compute_dtype=compute_dtype)
+    self.convs = [
+        precision.Conv2D(channels, 5, padding="VALID", name=f"conv{i}",
+                         **_layer_init(init))
+        for i, channels in enumerate((20, 50), start=1)]
+    self.pool_bns = [_batch_norm(f"pool{i}_bn", init) for i in (1, 2)]
+    self.pool_sizes = (3, 2)
+    self.hidden = precision.Linear(500, name="hidden", **_layer_init(init))
+    self.logits_layer = precision.Linear(
+        num_classes, name="logits", **_layer_init(init, before_relu=False))
+
+  def __call__(self, images: tf.Tensor, is_training: bool,
+               use_dropout: Optional[bool] = None) -> tf.Tensor:
+    net = precision.to_compute(_check_images(images), self.compute_dtype)
+    dropout = self._begin_call(is_training, use_dropout)
+    for conv, bn, pool in zip(self.convs, self.pool_bns, self.pool_sizes):
+      net = tf.nn.max_pool2d(tf.nn.relu(conv(net)), pool, pool,
+                             padding="VALID")
+      net = bn(net, is_training=is_training, test_local_stats=False)
+      net = self._dropout(net, self.dropout, dropout)
+    net = tf.reshape(net, [tf.shape(net)[0], -1])
+    net = self._dropout(tf.nn.relu(self.hidden(net)), self.dropout, dropout)
+    return precision.logits_to_float32(self.logits_layer(net))
+
+
+def _without_bias(layer_init: dict) -> dict:
+  """The initialisers of a layer built with `with_bias=False`."""
+  return {k: v for k, v in layer_init.items() if k != "b_init"}
 
 
 # (output channels, kernel, stride) of each conv -> BN -> ReLU layer;
@@ -215,7 +337,7 @@ class AllCNN(PaperNet):
                                                                           192),
                input_dropout: float = 0.2, dropout: float = 0.5,
                seed: int = 0, name: Optional[str] = None,
-               compute_dtype: Optional[tf.DType] = None):
+               compute_dtype: Optional[tf.DType] = None, init: str = "he"):
     super().__init__(seed, name, dropout, input_dropout, compute_dtype)
     widths = {"c1": channels[0], "c2": channels[1], "classes": num_classes}
     self.layers = []
@@ -228,8 +350,9 @@ class AllCNN(PaperNet):
       self.layers.append((
           precision.Conv2D(widths[width], kernel, stride=stride,
                            padding="SAME", with_bias=False,
-                           w_init=_he_normal(), name=f"conv{index}"),
-          _batch_norm(f"conv{index}_bn")))
+                           name=f"conv{index}",
+                           **_without_bias(_layer_init(init))),
+          _batch_norm(f"conv{index}_bn", init)))
 
   def __call__(self, images: tf.Tensor, is_training: bool,
                use_dropout: Optional[bool] = None) -> tf.Tensor:
@@ -254,60 +377,64 @@ class ModelSpec:
   """What `--model=NAME` builds and which datasets it is meant for."""
   name: str
   datasets: Tuple[str, ...]
-  # (num_classes, dropout, seed, compute_dtype) -> module.
+  # (num_classes, dropout, seed=, compute_dtype=, init=) -> module.
   build: Callable[..., snt.Module]
   default_dropout: float
+  # The recipes' key: "mnistfc", "lenet", "allcnn" or "wrn".
+  family: str
+  default_init: str = "he"
 
 
 _MNIST_DATASETS = ("mnist",)
 _CIFAR_DATASETS = ("cifar10", "cifar100")
-_PAPER_MODELS = {
-    "mnistfc": ModelSpec(
-        "mnistfc", _MNIST_DATASETS,
-        lambda classes, dropout, seed=0, compute_dtype=None, **_: MnistFC(
-            classes, dropout=dropout, seed=seed, compute_dtype=compute_dtype),
-        0.5),
-    "lenet": ModelSpec(
-        "lenet", _MNIST_DATASETS,
-        lambda classes, dropout, seed=0, compute_dtype=None, **_: LeNet(
-            classes, dropout=dropout, seed=seed, compute_dtype=compute_dtype),
-        0.5),
-    "allcnn": ModelSpec(
-        "allcnn", _CIFAR_DATASETS,
-        lambda classes, dropout, seed=0, compute_dtype=None, **_: AllCNN(
-            classes, dropout=dropout, seed=seed, compute_dtype=compute_dtype),
-        0.5),
-}
+
+
+def _paper_spec(name, module, datasets, family, default_init="he"):
+  def build(classes, dropout, seed=0, compute_dtype=None, init=None, **_):
+    return module(classes, dropout=dropout, seed=seed,
+                  compute_dtype=compute_dtype, init=init or default_init)
+  return ModelSpec(name, datasets, build, 0.5, family, default_init)
+
+
+_PAPER_MODELS = {spec.name: spec for spec in (
+    _paper_spec("mnistfc", MnistFC, _MNIST_DATASETS, "mnistfc"),
+    _paper_spec("lenet", LeNet, _MNIST_DATASETS, "lenet"),
+    _paper_spec("mnistfc-iclr17", MnistFCIclr17, _MNIST_DATASETS, "mnistfc",
+                "torch"),
+    _paper_spec("lenet-iclr17", LeNetIclr17, _MNIST_DATASETS, "lenet",
+                "torch"),
+    _paper_spec("allcnn", AllCNN, _CIFAR_DATASETS, "allcnn"),
+)}
 MODEL_NAMES = tuple(_PAPER_MODELS) + ("wrn-DEPTH-WIDTH",)
 _WRN_PATTERN = re.compile(r"wrn-\d+-\d+", re.IGNORECASE)
 
 
 def model_family(name: str) -> str:
-  """"mnistfc", "lenet", "allcnn" or "wrn"; ValueError for unknown names."""
-  name = name.strip().lower()
-  if name in _PAPER_MODELS:
-    return name
-  if _WRN_PATTERN.fullmatch(name):
-    wide_resnet.parse_model_name(name)  # Checks depth and width.
-    return "wrn"
-  raise ValueError(f"--model={name!r} is unknown; choose one of "
-                   f"{', '.join(MODEL_NAMES)} (e.g. wrn-28-10).")
+  """"mnistfc", "lenet", "allcnn" or "wrn"; ValueError for unknown names.
+
+  "mnistfc-iclr17" and "lenet-iclr17" belong to the families of the nets
+  they are earlier versions of, so they share their recipes.
+  """
+  return spec(name).family
 
 
 def spec(name: str) -> ModelSpec:
   """The `ModelSpec` of `--model=name`."""
-  family = model_family(name)
-  if family != "wrn":
-    return _PAPER_MODELS[family]
-  depth, width = wide_resnet.parse_model_name(name)
+  name = name.strip().lower()
+  if name in _PAPER_MODELS:
+    return _PAPER_MODELS[name]
+  if not _WRN_PATTERN.fullmatch(name):
+    raise ValueError(f"--model={name!r} is unknown; choose one of "
+                     f"{', '.join(MODEL_NAMES)} (e.g. wrn-28-10).")
+  depth, width = wide_resnet.parse_model_name(name)  # Checks both.
   return ModelSpec(
-      name.lower(), _CIFAR_DATASETS,
+      name, _CIFAR_DATASETS,
       lambda classes, dropout, cross_replica_batch_norm=False,
       compute_dtype=None, **_: (
           wide_resnet.WideResNet(
               depth, width, classes, dropout_rate=dropout,
               cross_replica_batch_norm=cross_replica_batch_norm,
-              compute_dtype=compute_dtype)), 0.0)
+              compute_dtype=compute_dtype)), 0.0, "wrn")
 
 
 def models_for(dataset: str) -> List[str]:
@@ -330,26 +457,31 @@ def check_fits(name: str, dataset: str):
 def build(name: str, num_classes: int, dropout: Optional[float] = None,
           cross_replica_batch_norm: bool = False,
           seed: int = 0,
-          compute_dtype: Optional[tf.DType] = None) -> snt.Module:
+          compute_dtype: Optional[tf.DType] = None,
+          init: Optional[str] = None) -> snt.Module:
   """The (unbuilt) module of `--model=name`.
 
   `cross_replica_batch_norm` (synchronised BatchNorm) is supported by the
   Wide ResNets; the paper's nets refuse it. `seed` keys the paper nets'
   dropout masks. `compute_dtype` (bfloat16 or float16; None: float32)
   runs the forward and backward passes in 16 bits over float32 variables
-  (see `precision`).
+  (see `precision`). `init` ("he" or "torch", see `INITIALISATIONS`; None:
+  the model's own) sets the paper nets' initialisation.
   """
   model_spec = spec(name)
   if cross_replica_batch_norm and model_family(name) != "wrn":
     raise ValueError(f"--sync_batch_norm is implemented for the Wide ResNets,"
                      f" not --model={name}.")
   rate = model_spec.default_dropout if dropout is None else dropout
-  if model_family(name) == "wrn":
+  if model_spec.family == "wrn":
+    if init not in (None, "he"):
+      raise ValueError(f"--init={init} is implemented for the paper's nets, "
+                       f"not --model={name}; drop it.")
     return model_spec.build(num_classes, rate,
                             cross_replica_batch_norm=cross_replica_batch_norm,
                             compute_dtype=compute_dtype)
   return model_spec.build(num_classes, rate, seed=seed,
-                          compute_dtype=compute_dtype)
+                          compute_dtype=compute_dtype, init=init)
 
 
 def reference_parameter_count(name: str, num_classes: int = 10,
@@ -367,6 +499,14 @@ def reference_parameter_count(name: str, num_classes: int = 10,
   def conv(k, a, b):
     return k * k * a * b + b
 
+  name = name.strip().lower()
+  if name == "mnistfc-iclr17":  # No BatchNorm.
+    pixels = input_shape[0] * input_shape[1] * input_shape[2]
+    return (linear(pixels, 1024) + linear(1024, 1024)
+            + linear(1024, num_classes))
+  if name == "lenet-iclr17":  # No BatchNorm on fc 500.
+    return (conv(5, input_shape[2], 20) + 2 * 20 + conv(5, 20, 50) + 2 * 50
+            + linear(50 * 2 * 2, 500) + linear(500, num_classes))
   family = model_family(name)
   if family == "mnistfc":
     pixels = input_shape[0] * input_shape[1] * input_shape[2]

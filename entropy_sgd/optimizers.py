@@ -426,6 +426,66 @@ class SGD(Optimizer):
     return {}
 
 
+class Adam(Optimizer):
+  """Adam (Kingma & Ba, 2015) as Torch's `optim.adam`, with coupled L2.
+
+  The paper's MNIST baseline (Chaudhari et al., ICLR 2017, Sec. 5.1) ran
+  Torch's Adam; `updates.adam_step` gives the math, including where epsilon
+  goes. Defaults are `optim.adam`'s: beta1 0.9, beta2 0.999, epsilon 1e-8.
+  """
+
+  def __init__(self,
+               learning_rate: FloatLike,
+               beta1: float = 0.9,
+               beta2: float = 0.999,
+               epsilon: float = 1e-8,
+               weight_decay: float = 0.0,
+               jit_compile: bool = False,
+               name: Optional[str] = None):
+    super().__init__(jit_compile, name)
+    _check_positive("learning_rate", learning_rate)
+    _check_range("beta1", beta1, 0.0, 1.0)
+    _check_range("beta2", beta2, 0.0, 1.0)
+    _check_positive("epsilon", epsilon)
+    _check_non_negative("weight_decay", weight_decay)
+    self.learning_rate = learning_rate
+    self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+    self.weight_decay = weight_decay
+    self.first_moments, self.second_moments = [], []
+    self._math = _maybe_jit(self._step_math, jit_compile)
+
+  def _create_state(self, parameters):
+    self.first_moments = [_state_like(p, f"first_moment_{i}")
+                          for i, p in enumerate(parameters)]
+    self.second_moments = [_state_like(p, f"second_moment_{i}")
+                           for i, p in enumerate(parameters)]
+
+  def _step_math(self, parameters, gradients, first_moments, second_moments,
+                 step):
+    results = [
+        update_rules.adam_step(
+            x, g, m, v, step,
+            learning_rate=_as_dtype(self.learning_rate, x.dtype),
+            beta1=self.beta1, beta2=self.beta2, epsilon=self.epsilon,
+            weight_decay=self.weight_decay)
+        for x, g, m, v in zip(parameters, gradients, first_moments,
+                              second_moments)]
+    return [list(column) for column in zip(*results)]
+
+  def _apply_on_device(self, gradients, parameters):
+    new_parameters, new_first, new_second = self._math(
+        _read(parameters), gradients, _read(self.first_moments),
+        _read(self.second_moments), self.step.read_value() + 1)
+    _assign(parameters, new_parameters)
+    _assign(self.first_moments, new_first)
+    _assign(self.second_moments, new_second)
+    self.step.assign_add(1)
+
+  def end_outer_step(self, parameters):
+    self._check_parameters(parameters)  # `apply` already counted the step.
+    return {}
+
+
 class EntropySGD(Optimizer):
   """Entropy-SGD, Algorithm 1 of Chaudhari et al. (ICLR 2017).
 

@@ -212,6 +212,11 @@ def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
         scoping=config.scoping, noise=config.noise, alpha=config.alpha,
         weight_decay=config.weight_decay, conventions=config.conventions,
         seed=config.seed, jit_compile=config.jit)
+  if config.opt == "adam":
+    return optimizers.Adam(
+        learning_rate, beta1=config.adam_beta1, beta2=config.adam_beta2,
+        epsilon=config.adam_epsilon, weight_decay=config.weight_decay,
+        jit_compile=config.jit)
   return optimizers.SGD(
       learning_rate, momentum=config.momentum,
       nesterov=config.opt == "nesterov", weight_decay=config.weight_decay,
@@ -359,7 +364,7 @@ class Trainer:
         batch_size=config.batch_size,
         validation_examples=config.validation_examples,
         augment=config.augment, rotation_degrees=config.rotation_degrees,
-        seed=config.seed))
+        preprocess=config.preprocess, seed=config.seed))
     self.train_examples = self.data.num_examples("train")
     self.steps_per_epoch = self.train_examples // config.batch_size
     if self.steps_per_epoch < 1:
@@ -378,7 +383,8 @@ class Trainer:
             dropout=config.dropout,
             cross_replica_batch_norm=config.sync_batch_norm,
             seed=config.seed,
-            compute_dtype=precision.compute_dtype(config.precision)),
+            compute_dtype=precision.compute_dtype(config.precision),
+            init=config.init),
         self.data.image_shape)
     with strategy.scope():
       self.learning_rate = tf.Variable(config.lr, trainable=False, name="lr")

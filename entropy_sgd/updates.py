@@ -51,6 +51,30 @@ def sgd_step(parameter, gradient, velocity, learning_rate, weight_decay,
                       nesterov)
 
 
+def adam_step(parameter, gradient, first_moment, second_moment, step, *,
+              learning_rate, beta1, beta2, epsilon, weight_decay):
+  """One Adam step as Torch's `optim.adam` takes it (Kingma & Ba, Alg. 1).
+
+      g <- g + weight_decay * x           (coupled L2, as `optim.adam`)
+      m <- beta1 m + (1 - beta1) g;   v <- beta2 v + (1 - beta2) g^2
+      x <- x - lr sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + epsilon)
+
+  `step` is t, counted from 1. Epsilon is added to sqrt(v) before the bias
+  correction of v (Torch, and Kingma & Ba's "epsilon-hat" form), not to
+  sqrt(v_hat) as in PyTorch's `torch.optim.Adam`. Returns `(parameter,
+  first_moment, second_moment)`.
+  """
+  gradient = gradient + weight_decay * parameter
+  first_moment = beta1 * first_moment + (1 - beta1) * gradient
+  second_moment = beta2 * second_moment + (1 - beta2) * tf.square(gradient)
+  step = tf.cast(step, parameter.dtype)
+  step_size = (learning_rate * tf.sqrt(1 - tf.pow(beta2, step)) /
+               (1 - tf.pow(beta1, step)))
+  parameter = parameter - step_size * first_moment / (
+      tf.sqrt(second_moment) + epsilon)
+  return parameter, first_moment, second_moment
+
+
 def scoped_gamma(gamma, scoping, step, dtype=tf.float32):
   """gamma_t = gamma0 * (1 + gamma1)**t, computed as exp(t * log1p(gamma1)).
 

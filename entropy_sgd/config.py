@@ -104,7 +104,9 @@ class TrainConfig:
     if self.opt != "entropy_sgd":
       return 1
     # pytorch_reference adds the gradient at x to the L Langevin steps.
-    return self.L + int(optimizers.PRESETS[self.conventions].needs_anchor_gradient)
+    conventions = optimizers.PRESETS[self.conventions]
+    return self.L + int(conventions.outer_velocity_init == "anchor_gradient"
+                        and conventions.outer_momentum > 0)
 
   def default_run_name(self) -> str:
     parts = [self.dataset, self.model, self.opt]

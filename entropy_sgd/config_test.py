@@ -86,6 +86,93 @@ class PresetTest(parameterized.TestCase):
                      "cifar10_wrn-28-10_sgd_seed0")
 
 
+class PaperRecipeTest(parameterized.TestCase):
+  """--recipe=paper: the values of Sec. 5 of the ICLR 2017 text."""
+
+  @parameterized.parameters("mnistfc-iclr17", "lenet-iclr17")
+  def test_adam_baseline(self, model):
+    c = config_lib.from_preset("adam", "mnist", model, recipe="paper")
+    self.assertEqual((c.opt, c.lr, c.lr_decay_epochs, c.lr_decay_factor,
+                      c.epochs, c.dropout, c.init, c.augment),
+                     ("adam", 1e-3, (30, 60, 90), 0.2, 100, 0.5, "torch",
+                      "none"))
+    self.assertEqual((c.adam_beta1, c.adam_beta2, c.adam_epsilon),
+                     (0.9, 0.999, 1e-8))
+
+  @parameterized.parameters(("mnistfc-iclr17", 0.15, 10),
+                            ("lenet-iclr17", 0.25, 5))
+  def test_entropy_sgd(self, model, dropout, epochs):
+    c = config_lib.from_preset("entropy_sgd", "mnist", model, recipe="paper")
+    self.assertEqual((c.dropout, c.noise, c.gamma, c.scoping, c.langevin_lr,
+                      c.L, c.lr, c.epochs, c.lr_decay_factor),
+                     (dropout, 1e-3, 1e-4, 1e-3, 0.1, 20, 1.0, epochs, 0.1))
+    self.assertEqual(c.lr_decay_epochs[0], 2)  # "after the second epoch".
+    self.assertEqual((c.weight_decay, c.conventions, c.init),
+                     (0.0, "lua_reference", "torch"))
+
+  def test_cifar10_all_cnn(self):
+    sgd = config_lib.from_preset("nesterov", "cifar10", recipe="paper")
+    esgd = config_lib.from_preset("entropy_sgd", "cifar10", recipe="paper")
+    for c in (sgd, esgd):
+      self.assertEqual((c.model, c.preprocess, c.augment, c.dropout,
+                        c.weight_decay),
+                       ("allcnn", "gcn_zca", "none", 0.5, 1e-3))
+    self.assertEqual((sgd.epochs, sgd.lr, sgd.lr_decay_epochs),
+                     (200, 0.1, (60, 120, 180)))
+    self.assertEqual((esgd.epochs, esgd.lr, esgd.lr_decay_epochs,
+                      esgd.lr_decay_factor, esgd.noise, esgd.gamma),
+                     (10, 1.0, (4, 8), 0.2, 1e-4, 0.03))
+
+  def test_default_models_are_the_paper_era_nets(self):
+    c = config_lib.from_preset("adam", "mnist", recipe="paper")
+    self.assertEqual(c.model, "lenet-iclr17")
+
+  def test_only_what_the_paper_ran(self):
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                "ran no --opt=nesterov.*reference_code"):
+      config_lib.from_preset("nesterov", "mnist", "lenet", recipe="paper")
+    with self.assertRaisesRegex(config_lib.ConfigError, "--recipe="):
+      config_lib.from_preset("adam", "mnist", recipe="lua")
+
+  def test_reference_code_recipe_is_unchanged_by_the_new_fields(self):
+    c = config_lib.from_preset("entropy_sgd", "mnist", "mnistfc")
+    self.assertEqual((c.recipe, c.init, c.preprocess, c.gamma, c.noise),
+                     ("reference_code", None, "standardize", 0.03, 1e-4))
+    self.assertEqual(c.default_run_name(), "mnist_mnistfc_entropy_sgd_L20_seed0")
+
+  def test_run_names_tell_recipes_and_initialisations_apart(self):
+    names = {
+        config_lib.from_preset("adam", "mnist", "lenet-iclr17",
+                               recipe="paper").default_run_name(),
+        config_lib.from_preset("adam", "mnist",
+                               "lenet-iclr17").default_run_name(),
+        config_lib.from_preset("nesterov", "mnist", "lenet",
+                               init="torch").default_run_name(),
+        config_lib.from_preset("nesterov", "mnist", "lenet",
+                               init="he").default_run_name(),
+    }
+    self.assertLen(names, 4)
+
+  def test_bad_new_values(self):
+    for overrides, message in (
+        (dict(init="xavier"), "--init="),
+        (dict(model="wrn-16-1", init="torch"), "paper's nets"),
+        (dict(preprocess="whiten"), "--preprocess="),
+        (dict(adam_beta1=1.0), "--adam_beta1"),
+        (dict(adam_epsilon=0.0), "--adam_epsilon")):
+      with self.assertRaisesRegex(config_lib.ConfigError, message):
+        config_lib.from_preset("adam", "cifar10", **overrides)
+    with self.assertRaisesRegex(config_lib.ConfigError, "for CIFAR"):
+      config_lib.from_preset("adam", "mnist", preprocess="gcn_zca")
+
+  def test_gradient_evaluations_count_the_anchor_gradient(self):
+    c = config_lib.from_preset("entropy_sgd", L=5,
+                               conventions="pytorch_reference")
+    self.assertEqual(c.gradient_evaluations_per_step, 6)
+    self.assertEqual(config_lib.from_preset(
+        "entropy_sgd", L=5).gradient_evaluations_per_step, 5)
+
+
 class ValidationTest(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -119,8 +206,8 @@ class ValidationTest(parameterized.TestCase):
 
   def test_unknown_opt(self):
     with self.assertRaisesRegex(config_lib.ConfigError,
-                                "--opt='adam' is unknown"):
-      config_lib.from_preset("adam")
+                                "--opt='rmsprop' is unknown"):
+      config_lib.from_preset("rmsprop")
 
   def test_messages_are_one_line(self):
     try:

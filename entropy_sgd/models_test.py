@@ -157,9 +157,144 @@ class ModelTest(parameterized.TestCase):
       built("lenet", models.MNIST_SHAPE)(tf.zeros([2, 784]), False)
 
 
+# The paper-era nets keep every bias (models.lua at 9564f29), so our count
+# is the reference's, by hand from the layer lists.
+ICLR17_COUNTS = {
+    "mnistfc-iclr17": (784 * 1024 + 1024) + (1024 * 1024 + 1024)
+                      + (1024 * 10 + 10),
+    "lenet-iclr17": (25 * 1 * 20 + 20) + 2 * 20 + (25 * 20 * 50 + 50)
+                    + 2 * 50 + (200 * 500 + 500) + (500 * 10 + 10),
+}
+
+
+def numpy_lenet_iclr17(variables, images):
+  """Inference-mode LeNet in the Lua layer order, from the variables alone.
+
+  conv -> ReLU -> max-pool -> BN (moving statistics) twice, fc 500 -> ReLU,
+  fc 10; no dropout at inference.
+  """
+  v = {var.name.split("/", 1)[1].split(":")[0]: var.numpy().astype(np.float64)
+       for var in variables}
+
+  def conv_valid(x, w, b):  # x [n, h, w, c], w [k, k, c, o].
+    k = w.shape[0]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(1, 2))
+    return np.einsum("nhwcij,ijco->nhwo", windows, w) + b
+
+  def max_pool(x, size):
+    n, h, w, c = x.shape
+    h, w = h // size, w // size
+    return x[:, :h * size, :w * size].reshape(
+        n, h, size, w, size, c).max(axis=(2, 4))
+
+  def batch_norm(x, prefix):
+    return ((x - v[f"{prefix}/moving_mean/average"].ravel()) /
+            np.sqrt(v[f"{prefix}/moving_variance/average"].ravel() + 1e-5)
+            * v[f"{prefix}/scale"].ravel() + v[f"{prefix}/offset"].ravel())
+
+  net = images.astype(np.float64)
+  for i, pool in ((1, 3), (2, 2)):
+    net = conv_valid(net, v[f"conv{i}/w"], v[f"conv{i}/b"])
+    net = batch_norm(max_pool(np.maximum(net, 0), pool), f"pool{i}_bn")
+  net = net.reshape(len(net), -1)
+  net = np.maximum(net @ v["hidden/w"] + v["hidden/b"], 0)
+  return net @ v["logits/w"] + v["logits/b"]
+
+
+class PaperEraNetTest(parameterized.TestCase):
+
+  @parameterized.parameters("mnistfc-iclr17", "lenet-iclr17")
+  def test_parameter_counts(self, name):
+    model = built(name, models.MNIST_SHAPE)
+    self.assertEqual(wide_resnet.num_parameters(model), ICLR17_COUNTS[name])
+    self.assertEqual(models.reference_parameter_count(name),
+                     ICLR17_COUNTS[name])
+
+  def test_mnistfc_iclr17_has_no_batch_norm_and_no_input_dropout(self):
+    model = built("mnistfc-iclr17", models.MNIST_SHAPE, dropout=0.0)
+    self.assertEmpty(model.batch_norms)
+    # With dropout 0 training and inference agree: nothing else is random.
+    images = tf.random.normal([3, *models.MNIST_SHAPE], seed=1)
+    np.testing.assert_allclose(model(images, is_training=True),
+                               model(images, is_training=False), rtol=1e-6)
+
+  def test_lenet_iclr17_layer_order_matches_numpy(self):
+    model = built("lenet-iclr17", models.MNIST_SHAPE)
+    self.assertLen(model.batch_norms, 2)
+    rng = np.random.default_rng(0)
+    for bn in model.batch_norms:  # Non-trivial statistics and affine terms.
+      stats, affine = bn.moving_mean.average.shape, bn.offset.shape
+      bn.moving_mean.average.assign(rng.normal(size=stats))
+      bn.moving_variance.average.assign(rng.uniform(0.5, 2.0, stats))
+      bn.offset.assign(rng.normal(size=affine))
+    images = rng.normal(size=[3, *models.MNIST_SHAPE]).astype(np.float32)
+    np.testing.assert_allclose(
+        model(images, is_training=False).numpy(),
+        numpy_lenet_iclr17(model.variables, images), rtol=1e-4, atol=1e-4)
+
+  def test_lenet_differs_from_lenet_iclr17(self):
+    # Same data, same variables shapes where they overlap, different graph:
+    # BN before ReLU and on fc 500 in today's net.
+    ours = built("lenet", models.MNIST_SHAPE)
+    self.assertLen(ours.batch_norms, 3)
+    self.assertLen(built("lenet-iclr17", models.MNIST_SHAPE).batch_norms, 2)
+
+
+class InitialisationTest(parameterized.TestCase):
+
+  @parameterized.parameters("mnistfc-iclr17", "lenet-iclr17", "lenet",
+                            "mnistfc")
+  def test_torch_default_moments(self, name):
+    # U(-b, b) with b = 1/sqrt(fan_in): mean 0, variance b^2/3, |w| <= b;
+    # biases the same; BatchNorm scale U(0, 1): mean 1/2, variance 1/12.
+    tf.random.set_seed(0)
+    model = built(name, models.MNIST_SHAPE, init="torch")
+    for variable in model.trainable_variables:
+      values = variable.numpy().astype(np.float64).ravel()
+      leaf = variable.name.split("/")[-1].split(":")[0]
+      layer = variable.name.split("/")[-2]
+      if leaf == "scale":
+        self.assertGreaterEqual(values.min(), 0.0)
+        self.assertLessEqual(values.max(), 1.0)
+        self.assertAlmostEqual(values.mean(), 0.5, delta=4 * (1 / 12 / len(
+            values))**0.5)
+        continue
+      if leaf == "offset":
+        np.testing.assert_array_equal(values, 0.0)
+        continue
+      weights = dict((v.name.split("/")[-2], v) for v in
+                     model.trainable_variables
+                     if v.name.split("/")[-1].startswith("w"))[layer]
+      fan_in = int(np.prod(weights.shape[:-1]))
+      bound = fan_in**-0.5
+      self.assertLessEqual(np.abs(values).max(), bound, variable.name)
+      if len(values) >= 1000:  # Moments within 5 standard errors.
+        self.assertAlmostEqual(values.mean(), 0.0,
+                               delta=5 * bound / (3 * len(values))**0.5)
+        self.assertAlmostEqual(values.var() / (bound**2 / 3), 1.0,
+                               delta=5 * (0.8 / len(values))**0.5)
+
+  def test_he_is_the_default_of_todays_nets(self):
+    tf.random.set_seed(0)
+    he = built("lenet", models.MNIST_SHAPE, init="he")
+    tf.random.set_seed(0)
+    default = built("lenet", models.MNIST_SHAPE)
+    for a, b in zip(he.variables, default.variables):
+      np.testing.assert_array_equal(a.numpy(), b.numpy())
+    self.assertEqual(models.spec("lenet-iclr17").default_init, "torch")
+
+  def test_unknown_init(self):
+    with self.assertRaisesRegex(ValueError, "init must be one of"):
+      models.build("lenet", 10, init="xavier")
+    with self.assertRaisesRegex(ValueError, "paper's nets"):
+      models.build("wrn-10-1", 10, init="torch")
+
+
 class NameTest(parameterized.TestCase):
 
   @parameterized.parameters(("mnistfc", "mnistfc"), ("LeNet", "lenet"),
+                            ("mnistfc-iclr17", "mnistfc"),
+                            ("lenet-iclr17", "lenet"),
                             ("allcnn", "allcnn"), ("wrn-16-1", "wrn"),
                             ("WRN-28-10", "wrn"))
   def test_families(self, name, family):

@@ -344,6 +344,83 @@ class NesterovTest(OptimizerTestBase):
                              **kwargs})
 
 
+def numpy_torch_adam(x, gradients, lr, beta1=0.9, beta2=0.999,
+                     epsilon=1e-8, weight_decay=0.0):
+  """Torch7 `optim.adam`, transcribed in float64: the iterates of x."""
+  x = np.array(x, np.float64)
+  m, v = np.zeros_like(x), np.zeros_like(x)
+  iterates = []
+  for t, g in enumerate(gradients, start=1):
+    g = g(x) + weight_decay * x
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    denominator = np.sqrt(v) + epsilon
+    step_size = lr * np.sqrt(1 - beta2**t) / (1 - beta1**t)
+    x = x - step_size * m / denominator
+    iterates.append(x.copy())
+  return iterates
+
+
+class AdamTest(OptimizerTestBase):
+
+  def make_optimizer(self, **kwargs):
+    return optimizers.Adam(**{"learning_rate": 1e-3, **kwargs})
+
+  @parameterized.parameters(
+      dict(weight_decay=0.0, epsilon=1e-8),
+      dict(weight_decay=1e-2, epsilon=1e-8),
+      # A large epsilon tells apart where it is added: to sqrt(v) (Torch)
+      # or to sqrt(v / (1 - beta2^t)) (PyTorch).
+      dict(weight_decay=0.0, epsilon=1e-1))
+  def test_matches_torch_optim_adam(self, weight_decay, epsilon):
+    x0 = np.array([1.0, -2.0, 0.5, 3.0])
+    curvature = A_DIAG
+    x = tf.Variable(x0, dtype=tf.float64)
+    optimizer = optimizers.Adam(0.05, beta1=0.8, beta2=0.95, epsilon=epsilon,
+                                weight_decay=weight_decay)
+    optimizer.initialize([x])
+    num_steps = 25
+    ours = []
+    for _ in range(num_steps):
+      optimizer.begin_outer_step([x])
+      optimizer.apply([curvature * x], [x])
+      optimizer.end_outer_step([x])
+      ours.append(x.numpy())
+    expected = numpy_torch_adam(x0, [lambda y: curvature * y] * num_steps,
+                                0.05, 0.8, 0.95, epsilon, weight_decay)
+    self.assertAllClose(np.array(ours), np.array(expected), rtol=1e-12,
+                        atol=1e-14)
+    self.assertEqual(int(optimizer.step.numpy()), num_steps)
+
+  def test_first_step_moves_each_coordinate_by_the_learning_rate(self):
+    # Analytic: after bias correction m/sqrt(v) = sign(g) at t = 1, so every
+    # coordinate moves by lr (up to epsilon), whatever its gradient's scale.
+    x = tf.Variable([1.0, -1.0, 3.0], dtype=tf.float64)
+    optimizer = optimizers.Adam(0.01, epsilon=1e-12)
+    optimizer.initialize([x])
+    optimizer.apply([tf.constant([1e-3, -5.0, 200.0], tf.float64)], [x])
+    self.assertAllClose(x.numpy(), [0.99, -0.99, 2.99], atol=1e-9)
+
+  def test_epsilon_placement_differs_from_pytorch(self):
+    # With g = 1 at t = 1: Torch divides by sqrt(1 - beta2) + eps, PyTorch
+    # by 1 + eps; the bias-corrected step differs by a factor we can state.
+    x = tf.Variable([0.0], dtype=tf.float64)
+    beta2, epsilon = 0.99, 0.1
+    optimizer = optimizers.Adam(1.0, beta2=beta2, epsilon=epsilon)
+    optimizer.initialize([x])
+    optimizer.apply([tf.constant([1.0], tf.float64)], [x])
+    root = np.sqrt(1 - beta2)
+    torch_step = root / (root + epsilon)
+    self.assertAllClose(-x.numpy(), [torch_step], rtol=1e-12)
+    self.assertNotAllClose(-x.numpy(), [1.0 / (1.0 + epsilon)])
+
+  @parameterized.parameters(dict(beta1=1.0), dict(beta2=-0.1),
+                            dict(epsilon=0.0), dict(weight_decay=-1.0))
+  def test_bad_hyperparameters(self, **kwargs):
+    with self.assertRaises(ValueError):
+      self.make_optimizer(**kwargs)
+
+
 class EntropySGDTest(OptimizerTestBase):
 
   def make_optimizer(self, **kwargs):

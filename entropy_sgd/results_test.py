@@ -279,6 +279,49 @@ class ResultsTest(absltest.TestCase):
     np.testing.assert_allclose((x, mean), ([1.0], [5.0]))
     self.assertTrue(np.isnan(std).all())
 
+  def test_paper_protocol_reads_the_mean_curve(self):
+    # Adam on lenet-iclr17: Table 1 quotes 0.51% at effective epoch 100.
+    # A fake epoch is one effective epoch: 120 evaluations, read at the one
+    # nearest 100 and at the minimum of the seeds' mean.
+    rng = np.random.default_rng(0)
+    curves = {seed: list(0.99 - 0.001 * rng.random(120)) for seed in (0, 1)}
+    for seed, accuracies in curves.items():
+      write_fake_run(os.path.join(self.runs_dir, f"adam_seed{seed}"),
+                     dataclasses.asdict(config_lib.from_preset(
+                         "adam", "mnist", "lenet-iclr17", recipe="paper",
+                         batch_size=BATCH_SIZE, seed=seed)), accuracies)
+    write_fake_run(os.path.join(self.runs_dir, "nesterov_seed0"),
+                   make_config(opt="nesterov"), [0.5, 0.6])
+    runs = [results.load_run(d)
+            for d in results.expand_run_dirs([self.runs_dir])]
+    rows = {r.optimizer: r for r in map(results.summarize_group,
+                                         results.group_runs(runs))}
+    adam = rows["adam"]
+    mean_error = 100 * (1 - np.mean([as_float32(c) for c in curves.values()],
+                                    axis=0))
+    self.assertEqual((adam.paper_error, adam.paper_epoch), (0.51, 100.0))
+    self.assertAlmostEqual(adam.mean_curve_epoch_nearest_paper, 100.0)
+    self.assertAlmostEqual(adam.mean_curve_error_at_paper_epoch,
+                           mean_error[99], places=5)
+    self.assertAlmostEqual(adam.mean_curve_min_error, mean_error.min(),
+                           places=5)
+    self.assertAlmostEqual(adam.mean_curve_min_epoch,
+                           float(np.argmin(mean_error) + 1))
+    self.assertTrue(math.isnan(rows["nesterov"].paper_error))  # Not in it.
+    markdown = open(results.write_markdown(
+        list(rows.values()), os.path.join(self.root, "r.md"))).read()
+    self.assertIn("By the paper's protocol", markdown)
+    self.assertIn("0.51 ± 0.01 at 100", markdown)
+
+  def test_paper_entry(self):
+    self.assertEqual(results.paper_entry(
+        {"dataset": "mnist", "model": "mnistfc", "opt": "entropy_sgd"}),
+        (1.37, 0.03, 120))
+    self.assertIsNone(results.paper_entry(
+        {"dataset": "mnist", "model": "lenet", "opt": "nesterov"}))
+    self.assertEqual(results.paper_entry(
+        {"dataset": "cifar10", "model": "allcnn", "opt": "nesterov"})[2], 180)
+
   def test_formatting(self):
     self.assertEqual(results.format_mean_std(12.345, 0.5, 3), "12.35 ± 0.50")
     self.assertEqual(results.format_mean_std(12.345, math.nan, 1),

@@ -291,11 +291,12 @@ def preset(dataset: str, model: str, opt: str,
   if recipe == "paper":
     key = (_dataset_group(dataset), family, opt)
     if key not in PAPER_RECIPE:
-      ran = sorted(f"--model={m} --opt={o}" for (d, m, o) in PAPER_RECIPE
-                   if d == key[0])
+      ran = sorted({o for (d, f, o) in PAPER_RECIPE if key[:2] == (d, f)})
+      ran = (f"it ran --opt={'/'.join(ran)} there" if ran else
+             "it never trained that model there")
       raise ConfigError(
           f"--recipe=paper: the paper ran no --opt={opt} with "
-          f"--model={model} on {dataset} (it ran {', '.join(ran)}); use "
+          f"--model={model} on {dataset} ({ran}); use "
           f"--recipe=reference_code.")
     return dict(PAPER_RECIPE[key], opt=opt, model=model, recipe=recipe)
   if opt == "adam":

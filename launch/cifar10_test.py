@@ -5,6 +5,7 @@ code and output: errors are one line, without a Python traceback, and come
 before any training starts.
 """
 
+import json
 import os
 import shutil
 
@@ -82,6 +83,25 @@ class LauncherTest(parameterized.TestCase):
     self.assertTrue(os.path.exists(os.path.join(
         log_dir, "cifar10_allcnn_nesterov_seed0", "checkpoints",
         "ckpt-1.index")))
+
+  @parameterized.parameters("nesterov", "entropy_sgd")
+  def test_paper_recipe_whitens_and_does_not_augment(self, opt):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher(
+        "cifar10", "--recipe=paper", "--model=allcnn", f"--opt={opt}",
+        "--L=2", "--max_steps=1", "--batch_size=20",
+        f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
+        f"--log_dir={log_dir}")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("summary: outer_steps=1", result.stdout)
+    self.assertIn("GCN + ZCA whitening fitted on the 200 training images",
+                  result.stderr)
+    (run_dir,) = os.listdir(log_dir)
+    with open(os.path.join(log_dir, run_dir, "config.json")) as f:
+      config = json.load(f)
+    self.assertEqual((config["preprocess"], config["augment"],
+                      config["init"], config["recipe"]),
+                     ("gcn_zca", "none", "torch", "paper"))
 
   def test_parle_on_two_devices(self):
     log_dir = self.create_tempdir().full_path

@@ -45,6 +45,42 @@ class MnistLauncherTest(parameterized.TestCase):
     with open(os.path.join(run_dir, "config.json")) as f:
       self.assertEqual(json.load(f)["model"], model)
 
+  @parameterized.product(model=("mnistfc-iclr17", "lenet-iclr17"),
+                         opt=("adam", "entropy_sgd"))
+  def test_paper_recipe_records_the_papers_values(self, model, opt):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher("mnist", "--recipe=paper", f"--opt={opt}",
+                          f"--model={model}", "--max_steps=3",
+                          f"--data_dir={MNIST}", f"--log_dir={log_dir}",
+                          "--L=2" if opt == "entropy_sgd" else "--L=20",
+                          *TINY)
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    self.assertIn("summary: outer_steps=3", result.stdout)
+    run_dir = os.path.join(log_dir, os.listdir(log_dir)[0])
+    self.assertIn("_paper_", run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+      config = json.load(f)
+    self.assertEqual((config["recipe"], config["init"], config["augment"]),
+                     ("paper", "torch", "none"))
+    if opt == "adam":
+      self.assertEqual((config["lr"], config["dropout"]), (1e-3, 0.5))
+    else:
+      self.assertEqual(
+          (config["dropout"], config["noise"], config["gamma"],
+           config["scoping"], config["langevin_lr"]),
+          ({"mnistfc-iclr17": 0.15, "lenet-iclr17": 0.25}[model], 1e-3,
+           1e-4, 1e-3, 0.1))
+
+  def test_paper_recipe_refuses_what_the_paper_did_not_run(self):
+    result = run_launcher("mnist", "--recipe=paper", "--opt=nesterov",
+                          f"--data_dir={MNIST}",
+                          f"--log_dir={self.create_tempdir().full_path}")
+    self.assertEqual(result.returncode, 1)
+    self.assertEqual(error_lines(result), [
+        "error: --recipe=paper: the paper ran no --opt=nesterov with "
+        "--model=lenet-iclr17 on mnist (it ran --opt=adam/entropy_sgd "
+        "there); use --recipe=reference_code."])
+
   @parameterized.parameters(("mnistfc", "mixed_bfloat16"),
                             ("lenet", "mixed_float16"))
   def test_mixed_precision_smoke_run(self, model, precision):

@@ -98,6 +98,8 @@ class TrainConfig:
   track_flatness_every_steps: Optional[int] = None
   keep_checkpoints: int = 3
   deterministic: bool = False
+  allow_config_change: bool = False
+
 
   @property
   def gradient_evaluations_per_step(self) -> int:
@@ -121,6 +123,21 @@ class TrainConfig:
     if self.precision != "float32":  # Never resumes a run of another one.
       parts.append(self.precision)
     return "_".join(parts)
+
+
+
+# Fields a resumed run may change: they only extend the run (its budget,
+# its evaluations) or observe it (where it lives, logging, checkpoints kept,
+# how it is compiled). A resume that changes any other field would continue
+# another experiment, and is refused unless --allow_config_change.
+RESUME_MAY_CHANGE = frozenset({
+    "epochs", "max_steps", "eval_every_steps", "track_flatness_every_steps",
+    "log_every_steps", "steps_per_loop", "keep_checkpoints", "data_dir",
+    "log_dir", "run_name", "jit", "deterministic", "tpu",
+    "allow_config_change"})
+FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                     if f.type in (float, "float", Optional[float],
+                                   "Optional[float]"))
 
 
 PRESETS = {

@@ -37,6 +37,7 @@ from entropy_sgd import data as data_lib
 from entropy_sgd import hessian
 from entropy_sgd import models
 from entropy_sgd import noise as noise_lib
+from entropy_sgd import run_dir as run_dir_lib
 from entropy_sgd import train_step as train_step_lib
 
 MEASURES = ("eigenvalues", "trace", "density", "local_entropy",
@@ -475,8 +476,8 @@ def read_run(run_dir: str, flag: str = "--run_dir"
         f"{flag}={run_dir} is not a run directory (no config.json); pass a "
         f"directory that //launch:cifar10, cifar100 or mnist trained in.")
   try:
-    with open(config_path) as f:
-      values = json.load(f)
+    values = run_dir_lib.decode_config(run_dir_lib.read_json(config_path),
+                                       config_lib.FLOAT_FIELDS)
     known = {f.name for f in dataclasses.fields(config_lib.TrainConfig)}
     values = {k: v for k, v in values.items() if k in known}
     values["lr_decay_epochs"] = tuple(values.get("lr_decay_epochs", ()))
@@ -485,8 +486,15 @@ def read_run(run_dir: str, flag: str = "--run_dir"
   except (OSError, ValueError, TypeError) as e:
     raise LandscapeError(f"{flag}={run_dir}: unreadable config.json "
                          f"({e}).") from None
-  checkpoint = tf.train.latest_checkpoint(os.path.join(run_dir,
-                                                       "checkpoints"))
+  try:  # Reads, and never moves, the run's checkpoints.
+    checkpoint = run_dir_lib.newest_intact_checkpoint(
+        run_dir_lib.checkpoint_dir(run_dir), repair=False)
+  except run_dir_lib.RunDirError as e:
+    raise LandscapeError(f"{flag}={run_dir}: {e}") from None
+  if checkpoint and checkpoint != run_dir_lib.listed_checkpoints(
+      run_dir_lib.checkpoint_dir(run_dir))[0]:
+    logging.warning("%s: the newest checkpoint is damaged; measuring %s, "
+                    "the newest intact one.", run_dir, checkpoint)
   if not checkpoint:
     raise LandscapeError(
         f"{flag}={run_dir} has no checkpoint in {run_dir}/checkpoints "

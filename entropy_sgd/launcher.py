@@ -17,6 +17,7 @@ from absl import logging
 from entropy_sgd import config as config_lib
 from entropy_sgd import data as data_lib
 from entropy_sgd import models
+from entropy_sgd import run_dir as run_dir_lib
 from entropy_sgd import training
 
 _HELP = {
@@ -120,6 +121,10 @@ _HELP = {
                                   "'Flatness'). Unset: off.",
     "keep_checkpoints": "Checkpoints kept in the run directory.",
     "deterministic": "Enable TF op determinism (bit-reproducible, slower).",
+    "allow_config_change": "Resume a run under settings that define another "
+                           "experiment (e.g. a new --lr); the change is "
+                           "logged and recorded in config.json with its "
+                           "step. Without it such a resume is refused.",
 }
 
 
@@ -238,7 +243,8 @@ def run(dataset: str):
           continue
         logging.info("Seed %d (%d/%d).", seed, index + 1, len(seeds))
         summaries.append(training.train(seed_config))
-  except (config_lib.ConfigError, data_lib.DataError) as e:
+  except (config_lib.ConfigError, data_lib.DataError,
+          run_dir_lib.RunDirError) as e:
     _exit(EXIT_ERROR, f"error: {e}")
   except training.DivergenceError as e:
     _exit(EXIT_DIVERGED, f"error: {e}")

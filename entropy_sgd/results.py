@@ -49,9 +49,10 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from entropy_sgd import config as config_lib
 from entropy_sgd import models as models_lib
+from entropy_sgd import run_dir as run_dir_lib
 
-CONFIG_FILE = "config.json"  # Names as entropy_sgd.training writes them.
-SUMMARY_FILE = "summary.json"
+CONFIG_FILE = run_dir_lib.CONFIG_FILE
+SUMMARY_FILE = run_dir_lib.SUMMARY_FILE
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 MARKDOWN_FILE = "results.md"
 CSV_FILE = "results.csv"
@@ -59,7 +60,8 @@ CSV_FILE = "results.csv"
 # Fields that never tell experiments apart.
 IGNORED_FIELDS = frozenset({
     "seed", "log_dir", "run_name", "data_dir", "log_every_steps",
-    "keep_checkpoints", "jit", "steps_per_loop", "deterministic", "tpu"})
+    "keep_checkpoints", "jit", "steps_per_loop", "deterministic", "tpu",
+    "allow_config_change", "config_changes"})
 # Fields only Entropy-SGD reads (training recalibrates BatchNorm only there).
 ENTROPY_SGD_FIELDS = frozenset({
     "L", "langevin_lr", "noise", "gamma", "scoping", "alpha", "conventions",
@@ -280,7 +282,8 @@ def load_run(run_dir: str) -> Run:
   segments = [read_segment(f) for f in files]
   config_path = os.path.join(run_dir, CONFIG_FILE)
   if os.path.exists(config_path):
-    config = normalize_config(_read_json(config_path, run_dir),
+    config = normalize_config(run_dir_lib.decode_config(
+        _read_json(config_path, run_dir), config_lib.FLOAT_FIELDS),
                               from_hparams=False)
   else:  # Older runs: the hparams summary of the latest segment.
     hparams = [s.hparams for s in segments if s.hparams]

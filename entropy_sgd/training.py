@@ -45,6 +45,7 @@ from entropy_sgd import hessian
 from entropy_sgd import models
 from entropy_sgd import optimizers
 from entropy_sgd import precision
+from entropy_sgd import run_dir as run_dir_lib
 from entropy_sgd import train_step as train_step_lib
 
 ConfigError = config_lib.ConfigError
@@ -317,17 +318,57 @@ class _Evaluator:
     return {"loss": float(loss / count), "accuracy": float(correct / count)}
 
 
-CONFIG_FILE = "config.json"  # The run's TrainConfig, written at every start.
-SUMMARY_FILE = "summary.json"  # Written once the whole schedule has run.
+CONFIG_FILE = run_dir_lib.CONFIG_FILE  # Written at every start.
+SUMMARY_FILE = run_dir_lib.SUMMARY_FILE  # Once the whole schedule has run.
+_write_json = run_dir_lib.write_json
 
 
-def _write_json(path, values):
-  """Writes `values` to `path` atomically (a rename), so readers never see
-  half a file."""
-  temporary = path + ".tmp"
-  with open(temporary, "w") as f:
-    json.dump(values, f, indent=1, sort_keys=True)
-  os.replace(temporary, path)
+def _config_record(config, run_dir: str, resume_step: Optional[int]
+                   ) -> Dict:
+  """What config.json will hold; refuses a resume under another experiment.
+
+  On resume the stored settings are compared with `config`: fields of
+  `config_lib.RESUME_MAY_CHANGE` may differ (logged); any other difference
+  is a RunDirError unless `config.allow_config_change`, and then it is
+  logged and appended to the `config_changes` history with its step.
+  """
+  record = dataclasses.asdict(config)
+  path = os.path.join(run_dir, CONFIG_FILE)
+  if resume_step is None or not os.path.exists(path):
+    return record
+  try:
+    stored = run_dir_lib.decode_config(run_dir_lib.read_json(path),
+                                       config_lib.FLOAT_FIELDS)
+  except (OSError, ValueError) as e:
+    raise run_dir_lib.RunDirError(
+        f"cannot read {path} ({e}); restore it or move {run_dir} aside to "
+        f"start afresh.") from None
+  history = list(stored.get(run_dir_lib.CHANGES_KEY, []))
+  allowed, refused = run_dir_lib.config_changes(
+      stored, record, config_lib.RESUME_MAY_CHANGE)
+  allowed.pop("allow_config_change", None)  # The override itself.
+  if refused and not config.allow_config_change:
+    raise run_dir_lib.RunDirError(
+        f"{run_dir} was trained with other settings: "
+        f"{run_dir_lib.format_changes(refused)}. Rerun with the old values "
+        f"to resume it, pass --allow_config_change to continue it under the "
+        f"new ones (recorded in {CONFIG_FILE}), or pass another --run_name "
+        f"for a new run.")
+  if allowed:
+    logging.info("Resuming with %s (these only extend or observe the run).",
+                 run_dir_lib.format_changes(allowed))
+  if refused:
+    logging.warning("Resuming at outer step %d under changed settings "
+                    "(--allow_config_change): %s; recorded in %s.",
+                    resume_step, run_dir_lib.format_changes(refused), path)
+  if allowed or refused:
+    history.append({"step": resume_step, "overridden": {
+        name: list(change) for name, change in sorted(refused.items())},
+                    "allowed": {name: list(change) for name, change in
+                                sorted(allowed.items())}})
+  if history:
+    record[run_dir_lib.CHANGES_KEY] = history
+  return record
 
 
 def _format_duration(seconds):
@@ -371,8 +412,10 @@ class Trainer:
       raise ConfigError(
           f"--batch_size={config.batch_size} exceeds the "
           f"{self.train_examples} training examples; lower it.")
+    self._lock = None
     if self.is_chief:  # Only now: a refused setting leaves no run directory.
       _check_writable(self.run_dir)
+      self._lock = run_dir_lib.RunLock(self.run_dir)  # One process per run.
     self.total_steps = config.epochs * self.steps_per_epoch
     if config.max_steps is not None:
       self.total_steps = min(self.total_steps, config.max_steps)
@@ -412,12 +455,18 @@ class Trainer:
         if v.dtype.is_floating]
     self._finite_flags = tf.function(lambda: tf.stack(  # One call, on device.
         [tf.reduce_all(tf.math.is_finite(v)) for v in self._saved_variables]))
-    self.checkpoint_dir = os.path.join(self.run_dir, "checkpoints")
+    self.checkpoint_dir = run_dir_lib.checkpoint_dir(self.run_dir)
+    # The chief's newest intact checkpoint; only the chief moves damaged
+    # ones aside, before the manager reads the state file.
+    latest = run_dir_lib.newest_intact_checkpoint(self.checkpoint_dir,
+                                                  repair=self.is_chief)
+    self._config_record = _config_record(
+        config, self.run_dir,
+        None if latest is None else run_dir_lib.checkpoint_step(latest))
     self.checkpoints = tf.train.CheckpointManager(
         self.checkpoint, self.checkpoint_dir if self.is_chief
         else _scratch_checkpoint_dir(strategy),
         max_to_keep=config.keep_checkpoints)
-    latest = tf.train.latest_checkpoint(self.checkpoint_dir)  # The chief's.
     if latest:
       self.checkpoint.restore(latest).assert_existing_objects_matched()
       logging.info("Resuming from %s (outer step %d).", latest, self.step)
@@ -435,7 +484,11 @@ class Trainer:
     keeps, holds finite values only.
     """
     self._check_finite_state(step)
-    path = self.checkpoints.save(checkpoint_number=step)
+    try:
+      path = self.checkpoints.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as e:
+      raise run_dir_lib.checkpoint_write_error(
+          self.checkpoint_dir, step, e) from None
     if self.is_chief:
       return path
     if tf.io.gfile.exists(self.checkpoints.directory):
@@ -512,8 +565,12 @@ class Trainer:
     arrives, and DivergenceError (saving nothing) on a non-finite loss or
     state.
     """
-    with _StopRequest() as stop:
-      return self._run(stop)
+    try:
+      with _StopRequest() as stop:
+        return self._run(stop)
+    finally:
+      if self._lock is not None:
+        self._lock.release()
 
   def _run(self, stop: "_StopRequest") -> Dict[str, float]:
     config, strategy = self.config, self.strategy
@@ -531,7 +588,7 @@ class Trainer:
                            for k, v in dataclasses.asdict(config).items()})
     if self.is_chief:
       _write_json(os.path.join(self.run_dir, CONFIG_FILE),
-                  dataclasses.asdict(config))
+                  self._config_record)
 
     def write_scalars(values, step):
       with writer.as_default(step=step * self.evaluations_per_step):

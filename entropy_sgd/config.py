@@ -27,7 +27,7 @@ from entropy_sgd import models
 from entropy_sgd import optimizers
 from entropy_sgd import precision
 
-OPTIMIZERS = ("sgd", "nesterov", "adam", "entropy_sgd")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "sam", "entropy_sgd")
 # "reference_code": the public ucla-vision/entropy-sgd code (today's presets);
 # "paper": the ICLR 2017 text, and the January 2017 Lua code of its runs
 # (pratikac/explore-hessian) where the text is silent.
@@ -68,6 +68,10 @@ class TrainConfig:
   adam_beta1: float = 0.9
   adam_beta2: float = 0.999
   adam_epsilon: float = 1e-8
+  sam_rho: Optional[float] = None  # None: SAM_DEFAULT_RHO of the variant.
+  sam_adaptive: bool = False
+  sam_eta: float = 0.01
+  sam_perturbation: str = "per_replica"
   L: int = 20
   langevin_lr: float = 0.1
   noise: float = 1e-4
@@ -103,6 +107,8 @@ class TrainConfig:
 
   @property
   def gradient_evaluations_per_step(self) -> int:
+    if self.opt == "sam":
+      return 2
     if self.opt != "entropy_sgd":
       return 1
     # pytorch_reference adds the gradient at x to the L Langevin steps.
@@ -111,7 +117,8 @@ class TrainConfig:
                         and conventions.outer_momentum > 0)
 
   def default_run_name(self) -> str:
-    parts = [self.dataset, self.model, self.opt]
+    parts = [self.dataset, self.model,
+             "asam" if self.opt == "sam" and self.sam_adaptive else self.opt]
     if self.opt == "entropy_sgd":
       parts.append(f"L{self.L}")
     if self.recipe != "reference_code":
@@ -139,6 +146,16 @@ FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                      if f.type in (float, "float", Optional[float],
                                    "Optional[float]"))
 
+# The neighbourhood radius when --sam_rho is unset: SAM rho = 0.05 (Foret et
+# al., ICLR 2021, App. C.1: the CIFAR-10 WRN value of their grid), ASAM
+# rho = 0.5 with eta = 0.01 (Kwon et al., ICML 2021, Sec. 5.1, CIFAR-10).
+SAM_DEFAULT_RHO = {False: 0.05, True: 0.5}
+
+
+def sam_rho(config: "TrainConfig") -> float:
+  return (SAM_DEFAULT_RHO[config.sam_adaptive] if config.sam_rho is None
+          else config.sam_rho)
+
 
 PRESETS = {
     "sgd": dict(opt="sgd", model="wrn-28-10", epochs=200, batch_size=128,
@@ -155,6 +172,9 @@ PRESETS = {
                         scoping=1e-3, alpha=0.75,
                         conventions="lua_reference"),
 }
+# SAM's base optimizer and schedule are Nesterov's (Foret et al. train WRNs
+# with SGD's own schedule); each step costs 2 gradient evaluations.
+PRESETS["sam"] = dict(PRESETS["nesterov"], opt="sam")
 
 
 # ucla-vision/entropy-sgd `train.lua` (commit aac1bc2, the version that also
@@ -323,7 +343,7 @@ def preset(dataset: str, model: str, opt: str,
     return dict(ADAM_PRESET, model=model)
   if family == "wrn":
     return dict(PRESETS[opt], model=model)
-  base_opt = "entropy_sgd" if opt == "entropy_sgd" else "sgd"
+  base_opt = "entropy_sgd" if opt == "entropy_sgd" else "sgd"  # SAM: SGD's.
   key = (_dataset_group(dataset), family, base_opt)
   if key not in PAPER_MODEL_PRESETS:  # A model on a dataset it doesn't fit.
     return dict(PRESETS[opt], model=model)
@@ -407,6 +427,15 @@ def validate(config: TrainConfig):
            f"{c.adam_beta1}, {c.adam_beta2}.")
   _require(c.adam_epsilon > 0, f"--adam_epsilon must be > 0; got "
            f"{c.adam_epsilon}.")
+  _require(c.sam_rho is None or c.sam_rho > 0,
+           f"--sam_rho must be > 0; got {c.sam_rho}.")
+  _require(c.sam_eta >= 0, f"--sam_eta must be >= 0; got {c.sam_eta}.")
+  _require(c.sam_perturbation in optimizers.SAM_PERTURBATIONS,
+           f"--sam_perturbation={c.sam_perturbation!r} is unknown; choose "
+           f"one of {optimizers.SAM_PERTURBATIONS}.")
+  _require(c.opt != "sam" or c.precision != "mixed_float16",
+           "--opt=sam does not support --precision=mixed_float16 yet; use "
+           "float32 or mixed_bfloat16.")
   match = re.fullmatch(r"wrn-(\d+)-(\d+)", c.model.lower())
   if match is not None:
     depth, width = int(match.group(1)), int(match.group(2))

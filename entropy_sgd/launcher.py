@@ -43,8 +43,18 @@ _HELP = {
               "paper (the ICLR 2017 text, and the January 2017 Lua code of "
               "its runs where the text is silent). README: 'Recipes'.",
     "opt": "Optimizer: sgd (heavy-ball momentum --momentum), nesterov, adam "
-           "(Torch's optim.adam) or entropy_sgd. Chooses the preset of "
-           "every unset flag.",
+           "(Torch's optim.adam), sam (sharpness-aware, Nesterov base, 2 "
+           "gradient evaluations per step) or entropy_sgd. Chooses the "
+           "preset of every unset flag.",
+    "sam_rho": "SAM: neighbourhood radius rho. Unset: 0.05 (SAM), 0.5 "
+               "(--sam_adaptive).",
+    "sam_adaptive": "SAM: adaptive SAM (ASAM), eps = rho T^2 g / ||T g|| "
+                    "with T = |w| + --sam_eta.",
+    "sam_eta": "ASAM: eta in T = |w| + eta.",
+    "sam_perturbation": "SAM under several replicas: per_replica (each "
+                        "replica ascends along its own gradient, "
+                        "m-sharpness, as Foret et al.) or synchronized "
+                        "(along the all-reduced gradient).",
     "adam_beta1": "Adam: decay of the first-moment average.",
     "adam_beta2": "Adam: decay of the second-moment average.",
     "adam_epsilon": "Adam: added to sqrt(v) before the bias correction "

@@ -236,8 +236,11 @@ def _assign(variables, values):
 class Optimizer(snt.Module):
   """Shared interface and checks; subclasses define the per-device math."""
 
-  # Minibatches (gradient evaluations) one outer step consumes, all of them.
+  # Gradient evaluations one outer step makes, all of them.
   gradient_evaluations_per_step = 1
+  # Whether it is SAM-like: the train step takes the gradient at w, calls
+  # `perturb`, then takes the gradient of the same batch and calls `apply`.
+  perturbs_before_apply = False
   # Whether one of them is the gradient at x, taken before the inner loop and
   # passed to `begin_outer_step(parameters, anchor_gradients)`; the others go
   # to `apply`. Only Entropy-SGD with `outer_velocity_init="anchor_gradient"`
@@ -275,8 +278,14 @@ class Optimizer(snt.Module):
 
   @property
   def apply_calls_per_step(self) -> int:
-    """Calls of `apply` per outer step: L for Entropy-SGD, 1 for SGD."""
-    return self.gradient_evaluations_per_step - int(self.needs_anchor_gradient)
+    """Calls of `apply` per outer step: L for Entropy-SGD, 1 for SGD/SAM."""
+    return (self.gradient_evaluations_per_step - int(self.needs_anchor_gradient)
+            - int(self.perturbs_before_apply))
+
+  @property
+  def batches_per_step(self) -> int:
+    """Minibatches one outer step consumes (SAM: 1 for 2 evaluations)."""
+    return self.gradient_evaluations_per_step - int(self.perturbs_before_apply)
 
   def begin_outer_step(self, parameters: Sequence[tf.Variable],
                        anchor_gradients: Optional[Sequence[tf.Tensor]] = None):
@@ -479,6 +488,120 @@ class Adam(Optimizer):
     _assign(parameters, new_parameters)
     _assign(self.first_moments, new_first)
     _assign(self.second_moments, new_second)
+    self.step.assign_add(1)
+
+  def end_outer_step(self, parameters):
+    self._check_parameters(parameters)  # `apply` already counted the step.
+    return {}
+
+
+SAM_PERTURBATIONS = ("per_replica", "synchronized")
+
+
+class SAM(Optimizer):
+  """Sharpness-aware minimisation (Foret et al., ICLR 2021) and ASAM.
+
+  One step takes two gradients on the same minibatch:
+
+      g   = grad f(w)                    (the train step's first pass)
+      eps = rho g/||g||  (ASAM: rho T^2 g/||T g||, T = |w| + eta)
+      g'  = grad f(w + eps)              (second pass; `perturb` moved w)
+      w  <- base SGD/Nesterov step from w on g' (with its weight decay)
+
+  `perturb` keeps w itself, not eps, so the descent starts from w exactly
+  and per-replica perturbations leave the replicas bit-identical.
+
+  The train step calls `perturb(g, parameters)` after the first pass and
+  `apply(g', parameters)` after the second; BatchNorm statistics keep what
+  the first pass made of them (`train_step`). Under several replicas,
+  `perturbation="per_replica"` perturbs each replica by its own gradient
+  (m-sharpness with m = the per-replica batch, as Foret et al. ran it on
+  TPU cores, their Sec. 4.1), and "synchronized" by the all-reduced one;
+  g' is all-reduced either way, so the replicas stay identical.
+  """
+
+  gradient_evaluations_per_step = 2
+  perturbs_before_apply = True
+
+  def __init__(self,
+               learning_rate: FloatLike,
+               rho: float = 0.05,
+               adaptive: bool = False,
+               eta: float = 0.01,
+               momentum: float = 0.9,
+               nesterov: bool = True,
+               weight_decay: float = 0.0,
+               perturbation: str = "per_replica",
+               jit_compile: bool = False,
+               name: Optional[str] = None):
+    super().__init__(jit_compile, name)
+    _check_positive("learning_rate", learning_rate)
+    _check_positive("rho", rho)
+    _check_non_negative("eta", eta)
+    _check_range("momentum", momentum, 0.0, 1.0)
+    _check_non_negative("weight_decay", weight_decay)
+    _check_choice("perturbation", perturbation, SAM_PERTURBATIONS)
+    if nesterov and not momentum > 0:
+      raise ValueError("Nesterov momentum needs momentum > 0.")
+    self.learning_rate = learning_rate
+    self.rho, self.adaptive, self.eta = rho, adaptive, eta
+    self.momentum, self.nesterov = momentum, nesterov
+    self.weight_decay = weight_decay
+    self.perturbation = perturbation
+    # The unperturbed weights w while the model holds w + eps (restored
+    # exactly: (w + eps) - eps need not round back to w).
+    self.velocities, self.unperturbed = [], []
+    self._perturb_math = _maybe_jit(self._perturbation_math, jit_compile)
+    self._math = _maybe_jit(self._step_math, jit_compile)
+
+  @property
+  def all_reduces_first_gradient(self) -> bool:
+    return self.perturbation == "synchronized"
+
+  def _create_state(self, parameters):
+    self.unperturbed = [_state_like(p, f"unperturbed_{i}")
+                        for i, p in enumerate(parameters)]
+    if self.momentum > 0:
+      self.velocities = [
+          _state_like(p, f"velocity_{i}") for i, p in enumerate(parameters)]
+
+  def _perturbation_math(self, parameters, gradients):
+    return update_rules.sam_perturbations(
+        parameters, gradients, rho=self.rho, adaptive=self.adaptive,
+        eta=self.eta)
+
+  def perturb(self, gradients: Sequence[tf.Tensor],
+              parameters: Sequence[tf.Variable]):
+    """w <- w + eps(g): call in replica context with this replica's (or the
+    all-reduced) gradient at w."""
+    self._check_parameters(parameters)
+    self._check_updates(gradients, parameters)
+
+    def on_device(*local_gradients):
+      weights = _read(parameters)
+      perturbations = self._perturb_math(weights, list(local_gradients))
+      _assign(self.unperturbed, weights)
+      _assign(parameters, [w + e for w, e in zip(weights, perturbations)])
+
+    distribution.update_on_each_device(self.step, on_device, *gradients)
+
+  def _step_math(self, weights, gradients, velocities):
+    new_parameters, new_velocities = [], []
+    for i, (x, g) in enumerate(zip(weights, gradients)):
+      x, v = update_rules.sgd_step(
+          x, g, velocities[i] if velocities else None,
+          learning_rate=_as_dtype(self.learning_rate, x.dtype),
+          weight_decay=self.weight_decay, momentum=self.momentum,
+          nesterov=self.nesterov)
+      new_parameters.append(x)
+      new_velocities.append(v)
+    return new_parameters, new_velocities if velocities else []
+
+  def _apply_on_device(self, gradients, parameters):
+    new_parameters, new_velocities = self._math(
+        _read(self.unperturbed), gradients, _read(self.velocities))
+    _assign(parameters, new_parameters)
+    _assign(self.velocities, new_velocities)
     self.step.assign_add(1)
 
   def end_outer_step(self, parameters):

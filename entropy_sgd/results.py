@@ -68,6 +68,8 @@ ENTROPY_SGD_FIELDS = frozenset({
     "parle", "rho", "rho_scoping", "recalibrate_bn", "recalibration_batches"})
 PARLE_FIELDS = frozenset({"rho", "rho_scoping"})
 ADAM_FIELDS = frozenset({"adam_beta1", "adam_beta2", "adam_epsilon"})
+SAM_FIELDS = frozenset({"sam_rho", "sam_adaptive", "sam_eta",
+                        "sam_perturbation"})
 
 # Table 1 of the paper (pratikac/explore-hessian
 # doc/chaudhari.choromanska.ea.iclr17.tex at 4eed403, `tab:expts`):
@@ -342,6 +344,10 @@ def experiment_settings(config: Dict[str, Any]) -> Dict[str, Any]:
     ignored |= ADAM_FIELDS
   else:
     ignored.add("momentum")
+  if config.get("opt") != "sam":
+    ignored |= SAM_FIELDS
+  elif not config.get("sam_adaptive"):
+    ignored.add("sam_eta")
   if config.get("strategy") != "mirrored":
     ignored.add("num_devices")
   if "rotate" not in str(config.get("augment", "")):
@@ -355,6 +361,12 @@ def optimizer_label(config: Dict[str, Any]) -> str:
   opt = str(config.get("opt"))
   mixed = config.get("precision", "float32")
   mixed = "" if mixed == "float32" else f", {mixed}"
+  if opt == "sam":
+    name = "asam" if config.get("sam_adaptive") else "sam"
+    rho = config.get("sam_rho")
+    rho = config_lib.SAM_DEFAULT_RHO[bool(config.get("sam_adaptive"))] if (
+        rho is None) else rho
+    return f"{name} (rho={rho}{mixed})"
   if opt != "entropy_sgd":
     return f"{opt} ({mixed[2:]})" if mixed else opt
   parle = ", Parle" if config.get("parle") else ""

@@ -77,7 +77,7 @@ def make_train_step(
     `train_step(iterator, num_steps=1) -> metrics`, taking an iterator over
     (per-replica) `(images, labels)` batches. A call runs `num_steps` outer
     steps (one compiled graph for every `num_steps`), consuming
-    `num_steps * optimizer.gradient_evaluations_per_step` batches, and returns
+    `num_steps * optimizer.batches_per_step` batches, and returns
     the mean training `loss` and `accuracy` over the batches passed to
     `optimizer.apply` (not the anchor-gradient batch of an optimizer that
     `needs_anchor_gradient`) plus the optimizer's diagnostics of the last
@@ -88,6 +88,9 @@ def make_train_step(
     `loss_scale` (S after the call) and `skipped_updates` (updates of this
     call skipped for non-finite gradients).
   """
+  if optimizer.perturbs_before_apply and loss_scale is not None:
+    raise ValueError("SAM with float16 loss scaling is not implemented; use "
+                     "float32 or mixed_bfloat16.")
   if global_batch_size % strategy.num_replicas_in_sync:
     raise ValueError(
         f"The global batch size {global_batch_size} is not divisible by the "
@@ -137,6 +140,29 @@ def make_train_step(
     num_examples = tf.cast(tf.shape(labels)[0], tf.float32)
     return tf.stack([loss_sum, num_correct, num_examples])
 
+  batch_norm_statistics = [
+      v for m in model.submodules if isinstance(m, snt.BaseBatchNorm)
+      for v in m.variables if not v.trainable]
+
+  def replica_sam_step(images, labels):
+    """SAM: the gradient at w, the ascent, the gradient at w + eps on the
+    same batch, the descent. BatchNorm statistics keep the first pass's
+    update only; the metrics are the first pass's (at w)."""
+    gradients, loss_sum, num_correct = forward_backward(images, labels)
+    if optimizer.all_reduces_first_gradient:
+      gradients = tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, gradients)
+    optimizer.perturb(gradients, parameters)
+    statistics = [v.read_value() for v in batch_norm_statistics]
+    with tf.control_dependencies(statistics):
+      perturbed_gradients, _, _ = replica_gradients(images, labels)
+    with tf.control_dependencies(perturbed_gradients):
+      for variable, value in zip(batch_norm_statistics, statistics):
+        variable.assign(value)
+    optimizer.apply(perturbed_gradients, parameters)
+    num_examples = tf.cast(tf.shape(labels)[0], tf.float32)
+    return tf.stack([loss_sum, num_correct, num_examples])
+
   def replica_begin_with_anchor_gradient(images, labels):
     gradients, _, _ = replica_gradients(images, labels)  # At x.
     if loss_scale is not None:  # An overflowed anchor gradient counts as 0.
@@ -183,7 +209,13 @@ def make_train_step(
       strategy.run(replica_begin_with_anchor_gradient, args=(images, labels))
     else:
       strategy.run(optimizer.begin_outer_step, args=(parameters,))
-    for _ in tf.range(optimizer.apply_calls_per_step):
+    if optimizer.perturbs_before_apply:  # SAM: one batch, two passes.
+      images, labels = next(iterator)
+      per_replica = strategy.run(replica_sam_step, args=(images, labels))
+      totals += strategy.reduce(
+          tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+    for _ in tf.range(0 if optimizer.perturbs_before_apply
+                      else optimizer.apply_calls_per_step):
       images, labels = next(iterator)
       if loss_scale is None:
         per_replica = strategy.run(replica_step, args=(images, labels))

@@ -307,6 +307,152 @@ class SGDStepTest(tf.test.TestCase, parameterized.TestCase):
                         (logits.argmax(axis=1) == y).mean())
 
 
+def np_sam_eps(w, g, rho, adaptive, eta):
+  """SAM's / ASAM's ascent step, transcribed."""
+  t = {k: (np.abs(w[k]) + eta) if adaptive else np.ones_like(w[k]) for k in w}
+  norm = np.sqrt(sum(np.sum((t[k] * g[k])**2) for k in w))
+  return {k: rho * t[k]**2 * g[k] / norm for k in w}
+
+
+def np_sam(w, batches, lr, rho, adaptive=False, eta=0.01, mom=0.9,
+           nesterov=True, wd=0.0, replicas=1, perturbation="per_replica"):
+  """SAM with a Nesterov/SGD base step; one batch per step, split evenly
+  over `replicas` (each perturbed by its own gradient unless
+  "synchronized")."""
+  vel = {k: np.zeros_like(a) for k, a in w.items()}
+  for x, y in batches:
+    shards = [(x[i::1][j * len(y) // replicas:(j + 1) * len(y) // replicas],
+               y[j * len(y) // replicas:(j + 1) * len(y) // replicas])
+              for i, j in zip([0] * replicas, range(replicas))]
+    if perturbation == "synchronized" or replicas == 1:
+      eps = [np_sam_eps(w, np_gradients(w, x, y), rho, adaptive, eta)] * (
+          replicas)
+    else:
+      eps = [np_sam_eps(w, np_gradients(w, xs, ys), rho, adaptive, eta)
+             for xs, ys in shards]
+    g = {k: np.zeros_like(a) for k, a in w.items()}
+    for (xs, ys), e in zip(shards, eps):
+      shard_g = np_gradients({k: w[k] + e[k] for k in w}, xs, ys)
+      for k in w:
+        g[k] += shard_g[k] / replicas
+    for k in w:
+      d = g[k] + wd * w[k]
+      if mom:
+        d, vel[k] = np_momentum(d, vel[k], mom, nesterov)
+      w[k] = w[k] - lr * d
+  return w
+
+
+class BatchNormMLP(snt.Module):
+  """x -> BN(x W1) -> tanh -> logits: for BatchNorm statistics under SAM."""
+
+  def __init__(self):
+    super().__init__(name="bn_mlp")
+    self.hidden = snt.Linear(NUM_HIDDEN, with_bias=False, name="hidden")
+    self.bn = snt.BatchNorm(True, True, decay_rate=0.5, name="bn")
+    self.logits = snt.Linear(NUM_CLASSES, name="logits")
+
+  def __call__(self, x, is_training):
+    return self.logits(tf.tanh(self.bn(self.hidden(x),
+                                       is_training=is_training)))
+
+
+class SAMStepTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("sam", False, 0.05, 0.0), ("sam_weight_decay", False, 0.2, 5e-3),
+      ("asam", True, 0.5, 5e-3))
+  def test_matches_numpy(self, adaptive, rho, weight_decay):
+    x, y = make_data(4)
+    optimizer = optimizers.SAM(0.3, rho=rho, adaptive=adaptive, eta=0.01,
+                               momentum=0.9, nesterov=True,
+                               weight_decay=weight_decay)
+    _, initial, final, metrics = run_tf(tf.distribute.get_strategy(),
+                                        optimizer, x, y, 4)
+    expected = np_sam(initial, batches_of(x, y), 0.3, rho, adaptive, 0.01,
+                      0.9, True, weight_decay)
+    assert_close_relative(self, final, expected)
+    # One batch per step (4 steps used the 4 batches), one counted step.
+    self.assertEqual(int(optimizer.step.numpy()), 4)
+    self.assertEqual((optimizer.gradient_evaluations_per_step,
+                      optimizer.batches_per_step), (2, 1))
+    # Not SGD: the ascent changes the trajectory.
+    sgd = np_sgd(dict(initial), batches_of(x, y), 0.3, 0.9, True,
+                 weight_decay)
+    self.assertGreater(max(np.max(np.abs(final[k].numpy() - sgd[k]))
+                           for k in sgd), 1e-4)
+
+  def test_loss_is_measured_at_w(self):
+    x, y = make_data(1)
+    _, initial, _, metrics = run_tf(tf.distribute.get_strategy(),
+                                    optimizers.SAM(0.1, rho=0.5), x, y, 1)
+    w = initial
+    logits = (np.tanh(x @ w["hidden/w"] + w["hidden/b"]) @ w["logits/w"] +
+              w["logits/b"])
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    self.assertAllClose(metrics[0]["loss"],
+                        -log_p[np.arange(len(y)), y].mean(), rtol=1e-5)
+
+  @parameterized.parameters("per_replica", "synchronized")
+  def test_two_replicas_match_numpy(self, perturbation):
+    global_batch, num_steps = 2 * BATCH, 3
+    x, y = make_data(2 * num_steps)
+    optimizer = optimizers.SAM(0.3, rho=0.3, momentum=0.9, nesterov=True,
+                               weight_decay=1e-3, perturbation=perturbation)
+    final, _ = run_steps(mirrored_strategy(), optimizer, x, y, global_batch,
+                         num_steps)
+    rng = np.random.RandomState(42)  # run_steps' start.
+    model = MLP()
+    model(tf.zeros([1, NUM_FEATURES]), is_training=False)
+    initial = {short_name(v): rng.normal(scale=0.5, size=v.shape).astype(
+        np.float32).astype(np.float64) for v in model.trainable_variables}
+    batches = [(x[i:i + global_batch].astype(np.float64),
+                y[i:i + global_batch])
+               for i in range(0, len(y), global_batch)]
+    expected = np_sam(initial, batches, 0.3, 0.3, mom=0.9, nesterov=True,
+                      wd=1e-3, replicas=2, perturbation=perturbation)
+    for name in expected:
+      copies = final[name].values
+      self.assertAllEqual(copies[0].numpy(), copies[1].numpy())
+      self.assertAllClose(copies[0].numpy(), expected[name], rtol=1e-4,
+                          atol=1e-5)
+    other = np_sam(dict(initial), batches, 0.3, 0.3, mom=0.9, nesterov=True,
+                   wd=1e-3, replicas=2,
+                   perturbation={"per_replica": "synchronized",
+                                 "synchronized": "per_replica"}[perturbation])
+    self.assertGreater(max(np.max(np.abs(other[k] - expected[k]))
+                           for k in other), 1e-4)  # The modes differ.
+
+  def test_batch_norm_statistics_see_the_first_pass_only(self):
+    x, y = make_data(1)
+    strategy = tf.distribute.get_strategy()
+
+    def statistics_after(optimizer):
+      tf.random.set_seed(0)
+      model = train_step_lib.build_model(strategy, BatchNormMLP,
+                                         [NUM_FEATURES])
+      dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+      step = train_step_lib.make_train_step(model, optimizer, strategy,
+                                            BATCH)
+      step(iter(dataset))
+      return [v.numpy() for v in model.bn.variables if not v.trainable]
+
+    # SGD's single pass at w updates the statistics as SAM's first pass.
+    sam = statistics_after(optimizers.SAM(0.5, rho=2.0))
+    sgd = statistics_after(optimizers.SGD(0.5))
+    self.assertNotEmpty(sam)
+    for a, b in zip(sam, sgd):
+      self.assertAllClose(a, b, rtol=1e-6, atol=1e-7)
+
+  def test_refuses_float16_loss_scaling(self):
+    model = train_step_lib.build_model(tf.distribute.get_strategy(), MLP,
+                                       [NUM_FEATURES])
+    with self.assertRaisesRegex(ValueError, "SAM with float16"):
+      train_step_lib.make_train_step(
+          model, optimizers.SAM(0.1), tf.distribute.get_strategy(), BATCH,
+          loss_scale=precision.DynamicLossScale())
+
+
 class Float64Test(tf.test.TestCase, parameterized.TestCase):
   """float64 models train in float64: Python-float hyperparameters reach
   them without a float32 round trip, so they follow NumPy to round-off."""

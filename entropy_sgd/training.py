@@ -213,6 +213,13 @@ def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
         scoping=config.scoping, noise=config.noise, alpha=config.alpha,
         weight_decay=config.weight_decay, conventions=config.conventions,
         seed=config.seed, jit_compile=config.jit)
+  if config.opt == "sam":
+    return optimizers.SAM(
+        learning_rate, rho=config_lib.sam_rho(config),
+        adaptive=config.sam_adaptive, eta=config.sam_eta,
+        momentum=config.momentum, nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+        perturbation=config.sam_perturbation, jit_compile=config.jit)
   if config.opt == "adam":
     return optimizers.Adam(
         learning_rate, beta1=config.adam_beta1, beta2=config.adam_beta2,
@@ -575,7 +582,7 @@ class Trainer:
   def _run(self, stop: "_StopRequest") -> Dict[str, float]:
     config, strategy = self.config, self.strategy
     start_step = step = self.step
-    first_batch = start_step * self.evaluations_per_step  # Global batches.
+    first_batch = start_step * self.optimizer.batches_per_step  # Global.
     iterator = iter(strategy.distribute_datasets_from_function(
         lambda context: self.data.train_dataset(context, first_batch)))
     eval_splits = ["test"] + (["validation"] if config.validation_examples

@@ -75,6 +75,28 @@ def adam_step(parameter, gradient, first_moment, second_moment, step, *,
   return parameter, first_moment, second_moment
 
 
+def sam_perturbations(parameters, gradients, *, rho, adaptive, eta):
+  """The ascent step of SAM (Foret et al., ICLR 2021, Eq. 2) or ASAM.
+
+      SAM:   eps = rho g / ||g||
+      ASAM:  eps = rho T^2 g / ||T g||,  T = |w| + eta  (Kwon et al., ICML
+             2021, Eq. 8 with the element-wise T_w of their Sec. 4)
+
+  The norm is over all parameters together. A zero gradient gives eps = 0.
+  Returns the list of eps, one per parameter.
+  """
+  if adaptive:
+    scales = [tf.abs(w) + eta for w in parameters]
+    directions = [t * g for t, g in zip(scales, gradients)]
+  else:
+    scales = [None] * len(parameters)
+    directions = list(gradients)
+  norm = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(d)) for d in directions]))
+  factor = tf.math.divide_no_nan(tf.cast(rho, norm.dtype), norm)
+  return [factor * (d if t is None else t * d)
+          for t, d in zip(scales, directions)]
+
+
 def scoped_gamma(gamma, scoping, step, dtype=tf.float32):
   """gamma_t = gamma0 * (1 + gamma1)**t, computed as exp(t * log1p(gamma1)).
 

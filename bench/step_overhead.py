@@ -61,6 +61,9 @@ _JIT = flags.DEFINE_enum("jit", "both", ["both", "on", "off"],
 _COMPARE_NOISE_KERNEL = flags.DEFINE_bool(
     "compare_noise_kernel", False, "Also time Entropy-SGD (without XLA) "
     "with TensorFlow's ops for the noise instead of the compiled kernel.")
+_COMPARE_SAM = flags.DEFINE_bool(
+    "compare_sam", True, "Also time SAM (rho 0.05, Nesterov base): its cost "
+    "per gradient evaluation against Nesterov's.")
 _PRECISION = flags.DEFINE_enum(
     "precision", "float32", precision_lib.PRECISIONS,
     "Also measure in this mixed precision, beside float32.")
@@ -85,6 +88,9 @@ def make_runner(model_name, optimizer_name, jit_compile, loop_length=1,
         jit_compile=jit_compile)
     if noise_kernel is False:
       optimizer.use_noise_kernel = False
+  elif optimizer_name == "sam":
+    optimizer = optimizers.SAM(0.1, rho=0.05, momentum=0.9, nesterov=True,
+                               weight_decay=5e-4, jit_compile=jit_compile)
   else:
     optimizer = optimizers.SGD(0.1, momentum=0.9, nesterov=True,
                                weight_decay=5e-4, jit_compile=jit_compile)
@@ -133,6 +139,9 @@ def compare_optimizers(model_name, jit_modes, mixed=None):
         f"{name}/xla={jit}/{mixed}": make_runner(model_name, name, jit,
                                                  precision=mixed)
         for jit in jit_modes for name in ("nesterov", "entropy_sgd")})
+  if _COMPARE_SAM.value:
+    runners.update({f"sam/xla={jit}": make_runner(model_name, "sam", jit)
+                    for jit in jit_modes})
   compare_kernel = (_COMPARE_NOISE_KERNEL.value and False in jit_modes and
                     noise_lib.kernel_status().startswith("loaded"))
   if compare_kernel:
@@ -155,6 +164,12 @@ def compare_optimizers(model_name, jit_modes, mixed=None):
           f"median ratio entropy_sgd/nesterov = {ratio:.3f} "
           f"({'meets' if ratio <= target else 'misses'} the {target} target)",
           flush=True)
+  for jit in jit_modes if _COMPARE_SAM.value else ():
+    nesterov, sam = f"nesterov/xla={jit}", f"sam/xla={jit}"
+    print(f"{model_name} xla={str(jit):5s}  per gradient evaluation: sam "
+          f"{median[sam] * 1e3:7.1f} ms (2 per step); median ratio "
+          f"sam/nesterov = {median[sam] / median[nesterov]:.3f}; per step "
+          f"{2 * median[sam] / median[nesterov]:.3f}", flush=True)
   if compare_kernel:
     tf_noise, nesterov = "entropy_sgd_tf_noise/xla=False", "nesterov/xla=False"
     print(f"{model_name} xla=False  entropy_sgd with TensorFlow-op noise "

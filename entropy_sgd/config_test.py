@@ -173,6 +173,36 @@ class PaperRecipeTest(parameterized.TestCase):
         "entropy_sgd", L=5).gradient_evaluations_per_step, 5)
 
 
+class SamConfigTest(parameterized.TestCase):
+
+  def test_preset_is_nesterovs_with_two_evaluations_per_step(self):
+    sam = config_lib.from_preset("sam", model="wrn-16-1")
+    nesterov = config_lib.from_preset("nesterov", model="wrn-16-1")
+    for field in ("epochs", "lr", "lr_decay_epochs", "momentum",
+                  "weight_decay", "batch_size"):
+      self.assertEqual(getattr(sam, field), getattr(nesterov, field), field)
+    self.assertEqual(sam.gradient_evaluations_per_step, 2)
+
+  def test_default_radius_per_variant(self):
+    self.assertEqual(config_lib.sam_rho(config_lib.from_preset("sam")), 0.05)
+    self.assertEqual(config_lib.sam_rho(config_lib.from_preset(
+        "sam", sam_adaptive=True)), 0.5)
+    self.assertEqual(config_lib.sam_rho(config_lib.from_preset(
+        "sam", sam_rho=0.1, sam_adaptive=True)), 0.1)
+    self.assertEqual(config_lib.from_preset(
+        "sam", sam_adaptive=True).default_run_name(),
+                     "cifar10_wrn-28-10_asam_seed0")
+
+  def test_bad_values(self):
+    for overrides, message in ((dict(sam_rho=0.0), "--sam_rho"),
+                               (dict(sam_perturbation="all"),
+                                "--sam_perturbation"),
+                               (dict(precision="mixed_float16"),
+                                "mixed_float16")):
+      with self.assertRaisesRegex(config_lib.ConfigError, message):
+        config_lib.from_preset("sam", **overrides)
+
+
 class ValidationTest(parameterized.TestCase):
 
   @parameterized.parameters(

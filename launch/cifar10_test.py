@@ -103,6 +103,26 @@ class LauncherTest(parameterized.TestCase):
                       config["init"], config["recipe"]),
                      ("gcn_zca", "none", "torch", "paper"))
 
+  @parameterized.parameters(([], "sam"), (["--sam_adaptive"], "asam"))
+  def test_sam_smoke_run(self, extra, name):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher(
+        "cifar10", "--opt=sam", *extra, "--max_steps=3", *TINY,
+        f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
+        f"--log_dir={log_dir}")
+    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+    # 3 steps of 2 gradient evaluations of 20 images: 0.3 epochs of 200.
+    self.assertIn("summary: outer_steps=3, effective_epochs=0.6", result.stdout)
+    run_dir = os.path.join(log_dir, f"cifar10_wrn-10-1_{name}_seed0")
+    self.assertTrue(os.path.exists(os.path.join(run_dir, "checkpoints",
+                                                "ckpt-3.index")))
+    self.assertTrue(any(n.startswith("events.out.tfevents")
+                        for n in os.listdir(run_dir)))
+    with open(os.path.join(run_dir, "config.json")) as f:
+      config = json.load(f)
+    self.assertEqual((config["opt"], config["sam_adaptive"]),
+                     ("sam", name == "asam"))
+
   def test_parle_on_two_devices(self):
     log_dir = self.create_tempdir().full_path
     result = run_launcher(

@@ -1,13 +1,18 @@
 """Flatness measures against closed forms on quadratics, and invariances."""
 
+import dataclasses
+import os
+
 from absl.testing import parameterized
 import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
+from entropy_sgd import config as config_lib
 from entropy_sgd import distribution
 from entropy_sgd import hessian
 from entropy_sgd import landscape
+from entropy_sgd import run_dir as run_dir_lib
 
 
 def random_symmetric(spectrum, seed=0):
@@ -271,6 +276,33 @@ class LineTest(tf.test.TestCase):
                                  for a in alphas])
     self.assertLen(calls, 5)
     self.assertAllClose(self.objective.get_flat(), self.x)
+
+
+class ReadRunTest(tf.test.TestCase):
+
+  def test_newest_intact_checkpoint_and_nothing_moved(self):
+    run = self.create_tempdir().full_path
+    run_dir_lib.write_json(
+        os.path.join(run, run_dir_lib.CONFIG_FILE),
+        dataclasses.asdict(config_lib.TrainConfig(dataset="mnist",
+                                                  model="mnistfc")))
+    variable = tf.Variable(tf.ones([10]))
+    manager = tf.train.CheckpointManager(
+        tf.train.Checkpoint(v=variable), run_dir_lib.checkpoint_dir(run), 5)
+    for step in (1, 2):
+      manager.save(checkpoint_number=step)
+    data = os.path.join(run_dir_lib.checkpoint_dir(run),
+                        "ckpt-2.data-00000-of-00001")
+    with open(data, "r+b") as f:
+      f.truncate(5)
+    before = sorted(os.listdir(run_dir_lib.checkpoint_dir(run)))
+    with self.assertLogs(level="WARNING") as logs:
+      config, checkpoint = landscape.read_run(run)
+    self.assertEqual(config.rho, float("inf"))  # Strict JSON read back.
+    self.assertEqual(os.path.basename(checkpoint), "ckpt-1")
+    self.assertIn("newest checkpoint is damaged", logs.output[0])
+    self.assertEqual(sorted(os.listdir(run_dir_lib.checkpoint_dir(run))),
+                     before)
 
 
 class ProgressTest(tf.test.TestCase):

@@ -188,6 +188,8 @@ class LandscapeLauncherTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("not_a_run_dir", "not_a_run_dir", "is not a run directory"),
       ("no_checkpoint", "no_checkpoint", "has no checkpoint"),
+      ("damaged_checkpoints", "damaged_checkpoints",
+       "can be resumed from: ckpt-3 (it does not read back"),
       ("compare_mismatch", "compare_mismatch",
        "interpolating needs the same model"),
       ("missing_run_dir", "missing_run_dir", "--run_dir is required"),
@@ -199,6 +201,14 @@ class LandscapeLauncherTest(parameterized.TestCase):
       args = [f"--run_dir={empty}"]
     elif case == "no_checkpoint":
       args = [f"--run_dir={self.fake_run(case, checkpoints=False)}"]
+    elif case == "damaged_checkpoints":
+      run = self.fake_run(case)
+      for name in os.listdir(os.path.join(run, "checkpoints")):
+        if ".data-" in name:
+          with open(os.path.join(run, "checkpoints", name), "r+b") as f:
+            f.truncate(50)
+      before = sorted(os.listdir(os.path.join(run, "checkpoints")))
+      args = [f"--run_dir={run}"]
     elif case == "compare_mismatch":
       args = [f"--run_dir={self.sgd}",
               f"--compare={self.fake_run(case, model='lenet')}"]
@@ -214,6 +224,10 @@ class LandscapeLauncherTest(parameterized.TestCase):
     self.assertIn(message, errors[0])
     self.assertFalse(os.path.exists(os.path.join(output_dir,
                                                  "landscape.json")))
+    if case == "damaged_checkpoints":  # The tool never moves a file.
+      self.assertEqual(sorted(os.listdir(os.path.join(args[0].split("=")[1],
+                                                      "checkpoints"))),
+                       before)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ the weights x of a checkpoint:
   gamma and temperature T, by annealed SGLD and thermodynamic integration;
 * `epsilon_sharpness`: Keskar et al. (2017), the largest relative loss
   increase in a box of size epsilon (|x| + 1) around x;
+* `adaptive_flatness`: measures relative to each weight's magnitude, which
+  rescaling into BatchNorm leaves unchanged: worst-case and average adaptive
+  sharpness (Andriushchenko et al. 2023) and magnitude-aware PAC-Bayes
+  flatness (Jiang et al. 2020);
 * `loss_along_line` and `loss_on_plane`: f along filter-normalised random
   directions (Li et al., "Visualizing the Loss Landscape of Neural Nets",
   2018);
@@ -32,6 +36,7 @@ import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
+from entropy_sgd import adaptive_flatness
 from entropy_sgd import config as config_lib
 from entropy_sgd import data as data_lib
 from entropy_sgd import hessian
@@ -41,7 +46,8 @@ from entropy_sgd import run_dir as run_dir_lib
 from entropy_sgd import train_step as train_step_lib
 
 MEASURES = ("eigenvalues", "trace", "density", "local_entropy",
-            "sharpness", "directions", "interpolation")
+            "sharpness", "adaptive_sharpness", "pac_bayes", "directions",
+            "interpolation")
 
 
 class LandscapeError(ValueError):
@@ -415,6 +421,13 @@ class Settings:
   entropy_step_fraction: float = 0.05
   epsilon: float = 1e-3
   sharpness_steps: int = 20
+  adaptive_rho: float = 0.05
+  adaptive_steps: int = 10
+  adaptive_samples: int = 8
+  pac_bayes_max_error_increase: float = 0.1
+  pac_bayes_epsilon: float = 1e-3
+  pac_bayes_samples: int = 8
+  pac_bayes_bisections: int = 10
   direction_points: int = 21
   direction_range: float = 1.0
   plane_points: int = 11
@@ -452,6 +465,14 @@ def check_settings(s: Settings):
        "--entropy_step_fraction must be in (0, 2) (SGLD is stable below 2)."),
       (s.epsilon > 0, f"--epsilon must be > 0; got {s.epsilon}."),
       (s.sharpness_steps >= 1, "--sharpness_steps must be >= 1."),
+      (s.adaptive_rho > 0, "--adaptive_rho must be > 0."),
+      (s.adaptive_steps >= 1 and s.adaptive_samples >= 2,
+       "--adaptive_steps must be >= 1 and --adaptive_samples >= 2."),
+      (0 < s.pac_bayes_max_error_increase < 1,
+       "--pac_bayes_max_error_increase must be in (0, 1)."),
+      (s.pac_bayes_epsilon >= 0, "--pac_bayes_epsilon must be >= 0."),
+      (s.pac_bayes_samples >= 1 and s.pac_bayes_bisections >= 1,
+       "--pac_bayes_samples and --pac_bayes_bisections must be >= 1."),
       (s.direction_points >= 2 and s.plane_points >= 2 and
        s.interpolation_points >= 2,
        "--direction_points, --plane_points and --interpolation_points must "
@@ -556,6 +577,12 @@ def _plan(s: Settings, has_compare: bool):
   if "sharpness" in s.measures:
     plan.append(("epsilon-sharpness", {"loss": 2,
                                        "gradient": s.sharpness_steps}))
+  if "adaptive_sharpness" in s.measures:
+    plan.append(("adaptive sharpness", {
+        "loss": 2 + s.adaptive_samples, "gradient": s.adaptive_steps}))
+  if "pac_bayes" in s.measures:
+    plan.append(("PAC-Bayes flatness", {
+        "loss": 1 + s.pac_bayes_samples * s.pac_bayes_bisections}))
   if "directions" in s.measures:
     plan.append(("directions", {"loss": s.direction_points +
                                 s.plane_points**2}))
@@ -757,6 +784,36 @@ def _sharpness(run: _Run):
                      epsilon_sharpness_steps=sharpness.steps)
 
 
+def _adaptive_sharpness(run: _Run):
+  s = run.settings
+  result = adaptive_flatness.adaptive_sharpness(
+      run.objective, rho=s.adaptive_rho, steps=s.adaptive_steps,
+      samples=s.adaptive_samples, seed=s.seed)
+  run.results.update(
+      adaptive_sharpness_rho=result.rho,
+      adaptive_sharpness_worst=result.worst_case,
+      adaptive_sharpness_average=result.average,
+      adaptive_sharpness_average_stderr=result.average_standard_error,
+      adaptive_sharpness_steps=result.steps,
+      adaptive_sharpness_samples=result.samples)
+
+
+def _pac_bayes(run: _Run):
+  s = run.settings
+  result = adaptive_flatness.pac_bayes_flatness(
+      run.objective, max_error_increase=s.pac_bayes_max_error_increase,
+      epsilon=s.pac_bayes_epsilon, samples=s.pac_bayes_samples,
+      bisections=s.pac_bayes_bisections, seed=s.seed)
+  run.results.update(
+      pac_bayes_sigma=result.sigma, pac_bayes_flatness=result.measure,
+      pac_bayes_max_error_increase=result.max_error_increase,
+      pac_bayes_epsilon=result.epsilon,
+      pac_bayes_error_at_x=result.error_at_w,
+      pac_bayes_error_increase_at_sigma=result.error_increase_at_sigma,
+      pac_bayes_samples=result.samples,
+      pac_bayes_bisections=result.bisections)
+
+
 def _directions(run: _Run):
   s, objective = run.settings, run.objective
   rng = np.random.default_rng(s.seed)
@@ -806,6 +863,8 @@ _STAGES = (
     ("spectral density", "density", _density),
     ("local entropy", "local_entropy", _local_entropy),
     ("epsilon-sharpness", "sharpness", _sharpness),
+    ("adaptive sharpness", "adaptive_sharpness", _adaptive_sharpness),
+    ("PAC-Bayes flatness", "pac_bayes", _pac_bayes),
     ("directions", "directions", _directions),
     ("interpolation", "interpolation", _interpolation),
 )
@@ -942,6 +1001,25 @@ def markdown_report(results: Dict) -> str:
                  f"{_number(r['epsilon_sharpness'])} % | largest loss "
                  f"increase in the box epsilon(abs(x) + 1), relative to "
                  f"1 + f(x) (Keskar et al.) |")
+  if "adaptive_sharpness_worst" in r:
+    lines.append(
+        f"| adaptive sharpness (rho {_number(r['adaptive_sharpness_rho'])}) "
+        f"| worst case {_number(r['adaptive_sharpness_worst'])}; average "
+        f"{_number(r['adaptive_sharpness_average'])} ± "
+        f"{_number(r['adaptive_sharpness_average_stderr'], 2)} | loss "
+        f"increase for perturbations relative to abs(w): the box max by "
+        f"{r['adaptive_sharpness_steps']} ascent steps, the Gaussian mean "
+        f"over {r['adaptive_sharpness_samples']} draws (Andriushchenko et "
+        f"al. 2023); invariant to rescaling into BatchNorm |")
+  if "pac_bayes_sigma" in r:
+    lines.append(
+        f"| PAC-Bayes magnitude flatness | sigma' "
+        f"{_number(r['pac_bayes_sigma'])}; 1/sigma'^2 "
+        f"{_number(r['pac_bayes_flatness'])} | largest sigma' with "
+        f"u ~ N(0, sigma'^2 w^2 + {_number(r['pac_bayes_epsilon'])}^2) "
+        f"raising the training error by <= "
+        f"{_number(r['pac_bayes_max_error_increase'])} on average (Jiang "
+        f"et al. 2020); larger sigma': flatter |")
   if "interpolation" in r:
     i = r["interpolation"]
     barrier = max(i["loss"]) if i["loss"] else None

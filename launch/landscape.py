@@ -96,6 +96,27 @@ _EPSILON = flags.DEFINE_float(
 _SHARPNESS_STEPS = flags.DEFINE_integer(
     "sharpness_steps", _DEFAULTS.sharpness_steps,
     "Projected gradient-ascent steps of epsilon-sharpness.")
+_ADAPTIVE_RHO = flags.DEFINE_float(
+    "adaptive_rho", _DEFAULTS.adaptive_rho, "Adaptive sharpness radius: "
+    "|d_i| <= rho |w_i| (worst case), d_i ~ N(0, rho^2 w_i^2) (average).")
+_ADAPTIVE_STEPS = flags.DEFINE_integer(
+    "adaptive_steps", _DEFAULTS.adaptive_steps,
+    "Projected ascent steps of worst-case adaptive sharpness.")
+_ADAPTIVE_SAMPLES = flags.DEFINE_integer(
+    "adaptive_samples", _DEFAULTS.adaptive_samples,
+    "Gaussian draws of average adaptive sharpness (its standard error).")
+_PAC_BAYES_MAX_ERROR_INCREASE = flags.DEFINE_float(
+    "pac_bayes_max_error_increase", _DEFAULTS.pac_bayes_max_error_increase,
+    "PAC-Bayes flatness: allowed mean training-error increase.")
+_PAC_BAYES_EPSILON = flags.DEFINE_float(
+    "pac_bayes_epsilon", _DEFAULTS.pac_bayes_epsilon,
+    "PAC-Bayes flatness: eps in u ~ N(0, sigma'^2 w^2 + eps^2).")
+_PAC_BAYES_SAMPLES = flags.DEFINE_integer(
+    "pac_bayes_samples", _DEFAULTS.pac_bayes_samples,
+    "PAC-Bayes flatness: draws per bisection step.")
+_PAC_BAYES_BISECTIONS = flags.DEFINE_integer(
+    "pac_bayes_bisections", _DEFAULTS.pac_bayes_bisections,
+    "PAC-Bayes flatness: bisection steps in log sigma'.")
 _DIRECTION_POINTS = flags.DEFINE_integer(
     "direction_points", _DEFAULTS.direction_points,
     "Points along the 1-D filter-normalised direction.")
@@ -151,6 +172,12 @@ def _settings() -> landscape.Settings:
       entropy_chains=_ENTROPY_CHAINS.value,
       entropy_step_fraction=_ENTROPY_STEP_FRACTION.value,
       epsilon=_EPSILON.value, sharpness_steps=_SHARPNESS_STEPS.value,
+      adaptive_rho=_ADAPTIVE_RHO.value, adaptive_steps=_ADAPTIVE_STEPS.value,
+      adaptive_samples=_ADAPTIVE_SAMPLES.value,
+      pac_bayes_max_error_increase=_PAC_BAYES_MAX_ERROR_INCREASE.value,
+      pac_bayes_epsilon=_PAC_BAYES_EPSILON.value,
+      pac_bayes_samples=_PAC_BAYES_SAMPLES.value,
+      pac_bayes_bisections=_PAC_BAYES_BISECTIONS.value,
       direction_points=_DIRECTION_POINTS.value,
       direction_range=_DIRECTION_RANGE.value,
       plane_points=_PLANE_POINTS.value,
@@ -170,6 +197,11 @@ def _summary(results) -> str:
                  f"{results['local_entropy_deficit']:.4g} nats")
   if "epsilon_sharpness" in results:
     parts.append(f"epsilon-sharpness {results['epsilon_sharpness']:.4g}%")
+  if "adaptive_sharpness_worst" in results:
+    parts.append(f"adaptive sharpness {results['adaptive_sharpness_worst']:.4g}"
+                 f" (average {results['adaptive_sharpness_average']:.4g})")
+  if "pac_bayes_sigma" in results:
+    parts.append(f"PAC-Bayes sigma' {results['pac_bayes_sigma']:.4g}")
   return ", ".join(parts)
 
 

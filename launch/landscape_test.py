@@ -23,7 +23,9 @@ MNIST = os.path.join(TESTDATA, "mnist")
 SMALL = ["--batches=2", "--top_k=3", "--lanczos_iterations=8", "--probes=4",
          "--density_probes=2", "--density_iterations=6", "--entropy_betas=2",
          "--entropy_steps=3", "--entropy_burn_in=1", "--sharpness_steps=3",
-         "--direction_points=5", "--plane_points=3",
+         "--direction_points=5", "--plane_points=3", "--adaptive_steps=2",
+         "--adaptive_samples=2", "--pac_bayes_samples=2",
+         "--pac_bayes_bisections=3",
          "--interpolation_points=5"]
 
 

@@ -5,7 +5,8 @@ scaling the weights that feed a BatchNorm layer (together with its
 statistics: the same function) changes none of them, while the Hessian's
 eigenvalues scale as 1/scale^2 (Dinh et al., "Sharp Minima Can Generalize
 for Deep Nets", ICML 2017). They work on a `hessian.Objective` (f = mean
-cross-entropy over fixed training batches, BatchNorm in inference mode):
+cross-entropy over fixed training batches, BatchNorm in inference mode;
+`adaptive_flatness_test` checks the closed forms and the invariance):
 
 * `adaptive_sharpness`: worst-case and average adaptive sharpness of
   Andriushchenko et al. ("A Modern Look at the Relationship between
@@ -20,8 +21,8 @@ cross-entropy over fixed training batches, BatchNorm in inference mode):
   by at most `max_error_increase` (Jiang et al.: 0.1) on average, found by
   bisection over Monte Carlo estimates; the measure is 1/sigma'^2.
 
-BatchNorm's statistics are held at the checkpoint's values at every
-perturbed point (inference mode), not recalibrated. For a linear or
+BatchNorm's statistics are those `landscape` recalibrates once at w, held
+fixed at every perturbed point (inference mode), not recalibrated there. For a linear or
 convolution layer followed by BatchNorm this equals perturbing the layer
 with BatchNorm folded into it (the fold multiplies a weight and its
 perturbation by the same positive gamma/sigma), and it keeps the measures

@@ -79,6 +79,7 @@ class TrainConfig:
   scoping: float = 1e-3
   alpha: float = 0.75
   conventions: str = "lua_reference"
+  outer_weight_decay: Optional[bool] = None  # None: the conventions' own.
   parle: bool = False
   rho: float = float("inf")
   rho_scoping: float = 1e-3

@@ -83,6 +83,11 @@ _HELP = {
              "--conventions).",
     "conventions": "Entropy-SGD: paper, lua_reference or pytorch_reference "
                    "(README: 'Conventions').",
+    "outer_weight_decay": "Entropy-SGD: add the weight decay to the outer "
+                          "step's direction too (true) or keep it in the "
+                          "inner loop only (false). Unset: the "
+                          "--conventions' own (only pytorch_reference adds "
+                          "it).",
     "parle": "Entropy-SGD: Parle mode; each replica runs its own chain and "
              "the replicas average elastically once per outer step.",
     "rho": "Parle: coupling rho0 of the replicas to their mean (inf: exact "

@@ -65,6 +65,7 @@ IGNORED_FIELDS = frozenset({
 # Fields only Entropy-SGD reads (training recalibrates BatchNorm only there).
 ENTROPY_SGD_FIELDS = frozenset({
     "L", "langevin_lr", "noise", "gamma", "scoping", "alpha", "conventions",
+    "outer_weight_decay",
     "parle", "rho", "rho_scoping", "recalibrate_bn", "recalibration_batches"})
 PARLE_FIELDS = frozenset({"rho", "rho_scoping"})
 ADAM_FIELDS = frozenset({"adam_beta1", "adam_beta2", "adam_epsilon"})

@@ -206,12 +206,16 @@ def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
       extra = dict(rho=config.rho, rho_scoping=config.rho_scoping)
     optimizer_class = optimizers.Parle if config.parle else (
         optimizers.EntropySGD)
+    conventions = optimizers.PRESETS[config.conventions]
+    if config.outer_weight_decay is not None:
+      conventions = dataclasses.replace(
+          conventions, outer_weight_decay=config.outer_weight_decay)
     return optimizer_class(
         **extra,
         learning_rate=learning_rate, num_langevin_steps=config.L,
         langevin_learning_rate=config.langevin_lr, gamma=config.gamma,
         scoping=config.scoping, noise=config.noise, alpha=config.alpha,
-        weight_decay=config.weight_decay, conventions=config.conventions,
+        weight_decay=config.weight_decay, conventions=conventions,
         seed=config.seed, jit_compile=config.jit)
   if config.opt == "sam":
     return optimizers.SAM(

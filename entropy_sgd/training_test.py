@@ -34,6 +34,25 @@ def scalar_tags(run_dir):
   return accumulator, set(accumulator.Tags()["tensors"])
 
 
+class MakeOptimizerTest(tf.test.TestCase, parameterized.TestCase):
+
+  @parameterized.parameters((None, False), (True, True), (False, False))
+  def test_outer_weight_decay_overrides_the_conventions(self, flag, expected):
+    config = config_lib.from_preset("entropy_sgd", outer_weight_decay=flag)
+    optimizer = training.make_optimizer(config, tf.Variable(1.0))
+    self.assertEqual(optimizer.conventions.outer_weight_decay, expected)
+    self.assertEqual(optimizer.conventions.outer_scale, "one")  # The rest.
+
+  def test_sam_and_adam(self):
+    sam = training.make_optimizer(config_lib.from_preset(
+        "sam", sam_adaptive=True), tf.Variable(0.1))
+    self.assertEqual((type(sam).__name__, sam.rho, sam.adaptive, sam.eta),
+                     ("SAM", 0.5, True, 0.01))
+    adam = training.make_optimizer(config_lib.from_preset("adam"),
+                                   tf.Variable(1e-3))
+    self.assertEqual((type(adam).__name__, adam.epsilon), ("Adam", 1e-8))
+
+
 class TrainingTest(tf.test.TestCase, parameterized.TestCase):
 
   @parameterized.parameters("sgd", "nesterov", "entropy_sgd")

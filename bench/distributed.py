@@ -7,6 +7,10 @@ the traced step) and the wall time, interleaved over several rounds.
     bazel run //bench:distributed -- --num_devices=2 --L=20
 """
 
+from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+
+onednn.enable_before_tensorflow()
+
 import statistics
 import time
 

@@ -13,6 +13,10 @@ of each (robust to a machine shared with other jobs). Target: <= 3.
     bazel run //bench:hessian_vector -- --model=wrn-16-1 --batch_size=128
 """
 
+from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+
+onednn.enable_before_tensorflow()
+
 import statistics
 import time
 

@@ -7,6 +7,10 @@ batch (what the model can consume), and prints their ratio. Target >= 2.
     bazel run //bench:input_pipeline -- --data_dir=../shared/data/cifar10
 """
 
+from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+
+onednn.enable_before_tensorflow()
+
 import time
 
 from absl import app

@@ -28,6 +28,10 @@ the float32 update must not show more once the gradient is cheaper).
         --precision=mixed_bfloat16
 """
 
+from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+
+onednn.enable_before_tensorflow()
+
 import statistics
 import time
 
@@ -229,7 +233,8 @@ def main(argv):
         f"{'' if _PRECISION.value == 'float32' else ' and ' + _PRECISION.value}"
         f"; TF {tf.__version__}, "
         f"{len(tf.config.list_physical_devices())} device(s); noise kernel "
-        f"{noise_lib.kernel_status()}")
+        f"{noise_lib.kernel_status()}; oneDNN "
+        f"{'on' if onednn.is_on() else 'off'} ({onednn.launcher_message()})")
   for model_name in _MODELS.value:
     mixed = None if _PRECISION.value == "float32" else _PRECISION.value
     compare_optimizers(model_name, jit_modes[_JIT.value], mixed)

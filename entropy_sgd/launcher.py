@@ -17,6 +17,7 @@ from absl import logging
 from entropy_sgd import config as config_lib
 from entropy_sgd import data as data_lib
 from entropy_sgd import models
+from entropy_sgd import onednn
 from entropy_sgd import run_dir as run_dir_lib
 from entropy_sgd import training
 
@@ -241,6 +242,7 @@ EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved; rerun to resume.
 
 def run(dataset: str):
   """Main of a launcher: train, or exit non-zero with a one-line message."""
+  logging.info(onednn.launcher_message())
   try:
     config = config_from_flags(dataset)
     seeds = _seeds()

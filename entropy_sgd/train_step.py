@@ -28,8 +28,11 @@ import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd import distribution
+from entropy_sgd import onednn
 from entropy_sgd import optimizers
 from entropy_sgd import precision
+
+onednn.advise_if_off()  # Library users import TensorFlow themselves.
 
 
 def build_model(strategy: tf.distribute.Strategy,

@@ -4,6 +4,10 @@
     bazel run //launch:cifar100 -- --help
 """
 
+from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+
+onednn.enable_before_tensorflow()
+
 from absl import app
 
 from entropy_sgd import launcher

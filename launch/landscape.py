@@ -12,6 +12,10 @@ cross-entropy over --batches un-augmented training batches, with BatchNorm
 statistics recalibrated at the checkpoint's weights.
 """
 
+from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+
+onednn.enable_before_tensorflow()
+
 import sys
 
 from absl import app

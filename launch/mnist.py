@@ -6,6 +6,10 @@ Entropy-SGD.
     bazel run //launch:mnist -- --help
 """
 
+from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+
+onednn.enable_before_tensorflow()
+
 from absl import app
 
 from entropy_sgd import launcher

@@ -39,6 +39,7 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
+from bench import memory_traffic
 from entropy_sgd import models
 from entropy_sgd import noise as noise_lib
 from entropy_sgd import optimizers
@@ -65,6 +66,10 @@ _JIT = flags.DEFINE_enum("jit", "both", ["both", "on", "off"],
 _COMPARE_NOISE_KERNEL = flags.DEFINE_bool(
     "compare_noise_kernel", False, "Also time Entropy-SGD (without XLA) "
     "with TensorFlow's ops for the noise instead of the compiled kernel.")
+_MEMORY_MODEL = flags.DEFINE_bool(
+    "memory_model", True, "Print each update's memory-traffic floor (bytes "
+    "at one pass per tensor, over the measured bandwidth) beside its "
+    "measured time alone.")
 _COMPARE_SAM = flags.DEFINE_bool(
     "compare_sam", True, "Also time SAM (rho 0.05, Nesterov base): its cost "
     "per gradient evaluation against Nesterov's.")
@@ -223,6 +228,27 @@ def compare_loop_lengths(model_name, jit_compile):
             for name, t in median.items()), flush=True)
 
 
+def print_memory_model(model_name, bandwidth):
+  """The update's memory-traffic floor beside its measured time, per
+  optimizer (see memory_traffic.py)."""
+  shape = (models.MNIST_SHAPE if "mnist" in models.spec(model_name).datasets
+           else models.CIFAR_SHAPE)
+  for name in ("nesterov", "entropy_sgd"):
+    model = train_step_lib.build_model(
+        tf.distribute.get_strategy(), lambda: models.build(model_name, 10),
+        shape)
+    if name == "entropy_sgd":
+      optimizer = optimizers.EntropySGD(
+          learning_rate=1.0, num_langevin_steps=_L.value, weight_decay=5e-4,
+          noise=_NOISE.value, conventions="lua_reference")
+    else:
+      optimizer = optimizers.SGD(0.1, momentum=0.9, nesterov=True,
+                                 weight_decay=5e-4)
+    print(f"{model_name} memory model, " + memory_traffic.floor_report(
+        name, optimizer, list(model.trainable_variables), bandwidth),
+          flush=True)
+
+
 def main(argv):
   del argv
   jit_modes = {"both": [False, True], "on": [True], "off": [False]}
@@ -235,7 +261,14 @@ def main(argv):
         f"{len(tf.config.list_physical_devices())} device(s); noise kernel "
         f"{noise_lib.kernel_status()}; oneDNN "
         f"{'on' if onednn.is_on() else 'off'} ({onednn.launcher_message()})")
+  bandwidth = None
+  if _MEMORY_MODEL.value:
+    bandwidth = memory_traffic.stream_bandwidth()
+    print(f"memory bandwidth (STREAM-like scale, 2 x 256 MB, this process): "
+          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
   for model_name in _MODELS.value:
+    if bandwidth:
+      print_memory_model(model_name, bandwidth)
     mixed = None if _PRECISION.value == "float32" else _PRECISION.value
     compare_optimizers(model_name, jit_modes[_JIT.value], mixed)
     if _LOOP_LENGTHS.value:

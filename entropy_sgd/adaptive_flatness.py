@@ -67,22 +67,12 @@ def adaptive_sharpness(objective, rho: float = 0.05, steps: int = 10,
   """
   w = objective.get_flat()
   scale = np.abs(w).astype(w.dtype)
-  bound = (rho * scale).astype(w.dtype)
   loss_at_w = objective.loss_and_accuracy()[0]
   rng = np.random.default_rng(seed)
-  d = (rng.uniform(-1, 1, w.size) * bound).astype(w.dtype)
-  worst = loss_at_w
+  worst = box_maximum(objective, (rho * scale).astype(w.dtype), steps,
+                      step_fraction, rng, start=1.0, loss_at_centre=loss_at_w,
+                      callback=lambda step: _tick(callback))
   try:
-    for _ in range(steps):
-      objective.set_flat(w + d)
-      loss, gradient = objective.loss_and_gradient()
-      worst = max(worst, loss)
-      d = np.clip(d + step_fraction * bound * np.sign(gradient), -bound,
-                  bound)
-      _tick(callback)
-    objective.set_flat(w + d)
-    worst = max(worst, objective.loss_and_accuracy()[0])
-    _tick(callback)
     increases = []
     for _ in range(samples):
       noise = rng.standard_normal(w.size).astype(w.dtype)
@@ -97,6 +87,36 @@ def adaptive_sharpness(objective, rho: float = 0.05, steps: int = 10,
   return AdaptiveSharpness(rho, float(worst - loss_at_w),
                            float(np.mean(increases)), error, float(loss_at_w),
                            steps, samples)
+
+
+def box_maximum(objective, bound: np.ndarray, steps: int,
+                step_fraction: float, rng: np.random.Generator,
+                start: float = 1.0, loss_at_centre: Optional[float] = None,
+                callback=None) -> float:
+  """The largest f seen on the box |d_i| <= bound_i around the objective's
+  current point, by projected sign-gradient ascent (steepest ascent in the
+  box's own max-norm): d <- clip(d + step_fraction bound sign(grad f), +-
+  bound), from d uniform in `start` times the box. A local ascent: a lower
+  bound of the maximum, >= f at the centre (`loss_at_centre`, computed if
+  not given). The point is restored."""
+  x = objective.get_flat()
+  d = (rng.uniform(-1, 1, x.size) * start * bound).astype(x.dtype)
+  largest = (objective.loss_and_accuracy()[0] if loss_at_centre is None
+             else loss_at_centre)
+  try:
+    for step in range(steps):
+      objective.set_flat(x + d)
+      loss, gradient = objective.loss_and_gradient()
+      largest = max(largest, loss)
+      d = np.clip(d + step_fraction * bound * np.sign(gradient), -bound,
+                  bound)
+      if callback is not None:
+        callback(step + 1)
+    objective.set_flat(x + d)
+    largest = max(largest, objective.loss_and_accuracy()[0])
+  finally:
+    objective.set_flat(x)
+  return largest
 
 
 @dataclasses.dataclass

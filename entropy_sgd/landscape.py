@@ -171,22 +171,9 @@ def epsilon_sharpness(objective: hessian.Objective, epsilon: float = 1e-3,
   x = objective.get_flat()
   loss_at_x = objective.loss_and_accuracy()[0]
   bound = (epsilon * (np.abs(x) + 1)).astype(x.dtype)
-  rng = np.random.default_rng(seed)
-  y = (rng.uniform(-1, 1, x.size) * step_fraction * bound).astype(x.dtype)
-  max_loss = loss_at_x
-  try:
-    for step in range(num_steps):
-      objective.set_flat(x + y)
-      loss, gradient = objective.loss_and_gradient()
-      max_loss = max(max_loss, loss)
-      y = np.clip(y + step_fraction * bound * np.sign(gradient), -bound,
-                  bound)
-      if callback is not None:
-        callback(step + 1)
-    objective.set_flat(x + y)
-    max_loss = max(max_loss, objective.loss_and_accuracy()[0])
-  finally:
-    objective.set_flat(x)
+  max_loss = adaptive_flatness.box_maximum(
+      objective, bound, num_steps, step_fraction, np.random.default_rng(seed),
+      start=step_fraction, loss_at_centre=loss_at_x, callback=callback)
   value = 100.0 * (max_loss - loss_at_x) / (1.0 + loss_at_x)
   return Sharpness(epsilon, value, loss_at_x, max_loss, num_steps)
 

@@ -152,6 +152,13 @@ class PaperNet(snt.Module):
       self.dropout_calls.assign_add(1)
     return on
 
+  def _begin_flat_call(self, images, is_training, use_dropout):
+    """`_begin_call` for the perceptrons: (flattened images in the compute
+    dtype, whether dropout is on)."""
+    images = precision.to_compute(_check_images(images), self.compute_dtype)
+    dropout = self._begin_call(is_training, use_dropout)
+    return tf.reshape(images, [tf.shape(images)[0], -1]), dropout
+
   def _dropout(self, net, rate, on):
     self._layer += 1
     if not on or rate == 0:
@@ -189,9 +196,7 @@ class MnistFC(PaperNet):
 
   def __call__(self, images: tf.Tensor, is_training: bool,
                use_dropout: Optional[bool] = None) -> tf.Tensor:
-    images = precision.to_compute(_check_images(images), self.compute_dtype)
-    dropout = self._begin_call(is_training, use_dropout)
-    net = tf.reshape(images, [tf.shape(images)[0], -1])
+    net, dropout = self._begin_flat_call(images, is_training, use_dropout)
     net = self._dropout(net, self.input_dropout, dropout)
     for linear, bn in zip(self.hidden, self.hidden_bns):
       net = self._normalise(bn, linear(net), is_training)
@@ -221,9 +226,7 @@ class MnistFCIclr17(PaperNet):
 
   def __call__(self, images: tf.Tensor, is_training: bool,
                use_dropout: Optional[bool] = None) -> tf.Tensor:
-    images = precision.to_compute(_check_images(images), self.compute_dtype)
-    dropout = self._begin_call(is_training, use_dropout)
-    net = tf.reshape(images, [tf.shape(images)[0], -1])
+    net, dropout = self._begin_flat_call(images, is_training, use_dropout)
     for linear in self.hidden:
       net = self._dropout(tf.nn.relu(linear(net)), self.dropout, dropout)
     return precision.logits_to_float32(self.logits_layer(net))

@@ -377,6 +377,21 @@ class Optimizer(snt.Module):
     raise NotImplementedError
 
 
+def _sgd_steps(optimizer, parameters, gradients, velocities):
+  """`updates.sgd_step` on each parameter, with `optimizer`'s learning rate,
+  weight decay and (Nesterov) momentum: (new parameters, new velocities)."""
+  new_parameters, new_velocities = [], []
+  for i, (x, g) in enumerate(zip(parameters, gradients)):
+    x, v = update_rules.sgd_step(
+        x, g, velocities[i] if velocities else None,
+        learning_rate=_as_dtype(optimizer.learning_rate, x.dtype),
+        weight_decay=optimizer.weight_decay, momentum=optimizer.momentum,
+        nesterov=optimizer.nesterov)
+    new_parameters.append(x)
+    new_velocities.append(v)
+  return new_parameters, new_velocities if velocities else []
+
+
 class SGD(Optimizer):
   """SGD with optional (Nesterov) momentum and L2 weight decay.
 
@@ -411,17 +426,7 @@ class SGD(Optimizer):
           _state_like(p, f"velocity_{i}") for i, p in enumerate(parameters)]
 
   def _step_math(self, parameters, gradients, velocities):
-    new_parameters, new_velocities = [], []
-    for i, (x, g) in enumerate(zip(parameters, gradients)):
-      x, v = update_rules.sgd_step(
-          x, g, velocities[i] if velocities else None,
-          learning_rate=_as_dtype(self.learning_rate, x.dtype),
-          weight_decay=self.weight_decay,
-          momentum=self.momentum,
-          nesterov=self.nesterov)
-      new_parameters.append(x)
-      new_velocities.append(v)
-    return new_parameters, new_velocities if velocities else []
+    return _sgd_steps(self, parameters, gradients, velocities)
 
   def _apply_on_device(self, gradients, parameters):
     new_parameters, new_velocities = self._math(
@@ -586,16 +591,7 @@ class SAM(Optimizer):
     distribution.update_on_each_device(self.step, on_device, *gradients)
 
   def _step_math(self, weights, gradients, velocities):
-    new_parameters, new_velocities = [], []
-    for i, (x, g) in enumerate(zip(weights, gradients)):
-      x, v = update_rules.sgd_step(
-          x, g, velocities[i] if velocities else None,
-          learning_rate=_as_dtype(self.learning_rate, x.dtype),
-          weight_decay=self.weight_decay, momentum=self.momentum,
-          nesterov=self.nesterov)
-      new_parameters.append(x)
-      new_velocities.append(v)
-    return new_parameters, new_velocities if velocities else []
+    return _sgd_steps(self, weights, gradients, velocities)
 
   def _apply_on_device(self, gradients, parameters):
     new_parameters, new_velocities = self._math(

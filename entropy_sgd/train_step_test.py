@@ -67,15 +67,19 @@ def np_momentum(d, v, mu, nesterov):
   return (d + mu * v if nesterov else v), v
 
 
+def np_sgd_update(w, g, vel, lr, mom, nesterov, wd):
+  """One SGD step in place: L2 inside the (Nesterov) momentum."""
+  for k in w:
+    d = g[k] + wd * w[k]
+    if mom:
+      d, vel[k] = np_momentum(d, vel[k], mom, nesterov)
+    w[k] = w[k] - lr * d
+
+
 def np_sgd(w, batches, lr, mom, nesterov, wd):
   vel = {k: np.zeros_like(a) for k, a in w.items()}
   for x, y in batches:
-    g = np_gradients(w, x, y)
-    for k in w:
-      d = g[k] + wd * w[k]
-      if mom:
-        d, vel[k] = np_momentum(d, vel[k], mom, nesterov)
-      w[k] = w[k] - lr * d
+    np_sgd_update(w, np_gradients(w, x, y), vel, lr, mom, nesterov, wd)
   return w
 
 
@@ -321,9 +325,9 @@ def np_sam(w, batches, lr, rho, adaptive=False, eta=0.01, mom=0.9,
   "synchronized")."""
   vel = {k: np.zeros_like(a) for k, a in w.items()}
   for x, y in batches:
-    shards = [(x[i::1][j * len(y) // replicas:(j + 1) * len(y) // replicas],
-               y[j * len(y) // replicas:(j + 1) * len(y) // replicas])
-              for i, j in zip([0] * replicas, range(replicas))]
+    size = len(y) // replicas
+    shards = [(x[j * size:(j + 1) * size], y[j * size:(j + 1) * size])
+              for j in range(replicas)]
     if perturbation == "synchronized" or replicas == 1:
       eps = [np_sam_eps(w, np_gradients(w, x, y), rho, adaptive, eta)] * (
           replicas)
@@ -335,11 +339,7 @@ def np_sam(w, batches, lr, rho, adaptive=False, eta=0.01, mom=0.9,
       shard_g = np_gradients({k: w[k] + e[k] for k in w}, xs, ys)
       for k in w:
         g[k] += shard_g[k] / replicas
-    for k in w:
-      d = g[k] + wd * w[k]
-      if mom:
-        d, vel[k] = np_momentum(d, vel[k], mom, nesterov)
-      w[k] = w[k] - lr * d
+    np_sgd_update(w, g, vel, lr, mom, nesterov, wd)
   return w
 
 

@@ -482,6 +482,11 @@ class Row:
   mean_curve_min_epoch: float = math.nan
 
 
+# How far (a fraction of the quoted epoch, at least 1 effective epoch) the
+# evaluation read for Table 1's protocol may lie from the quoted epoch.
+PAPER_EPOCH_TOLERANCE = 0.05
+
+
 def paper_entry(settings: Dict[str, Any]):
   """Table 1's (error, std, epoch) for a group's settings, or None."""
   try:
@@ -515,7 +520,10 @@ def paper_protocol(series: Sequence[Series], epoch: float
   grid, mean = grid[finite], mean[finite]
   nearest = int(np.argmin(np.abs(grid - epoch)))
   lowest = int(np.argmin(mean))
-  return (float(mean[nearest]), float(grid[nearest]), float(mean[lowest]),
+  at_epoch = float(mean[nearest])
+  if abs(grid[nearest] - epoch) > max(1.0, PAPER_EPOCH_TOLERANCE * epoch):
+    at_epoch = math.nan  # The curve has no evaluation there (yet).
+  return (at_epoch, float(grid[nearest]), float(mean[lowest]),
           float(grid[lowest]))
 
 

@@ -308,6 +308,9 @@ class ResultsTest(absltest.TestCase):
     self.assertAlmostEqual(adam.mean_curve_min_epoch,
                            float(np.argmin(mean_error) + 1))
     self.assertTrue(math.isnan(rows["nesterov"].paper_error))  # Not in it.
+    # A curve that stops short of the quoted epoch has no value there.
+    self.assertTrue(math.isnan(results.paper_protocol(
+        [(np.arange(1.0, 41.0), np.ones(40))], 100)[0]))
     markdown = open(results.write_markdown(
         list(rows.values()), os.path.join(self.root, "r.md"))).read()
     self.assertIn("By the paper's protocol", markdown)

@@ -23,6 +23,7 @@ import dataclasses
 import re
 from typing import Optional, Tuple
 
+from entropy_sgd import data as data_lib
 from entropy_sgd import models
 from entropy_sgd import optimizers
 from entropy_sgd import precision
@@ -33,13 +34,13 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "sam", "entropy_sgd")
 # (pratikac/explore-hessian) where the text is silent.
 RECIPES = ("reference_code", "paper")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
-AUGMENTATIONS = ("flip_crop", "flip_rotate", "flip_crop_rotate", "none")
+AUGMENTATIONS = data_lib.AUGMENTATIONS
 DATASETS = ("cifar10", "cifar100", "mnist")
 DEFAULT_MODELS = {"cifar10": "wrn-28-10", "cifar100": "wrn-28-10",
                   "mnist": "lenet"}
 PAPER_DEFAULT_MODELS = {"cifar10": "allcnn", "cifar100": "allcnn",
                         "mnist": "lenet-iclr17"}
-PREPROCESSING = ("standardize", "gcn_zca")
+PREPROCESSING = data_lib.PREPROCESSING
 
 
 class ConfigError(ValueError):
@@ -94,7 +95,7 @@ class TrainConfig:
   validation_examples: int = 0
   augment: str = "flip_crop"
   preprocess: str = "standardize"
-  rotation_degrees: float = 15.0
+  rotation_degrees: float = data_lib.DEFAULT_ROTATION_DEGREES
   recalibrate_bn: bool = True
   recalibration_batches: int = 20
   log_every_steps: int = 50

@@ -244,6 +244,13 @@ class ValidationTest(parameterized.TestCase):
       config_lib.from_preset("sgd", model="wrn-27-10")
     except config_lib.ConfigError as e:
       self.assertNotIn("\n", str(e))
+    else:
+      self.fail("wrn-27-10 was accepted")
+
+  def test_one_rotation_default(self):
+    from entropy_sgd import data  # pylint: disable=g-import-not-at-top
+    self.assertEqual(config_lib.TrainConfig.rotation_degrees,
+                     data.PipelineConfig.rotation_degrees)
 
 
 if __name__ == "__main__":

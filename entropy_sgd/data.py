@@ -52,6 +52,9 @@ PREPROCESSING = ("standardize", "gcn_zca")
 # 4eed403, `PCA.transform(regularizer=1e-5)`).
 ZCA_BIAS = 1e-5
 SPLITS = ("train", "validation", "test")
+# The largest rotation of the "*rotate" augmentations unless told (the
+# launchers' default; PipelineConfig had 10 until 2026-12-02).
+DEFAULT_ROTATION_DEGREES = 15.0
 IMAGE_SIZE = 32  # CIFAR's.
 CROP_PADDING = 4
 _PIXEL_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
@@ -104,7 +107,7 @@ class PipelineConfig:
   validation_examples: int = 0
   augment: str = "flip_crop"
   preprocess: str = "standardize"
-  rotation_degrees: float = 10.0
+  rotation_degrees: float = DEFAULT_ROTATION_DEGREES
   seed: int = 0
   shuffle_buffer: int = 50_000
   eval_batch_size: Optional[int] = None

@@ -406,7 +406,6 @@ class Trainer:
       raise ConfigError(
           f"--batch_size={config.batch_size} is not divisible by the "
           f"{replicas} replicas; use a multiple of {replicas}.")
-    _check_writable(self.run_dir)
     if config.deterministic:
       tf.config.experimental.enable_op_determinism()
     tf.random.set_seed(config.seed)

@@ -188,7 +188,7 @@ class LauncherTest(parameterized.TestCase):
     errors = error_lines(result)
     self.assertLen(errors, 1, result.stderr[-2000:])
     self.assertRegex(errors[0], message)
-    self.assertEmpty(os.listdir(log_dir) if message != "--data_dir" else [])
+    self.assertEmpty(os.listdir(log_dir))  # No run directory is left.
 
   @parameterized.named_parameters(
       ("not_json", "{cluster", "invalid TF_CONFIG"),

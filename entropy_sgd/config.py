@@ -135,6 +135,41 @@ class TrainConfig:
 
 
 
+# Fields only some runs read (Entropy-SGD: also BatchNorm recalibration).
+ENTROPY_SGD_FIELDS = frozenset({
+    "L", "langevin_lr", "noise", "gamma", "scoping", "alpha", "conventions",
+    "outer_weight_decay", "parle", "rho", "rho_scoping", "recalibrate_bn",
+    "recalibration_batches"})
+PARLE_FIELDS = frozenset({"rho", "rho_scoping"})
+ADAM_FIELDS = frozenset({"adam_beta1", "adam_beta2", "adam_epsilon"})
+SAM_FIELDS = frozenset({"sam_rho", "sam_adaptive", "sam_eta",
+                        "sam_perturbation"})
+
+
+def unread_fields(values) -> frozenset:
+  """The fields a run of these settings (a TrainConfig's dict) never reads:
+  they cannot tell two experiments apart, nor a resume from its run."""
+  opt = values.get("opt")
+  unread = set()
+  if opt != "entropy_sgd":
+    unread |= ENTROPY_SGD_FIELDS
+  elif not values.get("parle"):
+    unread |= PARLE_FIELDS
+  if opt in ("entropy_sgd", "adam"):
+    unread.add("momentum")
+  if opt != "adam":
+    unread |= ADAM_FIELDS
+  if opt != "sam":
+    unread |= SAM_FIELDS
+  elif not values.get("sam_adaptive"):
+    unread.add("sam_eta")
+  if values.get("strategy") != "mirrored":
+    unread.add("num_devices")
+  if "rotate" not in str(values.get("augment", "")):
+    unread.add("rotation_degrees")
+  return frozenset(unread)
+
+
 # Fields a resumed run may change: they only extend the run (its budget,
 # its evaluations) or observe it (where it lives, logging, checkpoints kept,
 # how it is compiled). A resume that changes any other field would continue

@@ -247,6 +247,17 @@ class ValidationTest(parameterized.TestCase):
     else:
       self.fail("wrn-27-10 was accepted")
 
+  def test_unread_fields(self):
+    sgd = config_lib.unread_fields({"opt": "sgd", "augment": "flip_crop"})
+    esgd = config_lib.unread_fields({"opt": "entropy_sgd", "parle": False})
+    self.assertTrue({"L", "gamma", "sam_rho", "adam_beta1",
+                     "rotation_degrees"} <= sgd)
+    self.assertNotIn("momentum", sgd)
+    self.assertTrue({"momentum", "rho"} <= esgd)
+    self.assertNotIn("L", esgd)
+    self.assertNotIn("rho", config_lib.unread_fields(
+        {"opt": "entropy_sgd", "parle": True}))
+
   def test_one_rotation_default(self):
     from entropy_sgd import data  # pylint: disable=g-import-not-at-top
     self.assertEqual(config_lib.TrainConfig.rotation_degrees,

@@ -13,10 +13,11 @@ field except
   that change neither the trajectory nor the measurements (logging cadence,
   checkpoints kept, XLA, steps per compiled call, op determinism, the TPU's
   address);
-* fields the run's optimizer never reads (`ENTROPY_SGD_FIELDS` for SGD and
-  Nesterov, `momentum` for Entropy-SGD, the Parle fields without `--parle`,
-  `num_devices` without `--strategy=mirrored`, `rotation_degrees` without a
-  rotating augmentation).
+* fields the run never reads (`config.unread_fields`: the Entropy-SGD
+  fields for other optimizers, `momentum` for Entropy-SGD and Adam, the
+  Parle fields without `--parle`, `num_devices` without
+  `--strategy=mirrored`, `rotation_degrees` without a rotating
+  augmentation, ...).
 Everything else, `max_steps`, `epochs` and `eval_every_steps` included, tells
 experiments apart.
 
@@ -62,16 +63,6 @@ IGNORED_FIELDS = frozenset({
     "seed", "log_dir", "run_name", "data_dir", "log_every_steps",
     "keep_checkpoints", "jit", "steps_per_loop", "deterministic", "tpu",
     "allow_config_change", "config_changes"})
-# Fields only Entropy-SGD reads (training recalibrates BatchNorm only there).
-ENTROPY_SGD_FIELDS = frozenset({
-    "L", "langevin_lr", "noise", "gamma", "scoping", "alpha", "conventions",
-    "outer_weight_decay",
-    "parle", "rho", "rho_scoping", "recalibrate_bn", "recalibration_batches"})
-PARLE_FIELDS = frozenset({"rho", "rho_scoping"})
-ADAM_FIELDS = frozenset({"adam_beta1", "adam_beta2", "adam_epsilon"})
-SAM_FIELDS = frozenset({"sam_rho", "sam_adaptive", "sam_eta",
-                        "sam_perturbation"})
-
 # Table 1 of the paper (pratikac/explore-hessian
 # doc/chaudhari.choromanska.ea.iclr17.tex at 4eed403, `tab:expts`):
 # (dataset, model family, opt) -> (error %, its std over runs, the effective
@@ -334,25 +325,7 @@ def expand_run_dirs(paths: Sequence[str]) -> List[str]:
 
 def experiment_settings(config: Dict[str, Any]) -> Dict[str, Any]:
   """The fields of `config` that define the experiment (see module doc)."""
-  ignored = set(IGNORED_FIELDS)
-  if config.get("opt") == "entropy_sgd":
-    ignored.add("momentum")
-    if not config.get("parle"):
-      ignored |= PARLE_FIELDS
-  else:
-    ignored |= ENTROPY_SGD_FIELDS
-  if config.get("opt") != "adam":
-    ignored |= ADAM_FIELDS
-  else:
-    ignored.add("momentum")
-  if config.get("opt") != "sam":
-    ignored |= SAM_FIELDS
-  elif not config.get("sam_adaptive"):
-    ignored.add("sam_eta")
-  if config.get("strategy") != "mirrored":
-    ignored.add("num_devices")
-  if "rotate" not in str(config.get("augment", "")):
-    ignored.add("rotation_degrees")
+  ignored = set(IGNORED_FIELDS) | config_lib.unread_fields(config)
   return {k: v for k, v in config.items() if k not in ignored}
 
 

@@ -355,8 +355,11 @@ def _config_record(config, run_dir: str, resume_step: Optional[int]
         f"cannot read {path} ({e}); restore it or move {run_dir} aside to "
         f"start afresh.") from None
   history = list(stored.get(run_dir_lib.CHANGES_KEY, []))
+  unread = config_lib.unread_fields(record)
   allowed, refused = run_dir_lib.config_changes(
-      stored, record, config_lib.RESUME_MAY_CHANGE)
+      {k: v for k, v in stored.items() if k not in unread},
+      {k: v for k, v in record.items() if k not in unread},
+      config_lib.RESUME_MAY_CHANGE)
   allowed.pop("allow_config_change", None)  # The override itself.
   if refused and not config.allow_config_change:
     raise run_dir_lib.RunDirError(
@@ -522,7 +525,8 @@ class Trainer:
                       else "")
     if kept:
       advice = (f"the last good checkpoint ({kept}) is intact. Lower {lower} "
-                f"and rerun: the run resumes from that checkpoint.")
+                f"and rerun with --allow_config_change: the run resumes from "
+                f"that checkpoint.")
     else:
       advice = f"no checkpoint was written yet. Lower {lower} and rerun."
     raise DivergenceError(

@@ -54,8 +54,9 @@ class DivergenceTest(parameterized.TestCase):
     before = {p: open(p, "rb").read()
               for p in glob.glob(os.path.join(checkpoint_dir, "*"))}
 
+    # Resuming under a new --lr is another experiment: say so.
     result = run_launcher("mnist", *diverging_args, "--max_steps=12",
-                          *common)
+                          "--allow_config_change", *common)
     self.assertEqual(result.returncode, EXIT_DIVERGED, result.stderr[-3000:])
     self.assertNotIn("Traceback", result.stderr)
     errors = error_lines(result)

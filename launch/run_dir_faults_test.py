@@ -45,10 +45,17 @@ class RunDirFaultsTest(parameterized.TestCase):
     return run_launcher("mnist", *COMMON, f"--log_dir={self.log_dir}",
                         f"--run_name={run_name}", f"--epochs={epochs}", *args)
 
+  _reference_checksums = {}  # epochs -> checksum, shared by the tests.
+
   def reference_checksum(self, epochs=3):
-    result = self.train(run_name="undisturbed", epochs=epochs)
-    self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    return checksum_line(result)
+    """The final weights checksum of an undisturbed run of `epochs`."""
+    if epochs not in self._reference_checksums:
+      log_dir = self.create_tempdir().full_path
+      result = run_launcher("mnist", *COMMON, f"--log_dir={log_dir}",
+                            "--run_name=undisturbed", f"--epochs={epochs}")
+      self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+      self._reference_checksums[epochs] = checksum_line(result)
+    return self._reference_checksums[epochs]
 
   def checkpoints(self, run_name="run"):
     return sorted(os.listdir(os.path.join(self.log_dir, run_name,
@@ -74,7 +81,8 @@ class RunDirFaultsTest(parameterized.TestCase):
     resumed = self.train(epochs=5)
     self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
     self.assertNotIn("Traceback", resumed.stderr)
-    warnings = [l for l in resumed.stderr.splitlines() if " is damaged (" in l]
+    warnings = [line for line in resumed.stderr.splitlines()
+                if " is damaged (" in line]
     self.assertLen(warnings, 1, resumed.stderr[-3000:])
     if victim == "checkpoint":  # All checkpoints intact: the newest wins.
       self.assertIn("Resuming from", resumed.stderr)
@@ -111,7 +119,7 @@ class RunDirFaultsTest(parameterized.TestCase):
 
   def test_second_process_is_refused_and_the_first_is_undisturbed(self):
     command = launcher_command("mnist") + COMMON + [
-        f"--log_dir={self.log_dir}", "--run_name=run", "--epochs=12"]
+        f"--log_dir={self.log_dir}", "--run_name=run", "--epochs=8"]
     first = subprocess.Popen(command, env=launcher_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -121,7 +129,7 @@ class RunDirFaultsTest(parameterized.TestCase):
       while time.time() < deadline and not (
           os.path.exists(lock) and os.path.getsize(lock)):
         time.sleep(0.2)
-      second = self.train(epochs=12)
+      second = self.train(epochs=8)
       self.assertEqual(second.returncode, 1)
       (line,) = error_lines(second)
       self.assertIn(f"pid {first.pid} on", line)
@@ -132,10 +140,10 @@ class RunDirFaultsTest(parameterized.TestCase):
         first.kill()
     self.assertEqual(first.returncode, 0, stderr[-3000:])
     self.assertEqual(checksum_line(subprocess.CompletedProcess(
-        command, 0, stdout, stderr)), self.reference_checksum(12))
+        command, 0, stdout, stderr)), self.reference_checksum(8))
     # The lock went with the process: the same command runs again (and
     # finds the run finished).
-    again = self.train(epochs=12)
+    again = self.train(epochs=8)
     self.assertEqual(again.returncode, 0, again.stderr[-3000:])
 
   def test_changed_setting_is_refused_then_overridden_and_recorded(self):

@@ -114,7 +114,10 @@ class MultiWorkerTest(absltest.TestCase):
     self.assertLen(events, 1)
     self.assertEqual(events[0].split(".")[-3], str(workers[0].pid))
     self.assertEqual(set(os.listdir(run_dir)),
-                     {events[0], "checkpoints", "config.json"})
+                     {events[0], "checkpoints", "config.json", ".lock"})
+    # Only the chief locked the run directory.
+    with open(os.path.join(run_dir, ".lock")) as f:
+      self.assertEqual(f.read().split()[:2], ["pid", str(workers[0].pid)])
     self.assertIn("ckpt-2.index",
                   os.listdir(os.path.join(run_dir, "checkpoints")))
     saved = sum(np.abs(value).sum(dtype=np.float64)

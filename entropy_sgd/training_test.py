@@ -132,7 +132,7 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     with self.assertRaisesRegex(training.DivergenceError,
                                 "loss is (nan|inf).*ckpt-10.*is intact"):
       training.train(tiny_config("sgd", log_dir, run_name="run", epochs=2,
-                                 lr=1e30))
+                                 lr=1e30, allow_config_change=True))
     after = {path: open(path, "rb").read()
              for path in glob.glob(os.path.join(checkpoint_dir, "*"))}
     self.assertEqual(before, after)

@@ -154,7 +154,7 @@ class LauncherTest(parameterized.TestCase):
       ("zero_lr", ["--lr=0"], "--lr must be > 0"),
       ("negative_langevin_lr", ["--opt=entropy_sgd", "--langevin_lr=-1"],
        "--langevin_lr must be > 0"),
-      ("unknown_opt", ["--opt=adam"], "--opt"),
+      ("unknown_opt", ["--opt=rmsprop"], "--opt"),
       ("unknown_model", ["--model=resnet50"], "--model='resnet50' is unknown"),
       ("bad_depth", ["--model=wrn-27-10"], "depth must be 6n\\+4"),
       ("bad_conventions", ["--conventions=torch"], "--conventions"),

@@ -34,6 +34,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
+from entropy_sgd import models as models_lib
 from entropy_sgd import results as results_lib
 from entropy_sgd import run_dir as run_dir_lib
 
@@ -65,6 +66,7 @@ class MeasuredRun:
   dataset: str
   model: str
   recipe: str
+  init: str  # The model's own when unset.
   optimizer: str
   seed: int
   test_error: float  # %
@@ -76,8 +78,8 @@ class MeasuredRun:
     return self.test_error - self.train_error
 
   @property
-  def experiment(self) -> Tuple[str, str, str, str]:
-    return (self.dataset, self.model, self.recipe, self.optimizer)
+  def experiment(self) -> Tuple[str, str, str, str, str]:
+    return (self.dataset, self.model, self.recipe, self.init, self.optimizer)
 
 
 def _read(path: str) -> Dict:
@@ -102,6 +104,7 @@ def load(path: str) -> MeasuredRun:
   return MeasuredRun(
       path=path, dataset=config["dataset"], model=config["model"],
       recipe=config.get("recipe", "reference_code"),
+      init=config.get("init") or models_lib.spec(config["model"]).default_init,
       optimizer=results_lib.optimizer_label(config),
       seed=int(config["seed"]),
       test_error=100.0 * (1.0 - float(summary["final_test_accuracy"])),
@@ -162,11 +165,11 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
   written = [os.path.join(output_dir, "flatness.csv")]
   with open(written[0], "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["dataset", "model", "recipe", "optimizer", "seed",
+    writer.writerow(["dataset", "model", "recipe", "init", "optimizer", "seed",
                      "test_error", "train_error", "gap"] +
                     [name for name, _, _ in MEASURES])
     for r in runs:
-      writer.writerow([r.dataset, r.model, r.recipe, r.optimizer, r.seed,
+      writer.writerow([r.dataset, r.model, r.recipe, r.init, r.optimizer, r.seed,
                        r.test_error, r.train_error, r.gap] +
                       [r.measures[name] for name, _, _ in MEASURES])
   lines = ["# Flatness against generalisation", "",
@@ -175,9 +178,9 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
            "Measures on 10 training batches, BatchNorm in inference mode "
            "(`docs/flatness.md`).", "", "## Per experiment (mean ± std over "
            "seeds)", "",
-           "| dataset | model | recipe | optimizer | seeds | gap | " +
+           "| dataset | model | recipe | init | optimizer | seeds | gap | " +
            " | ".join(name for name, _, _ in MEASURES) + " |",
-           "|" + "---|" * (6 + len(MEASURES))]
+           "|" + "---|" * (7 + len(MEASURES))]
   experiments: Dict[Tuple, List[MeasuredRun]] = {}
   for r in runs:
     experiments.setdefault(r.experiment, []).append(r)
@@ -191,14 +194,14 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
                  + " |")
   lines += ["", "## Entropy-SGD minus its baseline (difference of means ± "
             "Welch standard error; n/a with one seed on a side)", ""]
-  lines.append("| dataset | model | recipe | baseline | " +
+  lines.append("| dataset | model | recipe | init | baseline | " +
                " | ".join(name for name, _, _ in MEASURES) + " |")
-  lines.append("|" + "---|" * (4 + len(MEASURES)))
+  lines.append("|" + "---|" * (5 + len(MEASURES)))
   for key, members in experiments.items():
-    if not key[3].startswith("entropy_sgd"):
+    if not key[4].startswith("entropy_sgd"):
       continue
     for other_key, others in experiments.items():
-      if other_key[:3] != key[:3] or other_key[3].startswith("entropy_sgd"):
+      if other_key[:4] != key[:4] or other_key[4].startswith("entropy_sgd"):
         continue
       cells = []
       for name, _, _ in MEASURES:
@@ -207,7 +210,7 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
         error = (math.sqrt(a[1]**2 / a[2] + b[1]**2 / b[2])
                  if a[2] > 1 and b[2] > 1 else math.nan)
         cells.append(f"{_fmt(a[0] - b[0])} ± {_fmt(error, 2)}")
-      lines.append("| " + " | ".join(list(key[:3]) + [other_key[3]] + cells)
+      lines.append("| " + " | ".join(list(key[:4]) + [other_key[4]] + cells)
                    + " |")
   lines += ["", "## Rank correlation with the gap, over all runs of a "
             "dataset (Kendall tau-b, bootstrap 95% interval over runs)", "",

@@ -88,7 +88,7 @@ class ReportTest(absltest.TestCase):
     tau = brute_force_tau_b(traces, gaps)
     self.assertIn(f"| mnist | 4 | hessian_trace | {tau:.3g} |", text)
     # Entropy-SGD minus Nesterov on the trace: 4 - 1.5 = 2.5.
-    self.assertIn("| mnist | lenet | reference_code | nesterov | ", text)
+    self.assertIn("| mnist | lenet | reference_code | he | nesterov | ", text)
     self.assertIn("| 2.5 ± ", text)
     self.assertTrue(os.path.exists(os.path.join(out, "flatness.csv")))
     self.assertTrue(os.path.exists(os.path.join(out,

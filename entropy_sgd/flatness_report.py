@@ -108,7 +108,8 @@ def load(path: str) -> MeasuredRun:
       optimizer=results_lib.optimizer_label(config),
       seed=int(config["seed"]),
       test_error=100.0 * (1.0 - float(summary["final_test_accuracy"])),
-      train_error=100.0 * (1.0 - float(train["accuracy"])),
+      # float32 sums of hits can exceed 1 by rounding: no negative error.
+      train_error=max(0.0, 100.0 * (1.0 - float(train["accuracy"]))),
       measures=measures)
 
 

@@ -119,7 +119,7 @@ class RunDirFaultsTest(parameterized.TestCase):
 
   def test_second_process_is_refused_and_the_first_is_undisturbed(self):
     command = launcher_command("mnist") + COMMON + [
-        f"--log_dir={self.log_dir}", "--run_name=run", "--epochs=12"]
+        f"--log_dir={self.log_dir}", "--run_name=run", "--epochs=30"]
     first = subprocess.Popen(command, env=launcher_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -129,7 +129,7 @@ class RunDirFaultsTest(parameterized.TestCase):
       while time.time() < deadline and not (
           os.path.exists(lock) and os.path.getsize(lock)):
         time.sleep(0.2)
-      second = self.train(epochs=12)
+      second = self.train(epochs=30)
       self.assertEqual(second.returncode, 1)
       (line,) = error_lines(second)
       self.assertIn(f"pid {first.pid} on", line)
@@ -140,10 +140,10 @@ class RunDirFaultsTest(parameterized.TestCase):
         first.kill()
     self.assertEqual(first.returncode, 0, stderr[-3000:])
     self.assertEqual(checksum_line(subprocess.CompletedProcess(
-        command, 0, stdout, stderr)), self.reference_checksum(12))
+        command, 0, stdout, stderr)), self.reference_checksum(30))
     # The lock went with the process: the same command runs again (and
     # finds the run finished).
-    again = self.train(epochs=12)
+    again = self.train(epochs=30)
     self.assertEqual(again.returncode, 0, again.stderr[-3000:])
 
   def test_changed_setting_is_refused_then_overridden_and_recorded(self):

@@ -106,17 +106,15 @@ class TrainConfig:
   deterministic: bool = False
   allow_config_change: bool = False
 
-
   @property
   def gradient_evaluations_per_step(self) -> int:
     if self.opt == "sam":
-      return 2
+      return optimizers.SAM.gradient_evaluations_per_step
     if self.opt != "entropy_sgd":
       return 1
     # pytorch_reference adds the gradient at x to the L Langevin steps.
-    conventions = optimizers.PRESETS[self.conventions]
-    return self.L + int(conventions.outer_velocity_init == "anchor_gradient"
-                        and conventions.outer_momentum > 0)
+    return self.L + int(
+        optimizers.PRESETS[self.conventions].needs_anchor_gradient)
 
   def default_run_name(self) -> str:
     parts = [self.dataset, self.model,
@@ -132,7 +130,6 @@ class TrainConfig:
     if self.precision != "float32":  # Never resumes a run of another one.
       parts.append(self.precision)
     return "_".join(parts)
-
 
 
 # Fields only some runs read (Entropy-SGD: also BatchNorm recalibration).
@@ -266,6 +263,7 @@ PAPER_MODEL_PRESETS[("mnist", "lenet", "sgd")] = PAPER_MODEL_PRESETS[
 ADAM_PRESET = dict(opt="adam", epochs=100, batch_size=128, lr=1e-3,
                    lr_decay_epochs=(30, 60, 90), lr_decay_factor=0.2,
                    weight_decay=0.0)
+
 
 def _merge(*recipes, **values) -> dict:
   """The recipes' values, later ones winning, then `values`."""

@@ -136,6 +136,13 @@ class Conventions:
   scoping_offset: int = 0
   scoping_advances: bool = True
 
+  @property
+  def needs_anchor_gradient(self) -> bool:
+    """Whether the outer step needs the gradient at x on a batch of its own
+    (the outer momentum starts from it): one more gradient per step."""
+    return (self.outer_velocity_init == "anchor_gradient" and
+            self.outer_momentum > 0)
+
   def __post_init__(self):
     _check_choice("alpha_weights", self.alpha_weights,
                   ("new_sample", "old_mean"))
@@ -377,21 +384,6 @@ class Optimizer(snt.Module):
     raise NotImplementedError
 
 
-def _sgd_steps(optimizer, parameters, gradients, velocities):
-  """`updates.sgd_step` on each parameter, with `optimizer`'s learning rate,
-  weight decay and (Nesterov) momentum: (new parameters, new velocities)."""
-  new_parameters, new_velocities = [], []
-  for i, (x, g) in enumerate(zip(parameters, gradients)):
-    x, v = update_rules.sgd_step(
-        x, g, velocities[i] if velocities else None,
-        learning_rate=_as_dtype(optimizer.learning_rate, x.dtype),
-        weight_decay=optimizer.weight_decay, momentum=optimizer.momentum,
-        nesterov=optimizer.nesterov)
-    new_parameters.append(x)
-    new_velocities.append(v)
-  return new_parameters, new_velocities if velocities else []
-
-
 class SGD(Optimizer):
   """SGD with optional (Nesterov) momentum and L2 weight decay.
 
@@ -426,11 +418,25 @@ class SGD(Optimizer):
           _state_like(p, f"velocity_{i}") for i, p in enumerate(parameters)]
 
   def _step_math(self, parameters, gradients, velocities):
-    return _sgd_steps(self, parameters, gradients, velocities)
+    new_parameters, new_velocities = [], []
+    for i, (x, g) in enumerate(zip(parameters, gradients)):
+      x, v = update_rules.sgd_step(
+          x, g, velocities[i] if velocities else None,
+          learning_rate=_as_dtype(self.learning_rate, x.dtype),
+          weight_decay=self.weight_decay,
+          momentum=self.momentum,
+          nesterov=self.nesterov)
+      new_parameters.append(x)
+      new_velocities.append(v)
+    return new_parameters, new_velocities if velocities else []
+
+  def _descent_start(self, parameters):
+    """The weights the step descends from (SAM: the unperturbed ones)."""
+    return _read(parameters)
 
   def _apply_on_device(self, gradients, parameters):
     new_parameters, new_velocities = self._math(
-        _read(parameters), gradients, _read(self.velocities))
+        self._descent_start(parameters), gradients, _read(self.velocities))
     _assign(parameters, new_parameters)
     _assign(self.velocities, new_velocities)
     self.step.assign_add(1)
@@ -503,7 +509,7 @@ class Adam(Optimizer):
 SAM_PERTURBATIONS = ("per_replica", "synchronized")
 
 
-class SAM(Optimizer):
+class SAM(SGD):
   """Sharpness-aware minimisation (Foret et al., ICLR 2021) and ASAM.
 
   One step takes two gradients on the same minibatch:
@@ -511,7 +517,7 @@ class SAM(Optimizer):
       g   = grad f(w)                    (the train step's first pass)
       eps = rho g/||g||  (ASAM: rho T^2 g/||T g||, T = |w| + eta)
       g'  = grad f(w + eps)              (second pass; `perturb` moved w)
-      w  <- base SGD/Nesterov step from w on g' (with its weight decay)
+      w  <- the SGD/Nesterov step from w on g' (with its weight decay)
 
   `perturb` keeps w itself, not eps, so the descent starts from w exactly
   and per-replica perturbations leave the replicas bit-identical.
@@ -539,36 +545,26 @@ class SAM(Optimizer):
                perturbation: str = "per_replica",
                jit_compile: bool = False,
                name: Optional[str] = None):
-    super().__init__(jit_compile, name)
-    _check_positive("learning_rate", learning_rate)
+    super().__init__(learning_rate, momentum=momentum, nesterov=nesterov,
+                     weight_decay=weight_decay, jit_compile=jit_compile,
+                     name=name)
     _check_positive("rho", rho)
     _check_non_negative("eta", eta)
-    _check_range("momentum", momentum, 0.0, 1.0)
-    _check_non_negative("weight_decay", weight_decay)
     _check_choice("perturbation", perturbation, SAM_PERTURBATIONS)
-    if nesterov and not momentum > 0:
-      raise ValueError("Nesterov momentum needs momentum > 0.")
-    self.learning_rate = learning_rate
     self.rho, self.adaptive, self.eta = rho, adaptive, eta
-    self.momentum, self.nesterov = momentum, nesterov
-    self.weight_decay = weight_decay
     self.perturbation = perturbation
-    # The unperturbed weights w while the model holds w + eps (restored
-    # exactly: (w + eps) - eps need not round back to w).
-    self.velocities, self.unperturbed = [], []
+    # The unperturbed weights w while the model holds w + eps.
+    self.unperturbed = []
     self._perturb_math = _maybe_jit(self._perturbation_math, jit_compile)
-    self._math = _maybe_jit(self._step_math, jit_compile)
 
   @property
   def all_reduces_first_gradient(self) -> bool:
     return self.perturbation == "synchronized"
 
   def _create_state(self, parameters):
+    super()._create_state(parameters)
     self.unperturbed = [_state_like(p, f"unperturbed_{i}")
                         for i, p in enumerate(parameters)]
-    if self.momentum > 0:
-      self.velocities = [
-          _state_like(p, f"velocity_{i}") for i, p in enumerate(parameters)]
 
   def _perturbation_math(self, parameters, gradients):
     return update_rules.sam_perturbations(
@@ -590,19 +586,8 @@ class SAM(Optimizer):
 
     distribution.update_on_each_device(self.step, on_device, *gradients)
 
-  def _step_math(self, weights, gradients, velocities):
-    return _sgd_steps(self, weights, gradients, velocities)
-
-  def _apply_on_device(self, gradients, parameters):
-    new_parameters, new_velocities = self._math(
-        _read(self.unperturbed), gradients, _read(self.velocities))
-    _assign(parameters, new_parameters)
-    _assign(self.velocities, new_velocities)
-    self.step.assign_add(1)
-
-  def end_outer_step(self, parameters):
-    self._check_parameters(parameters)  # `apply` already counted the step.
-    return {}
+  def _descent_start(self, parameters):
+    return _read(self.unperturbed)
 
 
 class EntropySGD(Optimizer):
@@ -679,9 +664,7 @@ class EntropySGD(Optimizer):
       raise ValueError(f"alpha must be in (0, 1]; got {alpha}")
     self.learning_rate = learning_rate
     self._num_langevin_steps = num_langevin_steps
-    self.needs_anchor_gradient = (
-        conventions.outer_velocity_init == "anchor_gradient" and
-        conventions.outer_momentum > 0)
+    self.needs_anchor_gradient = conventions.needs_anchor_gradient
     self.gradient_evaluations_per_step = num_langevin_steps + int(
         self.needs_anchor_gradient)
     self.langevin_learning_rate = langevin_learning_rate

@@ -429,6 +429,14 @@ class Trainer:
     if self.is_chief:  # Only now: a refused setting leaves no run directory.
       _check_writable(self.run_dir)
       self._lock = run_dir_lib.RunLock(self.run_dir)  # One process per run.
+    try:
+      self._build(config, strategy)
+    except BaseException:
+      self.release()  # A refused resume must not keep the directory locked.
+      raise
+
+  def _build(self, config, strategy):
+    """Model, optimizer, step, checkpoints and restore (under the lock)."""
     self.total_steps = config.epochs * self.steps_per_epoch
     if config.max_steps is not None:
       self.total_steps = min(self.total_steps, config.max_steps)
@@ -488,6 +496,12 @@ class Trainer:
     self.flatness = (_flatness_tracker(self.model, strategy, self.data,
                                        config.seed)
                      if config.track_flatness_every_steps else None)
+
+  def release(self):
+    """Drops the run-directory lock (`run` does when it ends)."""
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
 
   def save_checkpoint(self, step: int) -> str:
     """Saves on every worker (collectives); only the chief's copy stays.
@@ -583,8 +597,7 @@ class Trainer:
       with _StopRequest() as stop:
         return self._run(stop)
     finally:
-      if self._lock is not None:
-        self._lock.release()
+      self.release()
 
   def _run(self, stop: "_StopRequest") -> Dict[str, float]:
     config, strategy = self.config, self.strategy

@@ -9,6 +9,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from entropy_sgd import config as config_lib
+from entropy_sgd import run_dir
 from entropy_sgd import training
 
 TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
@@ -51,6 +52,20 @@ class MakeOptimizerTest(tf.test.TestCase, parameterized.TestCase):
     adam = training.make_optimizer(config_lib.from_preset("adam"),
                                    tf.Variable(1e-3))
     self.assertEqual((type(adam).__name__, adam.epsilon), ("Adam", 1e-8))
+
+
+class RunLockTest(tf.test.TestCase):
+
+  def test_a_refused_resume_releases_the_lock(self):
+    log_dir = self.create_tempdir().full_path
+    training.train(tiny_config("sgd", log_dir, run_name="run"))
+    with self.assertRaisesRegex(run_dir.RunDirError, "--lr 0.05 -> 0.01"):
+      training.train(tiny_config("sgd", log_dir, run_name="run", lr=0.01,
+                                 epochs=2))
+    # The same process may lock the directory again: nothing leaked.
+    summary = training.train(tiny_config("sgd", log_dir, run_name="run",
+                                         epochs=2))
+    self.assertEqual(summary["run_dir"], os.path.join(log_dir, "run"))
 
 
 class TrainingTest(tf.test.TestCase, parameterized.TestCase):

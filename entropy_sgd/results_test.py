@@ -317,13 +317,19 @@ class ResultsTest(absltest.TestCase):
     self.assertIn("0.51 ± 0.01 at 100", markdown)
 
   def test_paper_entry(self):
+    paper = {"recipe": "paper"}
     self.assertEqual(results.paper_entry(
-        {"dataset": "mnist", "model": "mnistfc", "opt": "entropy_sgd"}),
-        (1.37, 0.03, 120))
+        {"dataset": "mnist", "model": "mnistfc-iclr17", "opt": "entropy_sgd",
+         **paper}), (1.37, 0.03, 120))
     self.assertIsNone(results.paper_entry(
-        {"dataset": "mnist", "model": "lenet", "opt": "nesterov"}))
+        {"dataset": "mnist", "model": "lenet", "opt": "nesterov", **paper}))
     self.assertEqual(results.paper_entry(
-        {"dataset": "cifar10", "model": "allcnn", "opt": "nesterov"})[2], 180)
+        {"dataset": "cifar10", "model": "allcnn", "opt": "nesterov",
+         **paper})[2], 180)
+    # The reference code's recipe is not the paper's experiment.
+    self.assertIsNone(results.paper_entry(
+        {"dataset": "mnist", "model": "mnistfc", "opt": "entropy_sgd",
+         "recipe": "reference_code"}))
 
   def test_formatting(self):
     self.assertEqual(results.format_mean_std(12.345, 0.5, 3), "12.35 ± 0.50")

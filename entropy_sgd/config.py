@@ -180,9 +180,10 @@ FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                      if f.type in (float, "float", Optional[float],
                                    "Optional[float]"))
 
-# The neighbourhood radius when --sam_rho is unset: SAM rho = 0.05 (Foret et
-# al., ICLR 2021, App. C.1: the CIFAR-10 WRN value of their grid), ASAM
-# rho = 0.5 with eta = 0.01 (Kwon et al., ICML 2021, Sec. 5.1, CIFAR-10).
+# The neighbourhood radius when --sam_rho is unset: the CIFAR-10 values
+# issue 20 gives, SAM rho = 0.05 (Foret et al., ICLR 2021) and ASAM rho = 0.5
+# with eta = 0.01 (Kwon et al., ICML 2021); not yet checked against the
+# papers' text here.
 SAM_DEFAULT_RHO = {False: 0.05, True: 0.5}
 
 

@@ -24,10 +24,9 @@ measure:
 
 import csv
 import dataclasses
-import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import matplotlib
 matplotlib.use("Agg")

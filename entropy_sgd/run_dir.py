@@ -26,7 +26,6 @@ finished runs (results, landscape). Its guards:
   "nan" (`rho` is inf by default), which `read_config` turns back.
 """
 
-import dataclasses
 import errno
 import fcntl
 import glob

@@ -22,12 +22,12 @@ cross-entropy over fixed training batches, BatchNorm in inference mode;
   bisection over Monte Carlo estimates; the measure is 1/sigma'^2.
 
 BatchNorm's statistics are those `landscape` recalibrates once at w, held
-fixed at every perturbed point (inference mode), not recalibrated there. For a linear or
-convolution layer followed by BatchNorm this equals perturbing the layer
-with BatchNorm folded into it (the fold multiplies a weight and its
-perturbation by the same positive gamma/sigma), and it keeps the measures
-about the weights the run found: recalibrating at each point would let
-BatchNorm undo part of every perturbation, and would cost a pass per
+fixed at every perturbed point (inference mode), not recalibrated there. For
+a linear or convolution layer followed by BatchNorm this equals perturbing
+the layer with BatchNorm folded into it (the fold multiplies a weight and
+its perturbation by the same positive gamma/sigma), and it keeps the
+measures about the weights the run found: recalibrating at each point would
+let BatchNorm undo part of every perturbation, and would cost a pass per
 point. BatchNorm's own scale and offset are perturbed like any weight.
 
 Costs, in passes over the batches: worst-case `steps` gradient passes + 2

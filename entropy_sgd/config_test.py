@@ -50,7 +50,8 @@ class PresetTest(parameterized.TestCase):
         [1.0, 1.0, 0.1, 0.1, 0.1])
     mnistfc = config_lib.from_preset("entropy_sgd", dataset="mnist",
                                      model="mnistfc")
-    self.assertEqual((mnistfc.epochs, mnistfc.gamma), (5, 1e-4))  # train.lua line 10.
+    # gamma0: train.lua's default, its line 10.
+    self.assertEqual((mnistfc.epochs, mnistfc.gamma), (5, 1e-4))
     self.assertSequenceAlmostEqual(
         [config_lib.learning_rate_at(mnistfc, e) for e in range(5)],
         [1.0, 1.0, 0.1, 0.1, 0.1])
@@ -138,7 +139,8 @@ class PaperRecipeTest(parameterized.TestCase):
     c = config_lib.from_preset("entropy_sgd", "mnist", "mnistfc")
     self.assertEqual((c.recipe, c.init, c.preprocess, c.gamma, c.noise),
                      ("reference_code", None, "standardize", 1e-4, 1e-4))
-    self.assertEqual(c.default_run_name(), "mnist_mnistfc_entropy_sgd_L20_seed0")
+    self.assertEqual(c.default_run_name(),
+                     "mnist_mnistfc_entropy_sgd_L20_seed0")
 
   def test_run_names_tell_recipes_and_initialisations_apart(self):
     names = {

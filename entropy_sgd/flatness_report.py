@@ -169,7 +169,8 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
                      "test_error", "train_error", "gap"] +
                     [name for name, _, _ in MEASURES])
     for r in runs:
-      writer.writerow([r.dataset, r.model, r.recipe, r.init, r.optimizer, r.seed,
+      writer.writerow([r.dataset, r.model, r.recipe, r.init, r.optimizer,
+                       r.seed,
                        r.test_error, r.train_error, r.gap] +
                       [r.measures[name] for name, _, _ in MEASURES])
   lines = ["# Flatness against generalisation", "",

@@ -1,7 +1,7 @@
 """Flatness against generalisation, over many measured runs.
 
-Input: one directory per measured run, as the README's measuring commands
-write them:
+Input: one directory per measured run, as the measuring commands of
+docs/flatness.md write them:
 
     RUN/config.json, RUN/summary.json      copied from the run directory
     RUN/flatness/landscape.json            //launch:landscape on 10 batches
@@ -86,7 +86,7 @@ def _read(path: str) -> Dict:
     return run_dir_lib.read_json(path)
   except (OSError, ValueError) as e:
     raise ReportError(f"{path}: cannot read it ({e}); measure the run with "
-                      f"the README's commands first.") from None
+                      f"the commands of docs/flatness.md first.") from None
 
 
 def load(path: str) -> MeasuredRun:

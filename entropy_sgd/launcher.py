@@ -42,7 +42,7 @@ _HELP = {
     "recipe": "Which published recipe fills the unset flags: "
               "reference_code (the public ucla-vision/entropy-sgd code) or "
               "paper (the ICLR 2017 text, and the January 2017 Lua code of "
-              "its runs where the text is silent). README: 'Recipes'.",
+              "its runs where the text is silent). See docs/training.md.",
     "opt": "Optimizer: sgd (heavy-ball momentum --momentum), nesterov, adam "
            "(Torch's optim.adam), sam (sharpness-aware, Nesterov base, 2 "
            "gradient evaluations per step) or entropy_sgd. Chooses the "
@@ -83,7 +83,7 @@ _HELP = {
     "alpha": "Entropy-SGD: running-mean weight (meaning set by "
              "--conventions).",
     "conventions": "Entropy-SGD: paper, lua_reference or pytorch_reference "
-                   "(README: 'Conventions').",
+                   "(docs/conventions.md).",
     "outer_weight_decay": "Entropy-SGD: add the weight decay to the outer "
                           "step's direction too (true) or keep it in the "
                           "inner loop only (false). Unset: the "
@@ -101,14 +101,14 @@ _HELP = {
                  "GPUs); or mixed_float16 (float16 with dynamic loss "
                  "scaling, for GPUs). Parameters, optimizer state (x, mu, "
                  "momenta), BatchNorm statistics and the loss stay float32. "
-                 "README: 'Mixed precision'.",
+                 "See docs/mixed_precision.md.",
     "max_steps": "Stop after this many outer steps in total (then evaluate "
                  "and checkpoint); for smoke runs.",
     "strategy": "default (one device); mirrored (all local GPUs, else "
                 "--num_devices logical CPUs); multi_worker "
                 "(MultiWorkerMirroredStrategy over the workers in TF_CONFIG, "
                 "all GPUs of each, else one CPU each); tpu (TPUStrategy on "
-                "--tpu). README: 'Scaling out'.",
+                "--tpu). See docs/scaling_out.md.",
     "num_devices": "Logical CPU devices for --strategy=mirrored without GPUs.",
     "tpu": "--strategy=tpu: TPU name or grpc://HOST:8470 address for "
            "TPUClusterResolver; empty: the local TPU (Cloud TPU VM).",
@@ -133,8 +133,8 @@ _HELP = {
                                   "flatness/lambda_max and "
                                   "flatness/hessian_trace at x: 10 power and "
                                   "10 Hutchinson iterations of the Hessian on "
-                                  "2 fixed training batches (README: "
-                                  "'Flatness'). Unset: off.",
+                                  "2 fixed training batches "
+                                  "(docs/flatness.md). Unset: off.",
     "keep_checkpoints": "Checkpoints kept in the run directory.",
     "deterministic": "Enable TF op determinism (bit-reproducible, slower).",
     "allow_config_change": "Resume a run under settings that define another "
@@ -170,7 +170,7 @@ def define_flags(dataset: str = "cifar10"):
     delattr(flags.FLAGS, "log_dir")
   main = sys.modules["__main__"]
   main.__doc__ = (main.__doc__ or "") + (
-      f"\nPresets (README: 'Presets and their sources'):\n"
+      f"\nPresets (sources: docs/training.md):\n"
       f"{config_lib.describe_presets(dataset)}\n")
   flags.DEFINE_list(
       "seeds", None, "Run these seeds one after another (each its own run "

@@ -71,7 +71,7 @@ def _check_tf_config():
   if not raw:
     raise ConfigError(
         f"--strategy=multi_worker needs the TF_CONFIG environment variable, "
-        f"e.g. {example} (README: 'Scaling out').")
+        f"e.g. {example} (docs/scaling_out.md).")
   try:
     tf_config = json.loads(raw)
     cluster, task = tf_config["cluster"], tf_config["task"]

@@ -1,14 +1,14 @@
-"""The Keras plugin against the Sonnet/compiled path, and Keras' machinery.
+"""The Keras optimizer against the Sonnet/compiled path, and Keras' machinery.
 
-A Dense-tanh-Dense Keras model trained by `model.fit` with
-`entropy_sgd.keras_plugin` must follow the weights of the same MLP trained by
+A Dense-tanh-Dense Keras model trained by plain `model.fit` with
+`keras_plugin.EntropySGD` must follow the weights of the same MLP trained by
 `train_step.make_train_step` with `optimizers.EntropySGD` (same initial
-weights, minibatches and noise), under one device and `MirroredStrategy`.
+weights, minibatches and noise), under one device and `MirroredStrategy`;
+resuming, saving, mixed precision and evaluation must not disturb it.
 """
 
 import functools
 import os
-import warnings
 
 from absl.testing import parameterized
 import keras
@@ -63,21 +63,34 @@ def batches(x, y):
       BATCH, drop_remainder=True)
 
 
-def run_sonnet(x, y, num_outer, conventions, strategy=None):
+def run_sonnet(x, y, num_outer, conventions, strategy=None,
+               learning_rates=None):
+  """The Sonnet path; `learning_rates[t]` is eta of outer step t."""
   strategy = strategy or tf.distribute.get_strategy()
   model = train_step_lib.build_model(strategy, SonnetMLP, [NUM_FEATURES])
   for v, w in zip(model.trainable_variables, initial_weights()):
     v.assign(w)
-  optimizer = optimizers.EntropySGD(conventions=conventions, **HYPER)
+  learning_rate = tf.Variable(HYPER["learning_rate"])
+  optimizer = optimizers.EntropySGD(
+      conventions=conventions,
+      **dict(HYPER, learning_rate=learning_rate))
   step = train_step_lib.make_train_step(model, optimizer, strategy,
                                         global_batch_size=BATCH)
   iterator = iter(strategy.experimental_distribute_dataset(batches(x, y)))
-  metrics = [step(iterator) for _ in range(num_outer)]
+  metrics = []
+  for t in range(num_outer):
+    if learning_rates is not None:
+      learning_rate.assign(learning_rates[t])
+    metrics.append(step(iterator))
   return [v.numpy() for v in model.trainable_variables], metrics
 
 
+def steps_per_outer(conventions):
+  return L + int(optimizers.PRESETS[conventions].needs_anchor_gradient)
+
+
 def make_keras_model(conventions="paper", jit_compile=False, strategy=None,
-                     **overrides):
+                     steps_per_execution=1, **overrides):
   strategy = strategy or tf.distribute.get_strategy()
   with strategy.scope():
     model = keras.Sequential([
@@ -90,8 +103,8 @@ def make_keras_model(conventions="paper", jit_compile=False, strategy=None,
     model.compile(
         optimizer=esgd_keras.EntropySGD(conventions=conventions, **hyper),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"], jit_compile=jit_compile)
-    esgd_keras.attach(model)
+        metrics=["accuracy"], jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution)
   return model
 
 
@@ -107,12 +120,10 @@ def batch_norm_mlp(hidden=NUM_HIDDEN, activation="tanh"):
 
 
 def make_batch_norm_model():
-  """`batch_norm_mlp()`, compiled and attached."""
   model = batch_norm_mlp()
   model.compile(optimizer=esgd_keras.EntropySGD(**HYPER),
                 loss=keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True), metrics=["accuracy"])
-  esgd_keras.attach(model)
   return model
 
 
@@ -124,17 +135,9 @@ def assert_close_relative(test, actual, expected, rtol=1e-5):
                          f"parameter {i} differs by {np.abs(a - e).max():.3g}")
 
 
-class Recorder(keras.callbacks.Callback):
-
-  def __init__(self):
-    super().__init__()
-    self.batch_logs, self.epoch_logs = [], []
-
-  def on_train_batch_end(self, batch, logs=None):
-    self.batch_logs.append(dict(logs))
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.epoch_logs.append(dict(logs))
+def assert_equal_weights(test, actual, expected):
+  for a, e in zip(actual, expected):
+    test.assertAllEqual(a, e)
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -148,69 +151,139 @@ class Interrupt(keras.callbacks.Callback):
       raise RuntimeError("interrupted")
 
 
+class WeightsAtEvaluation(keras.callbacks.Callback):
+  """Records the weights Keras evaluates."""
+
+  def __init__(self):
+    super().__init__()
+    self.weights = []
+
+  def on_test_begin(self, logs=None):
+    self.weights.append(self.model.get_weights())
+
+
+def anchor_values(model):
+  return [v.numpy() for v in model.optimizer.anchor]
+
+
 class MatchesSonnetTest(tf.test.TestCase, parameterized.TestCase):
 
-  @parameterized.product(conventions=["paper", "lua_reference"],
-                         unroll=[False, True])
-  def test_fit_follows_the_sonnet_path(self, conventions, unroll):
+  @parameterized.parameters("paper", "lua_reference", "pytorch_reference")
+  def test_fit_follows_the_sonnet_path(self, conventions):
     num_outer = 3
-    x, y = make_data(num_outer * L)
+    per_outer = steps_per_outer(conventions)
+    x, y = make_data(num_outer * per_outer)
     expected, sonnet_metrics = run_sonnet(x, y, num_outer, conventions)
     model = make_keras_model(conventions)
-    esgd_keras._UNROLL = unroll  # pylint: disable=protected-access
-    try:
-      history = model.fit(esgd_keras.group_batches(batches(x, y), L),
-                          epochs=1, verbose=0, shuffle=False)
-    finally:
-      esgd_keras._UNROLL = False  # pylint: disable=protected-access
+    history = model.fit(batches(x, y), epochs=1, verbose=0, shuffle=False)
     assert_close_relative(self, model.get_weights(), expected)
-    self.assertEqual(int(model.optimizer.iterations.numpy()), num_outer)
-    self.assertAllClose(history.history["gamma"][-1],
+    optimizer = model.optimizer
+    self.assertEqual(int(optimizer.iterations.numpy()), num_outer * per_outer)
+    self.assertEqual(int(optimizer.outer_step.numpy()), num_outer)
+    self.assertEqual(int(optimizer.inner_step.numpy()), 0)
+    self.assertAllClose(optimizer.gamma(num_outer - 1),
                         sonnet_metrics[-1]["gamma"], rtol=1e-6)
-    self.assertAllClose(history.history["anchor_to_mean_distance"][-1],
-                        sonnet_metrics[-1]["anchor_to_mean_distance"],
-                        rtol=1e-4)
-    # Keras' loss is the mean over all inner batches of the epoch.
-    self.assertAllClose(
-        history.history["loss"][-1],
-        np.mean([float(m["loss"]) for m in sonnet_metrics]), rtol=1e-5)
+    if per_outer == L:  # Keras' loss: the mean over every minibatch, at x'.
+      self.assertAllClose(
+          history.history["loss"][-1],
+          np.mean([float(m["loss"]) for m in sonnet_metrics]), rtol=1e-5)
+
+  def test_learning_rate_schedule_steps_per_minibatch(self):
+    # eta of outer step t is the schedule at the L-th minibatch of step t.
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+        [2 * L - 1], [0.7, 0.2])
+    x, y = make_data(3 * L)
+    expected, _ = run_sonnet(x, y, 3, "paper",
+                             learning_rates=[0.7, 0.7, 0.2])
+    model = make_keras_model("paper", learning_rate=schedule)
+    model.fit(batches(x, y), epochs=1, verbose=0)
+    assert_close_relative(self, model.get_weights(), expected)
 
   def test_jit_compile(self):
-    num_outer = 2
-    x, y = make_data(num_outer * L)
+    x, y = make_data(2 * L)
     model = make_keras_model("paper", jit_compile=True, noise=0.0)
-    model.fit(esgd_keras.group_batches(batches(x, y), L), epochs=1,
-              verbose=0)
+    model.fit(batches(x, y), epochs=1, verbose=0)
     reference = make_keras_model("paper", noise=0.0)
-    reference.fit(esgd_keras.group_batches(batches(x, y), L), epochs=1,
-                  verbose=0)
+    reference.fit(batches(x, y), epochs=1, verbose=0)
     # Without noise, XLA and TF kernels agree (their normal samples differ).
     assert_close_relative(self, model.get_weights(), reference.get_weights())
 
+  def test_steps_per_execution(self):
+    x, y = make_data(3 * L + 1)
+    model = make_keras_model("lua_reference", steps_per_execution=3)
+    model.fit(batches(x, y), epochs=2, verbose=0)
+    reference = make_keras_model("lua_reference")
+    reference.fit(batches(x, y), epochs=2, verbose=0)
+    self.assertEqual(int(model.optimizer.iterations.numpy()),
+                     int(reference.optimizer.iterations.numpy()))
+    # The same steps; the looped graph may fuse ops differently (round-off).
+    assert_close_relative(self, model.get_weights(), reference.get_weights(),
+                          rtol=1e-6)
 
-class CallbacksTest(tf.test.TestCase):
 
-  def test_gamma_and_distance_reach_the_logs_and_tensorboard(self):
-    x, y = make_data(3 * L)
+class WhatKerasSeesTest(tf.test.TestCase):
+
+  def test_fit_ends_showing_x_mid_outer_step(self):
+    x, y = make_data(L + 2)  # The epoch ends 2 steps into an outer step.
+    model = make_keras_model("paper")
+    model.fit(batches(x, y), epochs=1, verbose=0)
+    self.assertEqual(int(model.optimizer.inner_step.numpy()), 2)
+    assert_equal_weights(self, model.get_weights(), anchor_values(model))
+    predictions = model.predict(x, verbose=0)
+    shown = make_keras_model("paper")
+    shown.set_weights(anchor_values(model))
+    self.assertAllClose(shown.predict(x, verbose=0), predictions)
+
+  def test_next_fit_puts_the_sample_back_without_a_step(self):
+    x, y = make_data(L + 2)
+    model = make_keras_model("paper")
+    model.fit(batches(x, y), epochs=1, verbose=0)
+    sample = [v.numpy() for v in model.optimizer.sample]
+    counters = (int(model.optimizer.inner_step.numpy()),
+                int(model.optimizer.outer_step.numpy()))
+    model.fit(batches(x[:BATCH], y[:BATCH]), epochs=1, verbose=0)
+    self.assertEqual((int(model.optimizer.inner_step.numpy()),
+                      int(model.optimizer.outer_step.numpy())), counters)
+    # One batch restored x', and that fit ended showing x again.
+    assert_equal_weights(self, model.get_weights(), anchor_values(model))
+    assert_equal_weights(self, [v.numpy() for v in model.optimizer.sample],
+                         sample)
+
+  def test_validation_sees_x_and_training_is_undisturbed(self):
+    x, y = make_data(L + 1)  # Not a multiple of L.
+    recorder = WeightsAtEvaluation()
+    model = make_keras_model("paper")
+    anchors = []
+
+    class Anchors(keras.callbacks.Callback):
+
+      def on_test_begin(self, logs=None):
+        anchors.append(anchor_values(self.model))
+
+    model.fit(batches(x, y), epochs=3, verbose=0,
+              validation_data=batches(x, y),
+              callbacks=[esgd_keras.EvaluateAtAnchor(), recorder, Anchors()])
+    self.assertLen(recorder.weights, 3)
+    for seen, anchor in zip(recorder.weights, anchors):
+      assert_equal_weights(self, seen, anchor)
+    reference = make_keras_model("paper")
+    reference.fit(batches(x, y), epochs=3, verbose=0)
+    assert_equal_weights(self, model.get_weights(), reference.get_weights())
+
+
+class DiagnosticsTest(tf.test.TestCase):
+
+  def test_gamma_and_distance_reach_history_and_tensorboard(self):
+    x, y = make_data(2 * L)
     model = make_keras_model("lua_reference")
-    recorder = Recorder()
     log_dir = self.create_tempdir().full_path
-    history = model.fit(
-        esgd_keras.group_batches(batches(x, y), L), epochs=2, verbose=0,
-        validation_data=batches(x, y),
-        callbacks=[recorder,
-                   keras.callbacks.TensorBoard(log_dir, update_freq=1)])
+    history = model.fit(batches(x, y), epochs=2, verbose=0, callbacks=[
+        esgd_keras.Diagnostics(), keras.callbacks.TensorBoard(log_dir)])
     offset = optimizers.LUA_REFERENCE.scoping_offset
-    gammas = [logs["gamma"] for logs in recorder.batch_logs]
-    self.assertLen(gammas, 6)
-    self.assertAllClose(
-        gammas, [0.3 * 1.2**(t + offset) for t in range(6)], rtol=1e-6)
     self.assertAllClose(history.history["gamma"],
-                        [0.3 * 1.2**(2 + offset), 0.3 * 1.2**(5 + offset)],
+                        [0.3 * 1.2**(2 + offset), 0.3 * 1.2**(4 + offset)],
                         rtol=1e-6)
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy",
-                "anchor_to_mean_distance"):
-      self.assertLen(history.history[key], 2)
+    self.assertEqual(history.history["outer_step"], [2, 4])
     self.assertGreater(history.history["anchor_to_mean_distance"][0], 0.0)
     tags = set()
     for root, _, files in os.walk(log_dir):
@@ -219,66 +292,74 @@ class CallbacksTest(tf.test.TestCase):
             os.path.join(root, name)):
           tags.update(v.tag for v in event.summary.value)
     self.assertIn("epoch_gamma", tags)
-    self.assertIn("epoch_anchor_to_mean_distance", tags)
 
-  def test_backup_and_restore_resumes_exactly(self):
+
+class ResumeTest(tf.test.TestCase):
+
+  def test_keras_file_resumes_exactly(self):
     x, y = make_data(2 * L)
-    data = esgd_keras.group_batches(batches(x, y), L)
-    uninterrupted = make_keras_model("paper")
-    uninterrupted.fit(data, epochs=4, verbose=0)
+    uninterrupted = make_keras_model("lua_reference")
+    uninterrupted.fit(batches(x, y), epochs=4, verbose=0)
+    model = make_keras_model("lua_reference")
+    model.fit(batches(x, y), epochs=2, verbose=0)
+    path = os.path.join(self.create_tempdir().full_path, "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    self.assertIsInstance(loaded.optimizer, esgd_keras.EntropySGD)
+    self.assertEqual(loaded.optimizer.get_config(),
+                     model.optimizer.get_config())
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+      self.assertAllEqual(a.numpy(), b.numpy())
+    loaded.fit(batches(x, y), epochs=2, verbose=0)
+    assert_equal_weights(self, loaded.get_weights(),
+                         uninterrupted.get_weights())
+    self.assertEqual(int(loaded.optimizer.outer_step.numpy()), 8)
 
+  def test_backup_and_restore_resumes_exactly_mid_outer_step(self):
+    x, y = make_data(L + 2)  # Epochs end inside outer steps.
+    uninterrupted = make_keras_model("paper")
+    uninterrupted.fit(batches(x, y), epochs=4, verbose=0)
     backup_dir = self.create_tempdir().full_path
     model = make_keras_model("paper")
     with self.assertRaisesRegex(RuntimeError, "interrupted"):
-      model.fit(data, epochs=4, verbose=0, callbacks=[
+      model.fit(batches(x, y), epochs=4, verbose=0, callbacks=[
           keras.callbacks.BackupAndRestore(backup_dir), Interrupt(1)])
     resumed = make_keras_model("paper")  # A fresh process would do this.
-    recorder = Recorder()
-    resumed.fit(data, epochs=4, verbose=0, callbacks=[
-        keras.callbacks.BackupAndRestore(backup_dir), recorder])
-    self.assertLen(recorder.epoch_logs, 2)  # Only epochs 2 and 3 ran.
-    self.assertEqual(int(resumed.optimizer.iterations.numpy()), 8)
-    self.assertAllClose(recorder.epoch_logs[-1]["gamma"], 0.3 * 1.2**7,
-                        rtol=1e-6)
-    for a, b in zip(resumed.get_weights(), uninterrupted.get_weights()):
-      self.assertAllEqual(a, b)
+    resumed.fit(batches(x, y), epochs=4, verbose=0, callbacks=[
+        keras.callbacks.BackupAndRestore(backup_dir)])
+    self.assertEqual(int(resumed.optimizer.iterations.numpy()),
+                     4 * (L + 2))
+    assert_equal_weights(self, resumed.get_weights(),
+                         uninterrupted.get_weights())
 
-  def test_checkpoint_evaluate_predict_and_keras_file(self):
+  def test_weights_only_checkpoint_resumes_exactly(self):
     x, y = make_data(2 * L)
+    uninterrupted = make_keras_model("paper")
+    uninterrupted.fit(batches(x, y), epochs=3, verbose=0)
+    path = os.path.join(self.create_tempdir().full_path, "ckpt.weights.h5")
     model = make_keras_model("paper")
-    directory = self.create_tempdir().full_path
-    weights = os.path.join(directory, "ckpt.weights.h5")
-    model.fit(esgd_keras.group_batches(batches(x, y), L), epochs=1,
-              verbose=0, callbacks=[keras.callbacks.ModelCheckpoint(
-                  weights, save_weights_only=True)])
-    self.assertTrue(os.path.exists(weights))
+    model.fit(batches(x, y), epochs=2, verbose=0, callbacks=[
+        keras.callbacks.ModelCheckpoint(path, save_weights_only=True)])
     restored = make_keras_model("paper")
-    restored.load_weights(weights)
-    self.assertEqual(int(restored.optimizer.iterations.numpy()), 2)
-    for a, b in zip(restored.get_weights(), model.get_weights()):
-      self.assertAllEqual(a, b)
+    # As for any stateful Keras optimizer: build it, then load its state.
+    restored.optimizer.build(restored.trainable_variables)
+    restored.load_weights(path)
+    self.assertEqual(int(restored.optimizer.outer_step.numpy()), 4)
+    restored.fit(batches(x, y), epochs=1, verbose=0)
+    assert_equal_weights(self, restored.get_weights(),
+                         uninterrupted.get_weights())
 
-    loss, accuracy = model.evaluate(x, y, verbose=0)
-    self.assertBetween(accuracy, 0.0, 1.0)
-    self.assertGreater(loss, 0.0)
-    predictions = model.predict(x, verbose=0)
-    path = os.path.join(directory, "model.keras")
-    model.save(path)
-    loaded = keras.models.load_model(path)
-    self.assertAllClose(loaded.predict(x, verbose=0), predictions)
-    self.assertIsInstance(loaded.optimizer, esgd_keras.EntropySGD)
-    self.assertEqual(loaded.optimizer.num_langevin_steps, L)
+
+class BatchNormTest(tf.test.TestCase):
 
   def test_batch_norm_recalibration(self):
     x, y = make_data(2 * L)
     model = make_batch_norm_model()
     bn = model.layers[1]
-    self.assertAllEqual(bn.moving_mean.numpy(), np.zeros(NUM_HIDDEN))
     recalibrate = esgd_keras.RecalibrateBatchNorm(batches(x, y),
                                                   num_batches=3)
-    model.fit(esgd_keras.group_batches(batches(x, y), L), epochs=1,
-              verbose=0, validation_data=batches(x, y),
-              callbacks=[recalibrate])
+    model.fit(batches(x, y), epochs=1, verbose=0,
+              validation_data=batches(x, y), callbacks=[recalibrate])
     # The statistics are the exact mean over 3 batches at the final x.
     hidden = model.layers[0](x[:3 * BATCH]).numpy().reshape(3, BATCH, -1)
     self.assertAllClose(bn.moving_mean.numpy(),
@@ -289,65 +370,28 @@ class CallbacksTest(tf.test.TestCase):
 
 class MisuseTest(tf.test.TestCase):
 
-  def test_remainder_of_l_batches(self):
-    x, y = make_data(2 * L + 1)
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always")
-      grouped = esgd_keras.group_batches(batches(x, y), L)
-    self.assertTrue(any("last 1 batches" in str(w.message) for w in caught))
-    self.assertEqual(int(grouped.cardinality()), 2)
-    with self.assertRaisesRegex(ValueError, "not a multiple of L=4"):
-      esgd_keras.group_batches(batches(x, y), L, remainder="error")
-    with self.assertRaisesRegex(ValueError, "fewer than the L=4"):
-      esgd_keras.group_batches(batches(*make_data(3)), L)
-    with self.assertRaisesRegex(ValueError, "integer >= 1"):
-      esgd_keras.group_batches(batches(x, y), 0)
-
-  def test_short_last_batch_is_dropped(self):
-    x, y = make_data(2 * L)
-    dataset = tf.data.Dataset.from_tensor_slices((x[:-3], y[:-3])).batch(
-        BATCH)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      elements = list(esgd_keras.group_batches(dataset, L))
-    self.assertLen(elements, 1)
-    self.assertEqual(elements[0][0].shape, (BATCH, L, NUM_FEATURES))
-    self.assertAllEqual(elements[0][0][:, 1], x[BATCH:2 * BATCH])
-
-  def test_ungrouped_dataset_is_refused(self):
-    x, y = make_data(2 * L)
-    model = make_keras_model()
-    with self.assertRaisesRegex(ValueError, "group_batches"):
-      model.fit(batches(x, y), epochs=1, verbose=0)
-
-  def test_model_without_trainable_weights_is_refused(self):
-    model = keras.Sequential([keras.Input([NUM_FEATURES]),
-                              keras.layers.Dense(NUM_CLASSES)])
-    model.trainable = False
-    model.compile(optimizer=esgd_keras.EntropySGD(**HYPER), loss="mse")
-    with self.assertRaisesRegex(ValueError, "no trainable weights"):
-      esgd_keras.attach(model)
-
-  def test_wrong_optimizer_and_unattached_model_are_refused(self):
-    x, y = make_data(2 * L)
-    model = keras.Sequential([keras.Input([NUM_FEATURES]),
-                              keras.layers.Dense(NUM_CLASSES)])
-    model.compile(optimizer="sgd", loss="mse")
-    with self.assertRaisesRegex(ValueError, "EntropySGD"):
-      esgd_keras.attach(model)
-    model.compile(optimizer=esgd_keras.EntropySGD(**HYPER),
-                  loss=keras.losses.SparseCategoricalCrossentropy(
-                      from_logits=True))
-    with self.assertRaisesRegex(RuntimeError, "attach"):
-      model.fit(batches(x, y), epochs=1, verbose=0)
-
   def test_bad_hyperparameters(self):
     with self.assertRaisesRegex(ValueError, "Unknown conventions"):
       esgd_keras.EntropySGD(conventions="torch")
     with self.assertRaisesRegex(ValueError, "num_langevin_steps"):
       esgd_keras.EntropySGD(num_langevin_steps=0)
+    with self.assertRaisesRegex(ValueError, "learning_rate"):
+      esgd_keras.EntropySGD(learning_rate=0.0)
     with self.assertRaisesRegex(ValueError, "clipnorm"):
       esgd_keras.EntropySGD(clipnorm=1.0)
+
+  def test_unused_variable_is_refused(self):
+    inputs = keras.Input([NUM_FEATURES])
+    used = keras.layers.Dense(NUM_CLASSES)
+    unused = keras.layers.Dense(NUM_CLASSES)
+    unused.build([None, NUM_FEATURES])
+    model = keras.Model(inputs, used(inputs))
+    model.unused = unused
+    model.compile(optimizer=esgd_keras.EntropySGD(**HYPER), loss=(
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True)))
+    x, y = make_data(L)
+    with self.assertRaisesRegex(ValueError, "does not depend on it"):
+      model.fit(batches(x, y), epochs=1, verbose=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -359,18 +403,16 @@ def mirrored_strategy():
 
 class MirroredStrategyTest(tf.test.TestCase):
 
-  def test_two_replicas_follow_one_device(self):
+  def test_two_replicas_follow_one_device_and_sonnet(self):
     self.assertLen(tf.config.list_logical_devices("CPU"), 2,
                    "setUpModule sets up 2 logical CPUs")
     mirrored = mirrored_strategy()
     num_outer = 3
     x, y = make_data(num_outer * L)
     single = make_keras_model("lua_reference")
-    single.fit(esgd_keras.group_batches(batches(x, y), L), epochs=1,
-               verbose=0)
+    single.fit(batches(x, y), epochs=1, verbose=0)
     replicated = make_keras_model("lua_reference", strategy=mirrored)
-    history = replicated.fit(esgd_keras.group_batches(batches(x, y), L),
-                             epochs=1, verbose=0)
+    replicated.fit(batches(x, y), epochs=1, verbose=0)
     assert_close_relative(self, replicated.get_weights(),
                           single.get_weights())
     for variable in replicated.trainable_variables:
@@ -380,39 +422,14 @@ class MirroredStrategyTest(tf.test.TestCase):
     expected, _ = run_sonnet(x, y, num_outer, "lua_reference",
                              strategy=mirrored)
     assert_close_relative(self, replicated.get_weights(), expected)
-    self.assertAllClose(history.history["gamma"][-1], 0.3 * 1.2**3,
-                        rtol=1e-6)
-
-  def test_batch_norm_model_with_recalibration_on_two_replicas(self):
-    mirrored = mirrored_strategy()
-    x, y = make_data(2 * L)
-    with mirrored.scope():
-      model = make_batch_norm_model()
-    history = model.fit(
-        esgd_keras.group_batches(batches(x, y), L), epochs=2, verbose=0,
-        validation_data=batches(x, y),
-        callbacks=[esgd_keras.RecalibrateBatchNorm(batches(x, y),
-                                                   num_batches=2)])
-    self.assertLen(history.history["val_accuracy"], 2)
-    self.assertTrue(np.all(np.isfinite(history.history["val_loss"])))
-    # Same all-reduced gradients and noise: bit-identical trainable copies.
-    for variable in model.trainable_variables:
-      copies = variable.value.values
-      self.assertAllEqual(copies[0].numpy(), copies[1].numpy())
-    # The recalibrated statistics are the mean over the 2 batches at x.
-    hidden = model.layers[0](x[:2 * BATCH]).numpy().reshape(2, BATCH, -1)
-    self.assertAllClose(model.layers[1].moving_mean.numpy(),
-                        hidden.mean(axis=1).mean(axis=0), rtol=1e-4,
-                        atol=1e-5)
+    self.assertEqual(int(replicated.optimizer.outer_step.numpy()), num_outer)
 
 
 class MixedPrecisionTest(tf.test.TestCase):
-  """Keras' mixed_bfloat16 policy: bfloat16 compute, float32 state."""
 
-  def setUp(self):
-    super().setUp()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    self.addCleanup(keras.mixed_precision.set_global_policy, "float32")
+  def tearDown(self):
+    keras.mixed_precision.set_global_policy("float32")
+    super().tearDown()
 
   def fit_wide_model(self, seed, noise, hidden=256):
     """One Entropy-SGD step (L=1, paper conventions); returns the model."""
@@ -423,39 +440,53 @@ class MixedPrecisionTest(tf.test.TestCase):
         gamma=0.3, scoping=0.0, noise=noise, alpha=0.75, seed=seed,
         conventions="paper"), loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True))
-    esgd_keras.attach(model)
     x, y = make_data(1)
-    model.fit(esgd_keras.group_batches(batches(x, y), 1), epochs=1,
-              verbose=0)
+    model.fit(batches(x, y), epochs=1, verbose=0)
     return model
 
-  def test_state_stays_float32_and_compute_is_bfloat16(self):
+  def test_bfloat16_state_stays_float32(self):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = self.fit_wide_model(seed=0, noise=1e-4)
     self.assertEqual(model.layers[0].compute_dtype, "bfloat16")
     self.assertEqual({v.dtype for v in model.variables}, {"float32"})
-    optimizer = model.optimizer
-    for name in ("anchor", "mean"):
-      self.assertEqual({v.dtype for v in getattr(optimizer, name)},
+    for name in ("anchor", "mean", "sample"):
+      self.assertEqual({v.dtype for v in getattr(model.optimizer, name)},
                        {"float32"}, name)
 
-  def test_noise_reaches_the_float32_weights(self):
+  def test_bfloat16_noise_reaches_the_float32_weights(self):
     # L=1, paper conventions: x <- x - eta gamma alpha (x - x'), so two
     # noise seeds move x apart by eta gamma alpha sqrt(eta') eps (n1 - n2),
     # std 5e-6 here: far below what bfloat16 weights could hold.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
     weights = [np.concatenate([w.ravel() for w in self.fit_wide_model(
         seed, noise=1e-4).get_weights()[:2]]) for seed in (0, 1)]
     expected_std = 1.0 * 0.3 * 0.75 * np.sqrt(0.1) * 1e-4 * np.sqrt(2.0)
     self.assertAllClose(np.std(weights[0] - weights[1]), expected_std,
                         rtol=0.1)
 
-  def test_mixed_float16_is_refused_clearly(self):
+  def test_float16_skipped_step_keeps_the_noise_keys(self):
+    # Keras wraps the optimizer in its LossScaleOptimizer. A batch whose
+    # gradient overflows is skipped as if it were not there: the run
+    # equals one without it (the noise of (t, l) is the same).
     keras.mixed_precision.set_global_policy("mixed_float16")
-    model = keras.Sequential([keras.Input([NUM_FEATURES]),
-                              keras.layers.Dense(NUM_CLASSES)])
-    model.compile(optimizer=esgd_keras.EntropySGD(**HYPER), loss="mse")
-    with self.assertRaisesRegex(ValueError,
-                                "mixed_float16 policy is not supported"):
-      esgd_keras.attach(model)
+    x, y = make_data(2 * L)
+    inf_x = np.concatenate([x[:BATCH], np.full_like(x[:BATCH], np.inf),
+                            x[BATCH:]])
+    inf_y = np.concatenate([y[:BATCH], y[:BATCH], y[BATCH:]])
+    with_inf = make_keras_model("paper")
+    self.assertIsInstance(with_inf.optimizer,
+                          keras.optimizers.LossScaleOptimizer)
+    with_inf.fit(batches(inf_x, inf_y), epochs=1, verbose=0)
+    without = make_keras_model("paper")
+    without.fit(batches(x, y), epochs=1, verbose=0)
+    inner = with_inf.optimizer.inner_optimizer
+    self.assertEqual(int(inner.outer_step.numpy()), 2)
+    self.assertEqual(float(with_inf.optimizer.dynamic_scale.numpy()),
+                     float(without.optimizer.dynamic_scale.numpy()) / 2)
+    self.assertEqual({v.dtype for v in with_inf.trainable_variables},
+                     {"float32"})
+    assert_close_relative(self, with_inf.get_weights(),
+                          without.get_weights(), rtol=1e-6)
 
 
 def setUpModule():

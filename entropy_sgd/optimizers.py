@@ -32,6 +32,7 @@ from typing import Mapping, Optional, Sequence, Union
 import sonnet as snt
 import tensorflow as tf
 
+from entropy_sgd import algorithm
 from entropy_sgd import distribution
 from entropy_sgd import noise as noise_lib
 from entropy_sgd import updates as update_rules
@@ -39,24 +40,10 @@ from entropy_sgd import updates as update_rules
 FloatLike = Union[float, tf.Variable, tf.Tensor]
 
 
-def _check_choice(name, value, choices):
-  if value not in choices:
-    raise ValueError(f"{name} must be one of {choices}; got {value!r}")
-
-
-def _check_range(name, value, low, high):
-  if not low <= value < high:
-    raise ValueError(f"{name} must be in [{low}, {high}); got {value}")
-
-
-def _check_positive(name, value):
-  if isinstance(value, (int, float)) and not value > 0:
-    raise ValueError(f"{name} must be > 0; got {value}")
-
-
-def _check_non_negative(name, value):
-  if isinstance(value, (int, float)) and not value >= 0:
-    raise ValueError(f"{name} must be >= 0; got {value}")
+_check_choice = algorithm.check_choice
+_check_range = algorithm.check_range
+_check_positive = algorithm.check_positive
+_check_non_negative = algorithm.check_non_negative
 
 
 def _as_dtype(value, dtype) -> tf.Tensor:
@@ -72,136 +59,16 @@ def _as_dtype(value, dtype) -> tf.Tensor:
   return tf.cast(value, dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class Conventions:
-  """Where the paper and the reference implementations of Entropy-SGD differ.
+# The conventions and their presets live with the math, in `algorithm.py`.
+Conventions = algorithm.Conventions
+PAPER = algorithm.PAPER
+LUA_REFERENCE = algorithm.LUA_REFERENCE
+PYTORCH_REFERENCE = algorithm.PYTORCH_REFERENCE
+PRESETS = algorithm.PRESETS
 
-  Attributes:
-    alpha_weights: what `alpha` multiplies in the running mean.
-      "new_sample" (paper, Alg. 1): mu <- (1 - alpha) * mu + alpha * x'.
-      "old_mean" (Lua/PyTorch `beta1`): mu <- alpha * mu + (1 - alpha) * x'.
-    noise_scale: standard deviation of the SGLD noise per step.
-      "sqrt_lr" (paper): sqrt(eta') * eps.
-      "sqrt_2lr" (reference code): sqrt(2 * eta') * eps.
-    outer_scale: scale s of the outer step x <- x - eta * s * (x - mu).
-      "gamma" (paper ICLR version, Alg. 1) or "one" (reference code).
-    inner_momentum: momentum of the SGLD steps (0 in the paper, 0.9 in the
-      reference codes); its buffer restarts at every outer step.
-    inner_nesterov: Nesterov form of the inner momentum.
-    inner_weight_decay: where weight decay enters the SGLD step:
-      "before_momentum" (PyTorch reference) or "after_momentum" (Lua).
-    inner_momentum_buffer: what the heavy-ball buffer v of the SGLD steps
-      accumulates. "gradient" (default): v <- m v + g (+ wd x' when weight
-      decay comes before the momentum); the coupling -gamma (x - x'), weight
-      decay after the momentum and the noise enter only this step's
-      direction. "direction" (Lua and PyTorch reference): their `dw = mdw`
-      makes the direction the buffer itself, so those terms are added to v
-      as well and carried into the later SGLD steps of the outer step with
-      weights m, m^2, ... With Nesterov momentum (both presets) the
-      direction is a separate tensor and this field changes nothing; it
-      matters for heavy-ball (`inner_nesterov=False`).
-    outer_momentum: momentum of the outer step (0 in paper and Lua, 0.9 in
-      the PyTorch reference).
-    outer_nesterov: Nesterov form of the outer momentum.
-    outer_weight_decay: whether weight decay is added to the outer
-      direction too (PyTorch reference) or only in the inner loop.
-    outer_velocity_init: the outer momentum buffer before the first outer
-      step. "zero" (default) or "anchor_gradient" (PyTorch reference): the
-      gradient at x on the minibatch of the reference's extra evaluation
-      (its `deepcopy(w.grad)` on first use; no weight decay). With outer
-      momentum m > 0 the outer step t then carries an extra m^(t+1) grad
-      f(x_0) (heavy ball; m^(t+2) with Nesterov), so the optimizer needs
-      that gradient
-      (`needs_anchor_gradient`): the train step evaluates it at x on a
-      minibatch of its own before the inner loop of every outer step, as
-      the reference does (so both consume L + 1 minibatches per step).
-    scoping_offset: gamma_t = gamma0 * (1 + gamma1)**(t + offset) for the
-      t-th outer step (t from 0). Lua increments its counter first: 1.
-    scoping_advances: False keeps gamma at gamma0 * (1 + gamma1)**offset
-      forever: the PyTorch reference computes gamma0 (1 + gamma1)**t from a
-      counter `t` it never increments (its bug, reproduced only by the
-      `pytorch_reference` preset).
-  """
-  alpha_weights: str = "new_sample"
-  noise_scale: str = "sqrt_lr"
-  outer_scale: str = "gamma"
-  inner_momentum: float = 0.0
-  inner_nesterov: bool = False
-  inner_weight_decay: str = "before_momentum"
-  inner_momentum_buffer: str = "gradient"
-  outer_momentum: float = 0.0
-  outer_nesterov: bool = False
-  outer_weight_decay: bool = False
-  outer_velocity_init: str = "zero"
-  scoping_offset: int = 0
-  scoping_advances: bool = True
-
-  @property
-  def needs_anchor_gradient(self) -> bool:
-    """Whether the outer step needs the gradient at x on a batch of its own
-    (the outer momentum starts from it): one more gradient per step."""
-    return (self.outer_velocity_init == "anchor_gradient" and
-            self.outer_momentum > 0)
-
-  def __post_init__(self):
-    _check_choice("alpha_weights", self.alpha_weights,
-                  ("new_sample", "old_mean"))
-    _check_choice("noise_scale", self.noise_scale, ("sqrt_lr", "sqrt_2lr"))
-    _check_choice("outer_scale", self.outer_scale, ("gamma", "one"))
-    _check_choice("inner_weight_decay", self.inner_weight_decay,
-                  ("before_momentum", "after_momentum"))
-    _check_choice("inner_momentum_buffer", self.inner_momentum_buffer,
-                  ("gradient", "direction"))
-    _check_choice("outer_velocity_init", self.outer_velocity_init,
-                  ("zero", "anchor_gradient"))
-    if not isinstance(self.scoping_advances, bool):
-      raise ValueError(f"scoping_advances must be True or False; got "
-                       f"{self.scoping_advances!r}")
-    _check_range("inner_momentum", self.inner_momentum, 0.0, 1.0)
-    _check_range("outer_momentum", self.outer_momentum, 0.0, 1.0)
-    if self.scoping_offset < 0:
-      raise ValueError(
-          f"scoping_offset must be >= 0; got {self.scoping_offset}")
-
-
-# Algorithm 1 of the paper, with no momentum.
-PAPER = Conventions()
-
-# ucla-vision/entropy-sgd `entropyoptim.lua` with `train.lua`'s settings
-# (momentum 0.9, Nesterov, dampening 0): the code behind the paper's numbers.
-LUA_REFERENCE = Conventions(
-    alpha_weights="old_mean",
-    noise_scale="sqrt_2lr",
-    outer_scale="one",
-    inner_momentum=0.9,
-    inner_nesterov=True,
-    inner_weight_decay="after_momentum",
-    inner_momentum_buffer="direction",  # No effect with Nesterov.
-    outer_momentum=0.0,
-    outer_weight_decay=False,
-    scoping_offset=1,
-)
-
-# ucla-vision/entropy-sgd `python/optim.py` as `python/train.py` runs it
-# (momentum 0.9, Nesterov, dampening 0; its Langevin step size 0.1 and
-# beta1 = 0.75 are fixed: pass langevin_learning_rate=0.1, alpha=0.75).
-# Where it differs from the Lua code:
-PYTORCH_REFERENCE = dataclasses.replace(
-    LUA_REFERENCE,
-    inner_weight_decay="before_momentum",
-    outer_momentum=0.9,
-    outer_nesterov=True,
-    outer_weight_decay=True,
-    outer_velocity_init="anchor_gradient",
-    scoping_offset=0,
-    scoping_advances=False,
-)
-
-PRESETS: Mapping[str, Conventions] = {
-    "paper": PAPER,
-    "lua_reference": LUA_REFERENCE,
-    "pytorch_reference": PYTORCH_REFERENCE,
-}
+# TensorFlow's operations for `algorithm.py`.
+TF_OPS = algorithm.Ops(sqrt=tf.sqrt, exp=tf.exp, sum=tf.reduce_sum,
+                       cast=lambda value, like: _as_dtype(value, like.dtype))
 
 
 # N(0, I) noise of one SGLD step for all parameters, keyed by (seed, stream,
@@ -644,37 +511,17 @@ class EntropySGD(Optimizer):
       name: module name.
     """
     super().__init__(jit_compile, name)
-    if isinstance(conventions, str):
-      if conventions not in PRESETS:
-        raise ValueError(f"Unknown conventions preset {conventions!r}; "
-                         f"choose one of {sorted(PRESETS)}.")
-      conventions = PRESETS[conventions]
-    if (not isinstance(num_langevin_steps, int) or
-        isinstance(num_langevin_steps, bool) or num_langevin_steps < 1):
-      raise ValueError(
-          f"num_langevin_steps (L) must be an integer >= 1; got "
-          f"{num_langevin_steps!r}")
     _check_positive("learning_rate", learning_rate)
     _check_positive("langevin_learning_rate", langevin_learning_rate)
-    _check_positive("gamma", gamma)
-    _check_non_negative("scoping", scoping)
-    _check_non_negative("noise", noise)
-    _check_non_negative("weight_decay", weight_decay)
-    if not 0.0 < alpha <= 1.0:
-      raise ValueError(f"alpha must be in (0, 1]; got {alpha}")
+    self.hyperparameters = algorithm.Hyperparameters(
+        num_langevin_steps=num_langevin_steps, gamma=gamma, scoping=scoping,
+        noise=noise, alpha=alpha, weight_decay=weight_decay,
+        conventions=algorithm.resolve_conventions(conventions), seed=seed)
     self.learning_rate = learning_rate
-    self._num_langevin_steps = num_langevin_steps
-    self.needs_anchor_gradient = conventions.needs_anchor_gradient
-    self.gradient_evaluations_per_step = num_langevin_steps + int(
-        self.needs_anchor_gradient)
     self.langevin_learning_rate = langevin_learning_rate
-    self.gamma0 = gamma
-    self.scoping = scoping
-    self.noise = noise
-    self.alpha = alpha
-    self.weight_decay = weight_decay
-    self.conventions = conventions
-    self.seed = seed
+    self.needs_anchor_gradient = self.hyperparameters.needs_anchor_gradient
+    self.gradient_evaluations_per_step = (
+        self.hyperparameters.gradient_evaluations_per_step)
     self.anchor, self.mean = [], []
     self.inner_velocities, self.outer_velocities = [], []
     self.inner_step = None
@@ -684,9 +531,26 @@ class EntropySGD(Optimizer):
     self._langevin_math = _maybe_jit(self._langevin_step_math, jit_compile)
     self._outer_math = _maybe_jit(self._outer_step_math, jit_compile)
 
+  # The hyperparameters, read-only (`algorithm.Hyperparameters`).
+  gamma0 = property(lambda self: self.hyperparameters.gamma)
+  scoping = property(lambda self: self.hyperparameters.scoping)
+  noise = property(lambda self: self.hyperparameters.noise)
+  alpha = property(lambda self: self.hyperparameters.alpha)
+  weight_decay = property(lambda self: self.hyperparameters.weight_decay)
+  conventions = property(lambda self: self.hyperparameters.conventions)
+
+  @property
+  def seed(self) -> int:
+    return self.hyperparameters.seed
+
+  @seed.setter
+  def seed(self, seed: int):  # A new noise stream; the rest unchanged.
+    self.hyperparameters = dataclasses.replace(self.hyperparameters,
+                                               seed=seed)
+
   @property
   def num_langevin_steps(self) -> int:
-    return self._num_langevin_steps
+    return self.hyperparameters.num_langevin_steps
 
   def _apply_counter(self):
     return self.inner_step  # `apply` is one SGLD step.
@@ -704,13 +568,9 @@ class EntropySGD(Optimizer):
 
   def gamma(self, step=None, dtype=tf.float32) -> tf.Tensor:
     """gamma_t for outer step `step` (default: the current one), in `dtype`."""
-    step = self.step if step is None else step
-    c = self.conventions
-    exponent = tf.constant(c.scoping_offset, tf.int64)
-    if c.scoping_advances:
-      exponent += tf.cast(step, tf.int64)
-    return update_rules.scoped_gamma(self.gamma0, self.scoping, exponent,
-                                     dtype)
+    step = tf.cast(self.step if step is None else step, tf.int64)
+    return algorithm.gamma_at(self.hyperparameters, step,
+                              tf.zeros([], dtype), TF_OPS)
 
   def begin_outer_step(self, parameters, anchor_gradients=None):
     """x', mu <- x; restarts the inner momentum.
@@ -747,50 +607,16 @@ class EntropySGD(Optimizer):
 
   def _langevin_step_math(self, samples, anchors, means, gradients,
                           velocities, step, inner_step, noise_stream):
-    c = self.conventions
-    new_samples, new_means, new_velocities = [], [], []
-    standard_normals = [None] * len(samples)
-    if self._draws_noise:
+    hp = self.hyperparameters
+    standard_normals = None
+    if hp.draws_noise:
       standard_normals = langevin_noise(
-          self.seed, step, inner_step, [x.shape for x in samples],
+          hp.seed, step, inner_step, [x.shape for x in samples],
           samples[0].dtype, noise_stream, self.use_noise_kernel)
-    for i, (x_prime, x, mu, g) in enumerate(
-        zip(samples, anchors, means, gradients)):
-      dtype = x_prime.dtype
-      learning_rate = _as_dtype(self.langevin_learning_rate, dtype)
-      noise_std = update_rules.langevin_noise_std(
-          learning_rate, _as_dtype(self.noise, dtype), c.noise_scale)
-      standard_normal = standard_normals[i]
-      if standard_normal is not None:
-        standard_normal = tf.cast(standard_normal, dtype)
-      x_prime, v = update_rules.langevin_step(
-          x_prime, x, g, velocities[i] if velocities else None,
-          standard_normal,
-          gamma=self.gamma(step, dtype),
-          learning_rate=learning_rate,
-          noise_std=noise_std,
-          weight_decay=self.weight_decay,
-          momentum=c.inner_momentum,
-          nesterov=c.inner_nesterov,
-          decay_before_momentum=c.inner_weight_decay == "before_momentum",
-          buffer_takes_direction=c.inner_momentum_buffer == "direction")
-      new_samples.append(x_prime)
-      new_means.append(
-          update_rules.running_mean_step(mu, x_prime,
-                                         self._new_sample_weight))
-      new_velocities.append(v)
-    return new_samples, new_means, new_velocities if velocities else []
-
-  @property
-  def _draws_noise(self) -> bool:
-    """False when the noise is the number 0: then nothing is drawn."""
-    return not (isinstance(self.noise, (int, float)) and self.noise == 0)
-
-  @property
-  def _new_sample_weight(self):
-    if self.conventions.alpha_weights == "new_sample":
-      return self.alpha
-    return 1.0 - self.alpha
+    return algorithm.langevin_update(
+        hp, samples, anchors, means, gradients, velocities, standard_normals,
+        step=step, langevin_learning_rate=self.langevin_learning_rate,
+        ops=TF_OPS)
 
   def _apply_on_device(self, gradients, parameters, noise_stream=0):
     samples, means, velocities = self._langevin_math(
@@ -803,21 +629,9 @@ class EntropySGD(Optimizer):
     self.inner_step.assign_add(1)
 
   def _outer_step_math(self, anchors, means, velocities, step):
-    c = self.conventions
-    new_anchors, new_velocities = [], []
-    for i, (x, mu) in enumerate(zip(anchors, means)):
-      scale = (self.gamma(step, x.dtype) if c.outer_scale == "gamma"
-               else tf.constant(1, x.dtype))
-      x, v = update_rules.outer_step(
-          x, mu, velocities[i] if velocities else None,
-          learning_rate=_as_dtype(self.learning_rate, x.dtype),
-          scale=scale,
-          weight_decay=self.weight_decay if c.outer_weight_decay else 0.0,
-          momentum=c.outer_momentum,
-          nesterov=c.outer_nesterov)
-      new_anchors.append(x)
-      new_velocities.append(v)
-    return new_anchors, new_velocities if velocities else []
+    return algorithm.outer_update(
+        self.hyperparameters, anchors, means, velocities, step=step,
+        learning_rate=self.learning_rate, ops=TF_OPS)
 
   def end_outer_step(self, parameters):
     """x <- x - eta * s * (x - mu); returns gamma and ||x - mu||."""
@@ -886,8 +700,8 @@ class Parle(EntropySGD):
     step = self.step if step is None else step
     if self.rho0 == float("inf"):
       return tf.constant(float("inf"), dtype)
-    return update_rules.scoped_gamma(self.rho0, self.rho_scoping,
-                                     tf.cast(step, tf.int64), dtype)
+    return algorithm.scoped_gamma(self.rho0, self.rho_scoping,
+                                  tf.cast(step, dtype), tf.exp)
 
   def apply(self, updates, parameters):
     """One SGLD step of this replica's chain, on its own gradients."""
@@ -938,5 +752,4 @@ class Parle(EntropySGD):
 
 
 def _distance(xs, ys):
-  return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(x - y))
-                           for x, y in zip(xs, ys)]))
+  return algorithm.distance(xs, ys, TF_OPS)

@@ -23,7 +23,6 @@ import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd import distribution
-from entropy_sgd import keras_plugin
 from entropy_sgd import optimizers
 from entropy_sgd import train_step as train_step_lib
 
@@ -337,12 +336,6 @@ class PytorchReferenceTest(tf.test.TestCase, parameterized.TestCase):
     expected = run_reference(initial, batches_of(x, y),
                              reference_config(True, 0.05), num_steps, eta_of)
     self.assertLess(max_relative_difference(final, expected), 1e-12)
-
-  def test_the_keras_plugin_refuses_it(self):
-    with self.assertRaisesRegex(ValueError, "need one more minibatch"):
-      keras_plugin.EntropySGD(conventions="pytorch_reference")
-    keras_plugin.EntropySGD(conventions=conventions_for(
-        False, outer_velocity_init="zero"))
 
   def test_consumes_l_plus_one_batches_per_step(self):
     x, y = make_data(2 * (HYPER["L"] + 1))  # Exactly two steps' worth.

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 from entropy_sgd import data as data_lib
 from entropy_sgd import models
+from entropy_sgd import noise as noise_lib
 from entropy_sgd import optimizers
 from entropy_sgd import precision
 
@@ -35,6 +36,7 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "sam", "entropy_sgd")
 RECIPES = ("reference_code", "paper")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 AUGMENTATIONS = data_lib.AUGMENTATIONS
+NOISE_KERNEL_CHOICES = noise_lib.CHOICES
 DATASETS = ("cifar10", "cifar100", "mnist")
 DEFAULT_MODELS = {"cifar10": "wrn-28-10", "cifar100": "wrn-28-10",
                   "mnist": "lenet"}
@@ -86,6 +88,7 @@ class TrainConfig:
   rho_scoping: float = 1e-3
   seed: int = 0
   jit: bool = False
+  noise_kernel: str = "auto"  # NOISE_KERNEL_CHOICES; see noise.resolve.
   precision: str = "float32"  # Or mixed_bfloat16, mixed_float16.
   max_steps: Optional[int] = None
   strategy: str = "default"
@@ -136,7 +139,7 @@ class TrainConfig:
 ENTROPY_SGD_FIELDS = frozenset({
     "L", "langevin_lr", "noise", "gamma", "scoping", "alpha", "conventions",
     "outer_weight_decay", "parle", "rho", "rho_scoping", "recalibrate_bn",
-    "recalibration_batches"})
+    "recalibration_batches", "noise_kernel"})
 PARLE_FIELDS = frozenset({"rho", "rho_scoping"})
 ADAM_FIELDS = frozenset({"adam_beta1", "adam_beta2", "adam_epsilon"})
 SAM_FIELDS = frozenset({"sam_rho", "sam_adaptive", "sam_eta",
@@ -171,11 +174,19 @@ def unread_fields(values) -> frozenset:
 # its evaluations) or observe it (where it lives, logging, checkpoints kept,
 # how it is compiled). A resume that changes any other field would continue
 # another experiment, and is refused unless --allow_config_change.
+# --noise_kernel only asks; what it resolves to is compared (below).
 RESUME_MAY_CHANGE = frozenset({
     "epochs", "max_steps", "eval_every_steps", "track_flatness_every_steps",
     "log_every_steps", "steps_per_loop", "keep_checkpoints", "data_dir",
-    "log_dir", "run_name", "jit", "deterministic", "tpu",
+    "log_dir", "run_name", "jit", "deterministic", "tpu", "noise_kernel",
     "allow_config_change"})
+# Besides the fields, config.json records what each start resolved on its
+# machine: the implementation that draws the Langevin noise
+# (`noise.resolve` of --noise_kernel: "kernel", "tensorflow" or "none"),
+# compared on resume as a field that may not change (the two drift apart
+# at float round-off), and why it was chosen, which is never compared.
+NOISE_IMPLEMENTATION = "noise_implementation"
+NOISE_IMPLEMENTATION_REASON = "noise_implementation_reason"
 FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig)
                      if f.type in (float, "float", Optional[float],
                                    "Optional[float]"))
@@ -518,6 +529,9 @@ def validate(config: TrainConfig):
            f"{c.rho}.")
   _require(c.rho_scoping >= 0, f"--rho_scoping must be >= 0; got "
            f"{c.rho_scoping}.")
+  _require(c.noise_kernel in NOISE_KERNEL_CHOICES,
+           f"--noise_kernel={c.noise_kernel!r} is unknown; choose one of "
+           f"{', '.join(NOISE_KERNEL_CHOICES)}.")
   _require(c.precision in precision.PRECISIONS,
            f"--precision={c.precision!r} is unknown; choose one of "
            f"{', '.join(precision.PRECISIONS)}.")

@@ -227,6 +227,8 @@ class ValidationTest(parameterized.TestCase):
       (dict(augment="mixup"), "--augment='mixup' is unknown"),
       (dict(validation_examples=-1), "--validation_examples must be >= 0"),
       (dict(rho=0.0), "--rho must be > 0"),
+      (dict(noise_kernel="yes"), "--noise_kernel='yes' is unknown; choose "
+       "one of auto, on, off"),
   )
   def test_bad_values_name_the_flag(self, overrides, message):
     with self.assertRaisesRegex(config_lib.ConfigError, message):
@@ -259,6 +261,20 @@ class ValidationTest(parameterized.TestCase):
     self.assertNotIn("L", esgd)
     self.assertNotIn("rho", config_lib.unread_fields(
         {"opt": "entropy_sgd", "parle": True}))
+
+  def test_noise_kernel_only_asks(self):
+    # Every choice is valid; auto (today's behaviour) is the default. What
+    # it resolves to is recorded and compared on resume, not the choice.
+    self.assertEqual(config_lib.TrainConfig.noise_kernel, "auto")
+    for choice in ("auto", "on", "off"):
+      self.assertEqual(config_lib.from_preset(
+          "entropy_sgd", noise_kernel=choice).noise_kernel, choice)
+    self.assertIn("noise_kernel", config_lib.RESUME_MAY_CHANGE)
+    self.assertNotIn(config_lib.NOISE_IMPLEMENTATION,
+                     config_lib.RESUME_MAY_CHANGE)
+    self.assertIn("noise_kernel", config_lib.unread_fields({"opt": "sgd"}))
+    self.assertNotIn("noise_kernel", config_lib.unread_fields(
+        {"opt": "entropy_sgd"}))
 
   def test_one_rotation_default(self):
     from entropy_sgd import data  # pylint: disable=g-import-not-at-top

@@ -36,7 +36,7 @@ import threading
 import urllib.parse
 import urllib.request
 import zlib
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -533,19 +533,22 @@ def _zca_statistics(chunks, num_images):
   return mean.astype(np.float32), matrix.astype(np.float32)
 
 
-# (source key, dataset, validation_examples, preprocess) -> (mean, std) or,
-# for gcn_zca, (ZCA mean, ZCA matrix).
-_STATISTICS = {}
-
-
 # ----------------------------------------------------------------- Pipeline.
 
 
 class ImageData:
   """Training and evaluation `tf.data` pipelines for one `PipelineConfig`."""
 
-  def __init__(self, config: PipelineConfig):
+  def __init__(self, config: PipelineConfig,
+               statistics_cache: Optional[Dict] = None):
     """Locates and checks the data and computes the normalisation.
+
+    Args:
+      config: what to read and how to feed it.
+      statistics_cache: a dict (source key, dataset, validation_examples,
+        preprocess) -> (mean, std), or for gcn_zca (ZCA mean, ZCA matrix),
+        that this fills and reuses: pipelines sharing one fit (and check)
+        the same data once. None: fitted for this pipeline alone.
 
     Raises:
       DataError: the data are missing, unreadable or corrupt.
@@ -566,11 +569,12 @@ class ImageData:
     self._num_train = total - config.validation_examples
     key = (self._source.key, config.dataset, config.validation_examples,
            config.preprocess)
-    if key not in _STATISTICS:
+    statistics = {} if statistics_cache is None else statistics_cache
+    if key not in statistics:
       fit = (_zca_statistics if config.preprocess == "gcn_zca"
              else _channel_statistics)
-      _STATISTICS[key] = fit(self._source.numpy_chunks("train"),
-                             self._num_train)
+      statistics[key] = fit(self._source.numpy_chunks("train"),
+                            self._num_train)
       for _ in self._source.numpy_chunks("test"):  # Just check the files.
         pass
       if config.preprocess == "gcn_zca":
@@ -578,8 +582,8 @@ class ImageData:
                      "images", config.dataset, self._num_train)
       else:
         logging.info("%s training images: mean %s, std %s", config.dataset,
-                     *_STATISTICS[key])
-    self.mean, self.std = _STATISTICS[key]  # gcn_zca: ZCA mean and matrix.
+                     *statistics[key])
+    self.mean, self.std = statistics[key]  # gcn_zca: ZCA mean and matrix.
 
   def num_examples(self, split: str) -> int:
     """Number of images in "train", "validation" or "test"."""

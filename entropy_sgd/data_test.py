@@ -147,6 +147,20 @@ class NormalisationAndHoldoutTest(tf.test.TestCase):
     self.assertAllClose(cifar.mean, pixels.mean(axis=(0, 1, 2)), atol=1e-6)
     self.assertAllClose(cifar.std, pixels.std(axis=(0, 1, 2)), atol=1e-6)
 
+  def test_a_shared_statistics_cache_fits_once(self):
+    config = data.PipelineConfig(
+        batch_size=BATCH, augment="none",
+        data_dir=os.path.join(TESTDATA, "cifar10"), validation_examples=20)
+    cache = {}
+    with self.assertLogs(level="INFO") as logs:
+      first = data.ImageData(config, cache)
+      second = data.ImageData(config, cache)
+      data.ImageData(config)  # No cache: fitted again, and not stored.
+    fits = [line for line in logs.output if "training images: mean" in line]
+    self.assertLen(fits, 2)
+    self.assertLen(cache, 1)
+    self.assertIs(second.mean, first.mean)
+
   def test_training_epoch_is_standardised(self):
     cifar = make_data(validation_examples=20)
     images, _ = take(cifar.train_dataset(), cifar.steps_per_epoch)

@@ -28,9 +28,7 @@ import math
 import os
 from typing import Dict, List, Sequence, Tuple
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure  # No pyplot: no global backend.
 import numpy as np
 
 from entropy_sgd import models as models_lib
@@ -239,7 +237,8 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
 
 
 def _scatter(runs, name, about, dataset, output_dir) -> str:
-  figure, axis = plt.subplots(figsize=(5.5, 4))
+  figure = Figure(figsize=(5.5, 4))
+  axis = figure.subplots()
   labels = sorted({f"{r.model}, {r.optimizer}" for r in runs})
   for index, label in enumerate(labels):
     points = [(r.measures[name], r.gap) for r in runs
@@ -260,5 +259,4 @@ def _scatter(runs, name, about, dataset, output_dir) -> str:
   figure.tight_layout()
   path = os.path.join(output_dir, f"{dataset}_{name}.png")
   figure.savefig(path, dpi=110)
-  plt.close(figure)
   return path

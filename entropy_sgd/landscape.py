@@ -29,9 +29,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure  # No pyplot: no global backend.
 import numpy as np
 import sonnet as snt
 import tensorflow as tf
@@ -889,7 +887,8 @@ def analyse(settings: Settings,
 
 def plot_density(density: hessian.Density, top_eigenvalues, path: str,
                  log_scale: bool = True) -> str:
-  figure, axis = plt.subplots(figsize=(6.5, 4.2))
+  figure = Figure(figsize=(6.5, 4.2))
+  axis = figure.subplots()
   values = np.maximum(density.density, 1e-12) if log_scale else (
       density.density)
   axis.plot(density.grid, values, color="C0")
@@ -908,7 +907,8 @@ def plot_density(density: hessian.Density, top_eigenvalues, path: str,
 
 
 def plot_curve(alphas, loss, accuracy, title, path, marks=()) -> str:
-  figure, axis = plt.subplots(figsize=(6.5, 4.2))
+  figure = Figure(figsize=(6.5, 4.2))
+  axis = figure.subplots()
   axis.plot(alphas, loss, "o-", color="C0", markersize=3, label="loss")
   axis.set_xlabel("a")
   axis.set_ylabel("training loss", color="C0")
@@ -924,7 +924,8 @@ def plot_curve(alphas, loss, accuracy, title, path, marks=()) -> str:
 
 
 def plot_plane(alphas, betas, loss, path) -> str:
-  figure, axis = plt.subplots(figsize=(5.5, 4.6))
+  figure = Figure(figsize=(5.5, 4.6))
+  axis = figure.subplots()
   contours = axis.contourf(alphas, betas, loss, levels=20, cmap="viridis")
   axis.contour(alphas, betas, loss, levels=20, colors="k", linewidths=0.3)
   figure.colorbar(contours, ax=axis, label="training loss")
@@ -938,7 +939,6 @@ def plot_plane(alphas, betas, loss, path) -> str:
 def _save(figure, path):
   figure.tight_layout()
   figure.savefig(path, dpi=110)
-  plt.close(figure)
   return path
 
 

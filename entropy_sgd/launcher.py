@@ -96,6 +96,16 @@ _HELP = {
     "rho_scoping": "Parle: rho_t = rho0 (1 + rho_scoping)^t.",
     "seed": "Seed of initialisation, data order, augmentation and noise.",
     "jit": "Compile the per-replica step with XLA.",
+    "noise_kernel": "Entropy-SGD: which implementation draws the Langevin "
+                    "noise. auto: the compiled CPU kernel when it loads and "
+                    "applies (no GPU, no --jit, no TPU), else TensorFlow's "
+                    "ops; on: the kernel, or stop with one line saying why "
+                    "not; off: TensorFlow's ops. The two draw the same "
+                    "distribution but differ at float round-off, so the "
+                    "resolved choice is logged and recorded in config.json, "
+                    "and a resume that would switch it is refused. "
+                    "ENTROPY_SGD_NOISE_KERNEL=PATH loads that library "
+                    "instead of the packaged one.",
     "precision": "float32; mixed_bfloat16 (forward and backward passes in "
                  "bfloat16, fast on CPUs with AVX512_BF16, TPUs and recent "
                  "GPUs); or mixed_float16 (float16 with dynamic loss "
@@ -246,6 +256,7 @@ def run(dataset: str):
   try:
     config = config_from_flags(dataset)
     seeds = _seeds()
+    statistics = {}  # The seeds' runs fit the normalisation once.
     if not seeds:
       summaries = [training.train(config)]
     else:
@@ -259,7 +270,7 @@ def run(dataset: str):
           summaries.append(done)
           continue
         logging.info("Seed %d (%d/%d).", seed, index + 1, len(seeds))
-        summaries.append(training.train(seed_config))
+        summaries.append(training.train(seed_config, statistics))
   except (config_lib.ConfigError, data_lib.DataError,
           run_dir_lib.RunDirError) as e:
     _exit(EXIT_ERROR, f"error: {e}")

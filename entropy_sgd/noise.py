@@ -17,16 +17,25 @@ probability of 1.3e-11) and the angle on a grid of 2^24 points, finer than
 float32 resolves. `noise_test` checks moments and a Kolmogorov-Smirnov test
 on a large draw.
 
-On CPUs an optional compiled kernel (`noise_kernel.cc`, built by Bazel with
-the host's g++, see `third_party/noise_kernel`) draws the same Philox words,
-bit for bit, and applies the same Box-Muller map in vectorised loops, about
-4x faster. Its log, cos and sin are its own polynomials, so its normals
-agree with the TensorFlow ops' to float32 rounding (|difference| < 2e-6),
-not bit for bit. It is used for float32 draws when it is built and loaded,
-no GPU is visible, the strategy is not a TPU strategy and the caller does not
-compile with XLA (inside an XLA-compiled function the TensorFlow ops are
-used); `kernel_status()` says whether it is loaded and why not;
-ENTROPY_SGD_NOISE_KERNEL=off disables it and =PATH loads that library.
+On CPUs an optional compiled kernel (`noise_kernel.cc`) draws the same
+Philox words, bit for bit, and applies the same Box-Muller map in
+vectorised loops, about 4x faster. Its log, cos and sin are its own
+polynomials, so its normals agree with the TensorFlow ops' to float32
+rounding (|difference| < 3e-6), not bit for bit: runs drawn with one and
+with the other drift apart. `resolve(choice)` says which implementation a
+run uses and why (training logs it and records it in config.json):
+"off" TensorFlow's ops, "on" the kernel or a KernelUnavailableError, "auto"
+the kernel when it loads, no GPU is visible, the strategy is not a TPU one
+and the step is not compiled with XLA.
+
+The library is loaded from beside this module (`packaged_kernel_path`):
+Bazel compiles it with the host's g++ (third_party/noise_kernel) and puts
+it there in runfiles; pip and source-tree users build it there with
+`python -m entropy_sgd.build_noise_kernel`. Precedence: the choice "off"
+wins over everything; ENTROPY_SGD_NOISE_KERNEL=PATH loads PATH instead of
+the packaged library; ENTROPY_SGD_NOISE_KERNEL=off makes no library
+loadable ("auto" then uses TensorFlow's ops, "on" fails naming the
+variable). `kernel_status()` says whether it is loaded and why not.
 
 Keys: the noise of one SGLD step is keyed by (seed, stream, outer step t,
 inner step l) and drawn in one piece for all parameters; parameter i gets
@@ -36,9 +45,10 @@ noise, and every replica draws the same noise without communication
 (`stream` separates Parle's chains).
 """
 
+import dataclasses
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -107,65 +117,174 @@ def _chunk_keys_and_counters(key: tf.Tensor, num_words: int):
   return tf.concat(keys, 0), tf.stack(counters)
 
 
-_KERNEL_NAME = "noise_kernel.so"
-_kernel = None
-_kernel_status = None
+# ----------------------------------------------------------------- Kernel.
+
+KERNEL_FILE = "noise_kernel.so"  # Beside this module (build_noise_kernel).
+BUILD_STATUS_FILE = "noise_kernel_status.txt"  # Bazel's build writes it.
+PATH_VARIABLE = "ENTROPY_SGD_NOISE_KERNEL"  # =PATH: that library; =off.
+BUILD_COMMAND = "python -m entropy_sgd.build_noise_kernel"
+
+# The implementations, and the choices of `resolve` (--noise_kernel).
+KERNEL, TENSORFLOW, NONE = "kernel", "tensorflow", "none"
+CHOICES = ("auto", "on", "off")
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_SPEED_NOTE = ("about 4x faster noise on CPUs; TensorFlow's ops draw the "
+               "same distribution")
 
 
-def _kernel_directories() -> List[str]:
-  """Where Bazel puts the kernel: runfiles of a target, or the source tree."""
-  here = os.path.dirname(os.path.abspath(__file__))
-  return [
-      os.path.join(here, "..", "external", "noise_kernel"),
-      os.path.join(here, "..", "..", "noise_kernel"),
-      os.path.join(here, "..", "bazel-" + os.path.basename(
-          os.path.dirname(here)), "external", "noise_kernel"),
-  ]
+@dataclasses.dataclass(frozen=True)
+class KernelStatus:
+  """Whether the library at `path` loaded; if not, why and the fix."""
+  path: str
+  kernel: Any  # The op module, or None.
+  # "loaded PATH", "off (...)", "not built: ...", "missing: ..." or "not
+  # loadable: ...": it reads on after "the kernel is".
+  status: str
+  fix: str = ""  # How to get it, when it did not load.
+
+
+_statuses: Dict[str, KernelStatus] = {}  # By path: each loads once.
+
+
+def packaged_kernel_path() -> str:
+  """Where the library belongs: beside this module (Bazel's runfiles put it
+  there; `python -m entropy_sgd.build_noise_kernel` builds it there)."""
+  return os.path.join(_PACKAGE_DIR, KERNEL_FILE)
+
+
+def kernel_path() -> str:
+  """The library to load: ENTROPY_SGD_NOISE_KERNEL=PATH if set (it wins),
+  else the packaged one."""
+  override = os.environ.get(PATH_VARIABLE, "")
+  return override if override not in ("", "off") else packaged_kernel_path()
+
+
+def kernel_build_status() -> Optional[str]:
+  """What Bazel's build of the kernel said ("built", "not built: ..."),
+  or None outside Bazel (no status file beside this module)."""
+  path = os.path.join(_PACKAGE_DIR, BUILD_STATUS_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as status:
+    return status.read().strip()
+
+
+def _build_fix() -> str:
+  if kernel_build_status() is not None:  # Under Bazel.
+    return ("install g++, then run `./bazelw sync --only=noise_kernel` "
+            "(third_party/noise_kernel) and rerun")
+  return f"build it with `{BUILD_COMMAND}` (needs g++)"
 
 
 @tf.autograph.experimental.do_not_convert  # Plain Python.
-def kernel_build_status() -> Optional[str]:
-  """What the Bazel build of the kernel said ("built", "not built: ..."),
-  or None outside Bazel's runfiles and source tree."""
-  for directory in _kernel_directories():
-    path = os.path.join(directory, "status.txt")
-    if os.path.exists(path):
-      with open(path) as status:
-        return status.read().strip()
-  return None
+def load_kernel() -> KernelStatus:
+  """Loads the library of `kernel_path()` (once per path) and says how."""
+  if os.environ.get(PATH_VARIABLE) == "off":
+    return KernelStatus("", None, f"off ({PATH_VARIABLE}=off)",
+                        f"unset {PATH_VARIABLE}")
+  path = kernel_path()
+  if path in _statuses:
+    return _statuses[path]
+  overridden = path != packaged_kernel_path()
+  if os.path.exists(path):
+    try:
+      status = KernelStatus(path, tf.load_op_library(path), f"loaded {path}")
+    except (tf.errors.NotFoundError, OSError) as error:
+      reason = " ".join(str(error).split())[:300]
+      status = KernelStatus(path, None, f"not loadable: {path}: {reason}",
+                            _build_fix() if not overridden else
+                            f"unset {PATH_VARIABLE} or rebuild that library")
+  elif overridden:
+    status = KernelStatus(
+        path, None, f"missing: {PATH_VARIABLE}={path} does not exist",
+        f"unset {PATH_VARIABLE} or point it at a built library")
+  else:
+    built = kernel_build_status()
+    status = KernelStatus(
+        path, None, built if built and built != "built" else
+        f"not built (no {KERNEL_FILE} beside {_PACKAGE_DIR}/noise.py)",
+        _build_fix())
+  _statuses[path] = status
+  return status
 
 
 @tf.autograph.experimental.do_not_convert  # Plain Python.
 def _load_kernel():
-  """Loads the kernel once; returns the op module or None."""
-  global _kernel, _kernel_status
-  if _kernel_status is not None:
-    return _kernel
-  setting = os.environ.get("ENTROPY_SGD_NOISE_KERNEL", "")
-  if setting == "off":
-    _kernel_status = "off (ENTROPY_SGD_NOISE_KERNEL=off)"
-    return None
-  candidates = [setting] if setting else [
-      os.path.join(directory, _KERNEL_NAME)
-      for directory in _kernel_directories()]
-  for path in candidates:
-    if os.path.exists(path):
-      try:
-        _kernel = tf.load_op_library(path)
-        _kernel_status = f"loaded {os.path.normpath(path)}"
-      except (tf.errors.NotFoundError, OSError) as error:
-        _kernel_status = f"{path} did not load: {error}"
-      return _kernel
-  _kernel_status = (kernel_build_status() or
-                    "not built (run through Bazel, which compiles it with "
-                    "g++; see third_party/noise_kernel)")
-  return None
+  """The kernel's op module, or None."""
+  return load_kernel().kernel
 
 
 def kernel_status() -> str:
   """Whether the compiled noise kernel is loaded, and if not, why."""
-  _load_kernel()
-  return _kernel_status
+  return load_kernel().status
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """Which implementation draws the float32 noise, and why."""
+  name: str  # KERNEL, TENSORFLOW or NONE (nothing is drawn).
+  reason: str
+
+  @property
+  def use_kernel(self) -> bool:
+    return self.name == KERNEL
+
+
+class KernelUnavailableError(RuntimeError):
+  """The kernel was required but cannot run; the message says why and how
+  to fix it (one line)."""
+
+
+def _tpu_strategy(strategy) -> bool:
+  tpu_strategies = tuple(
+      getattr(module, "TPUStrategy") for module in
+      (tf.distribute, tf.distribute.experimental)
+      if hasattr(module, "TPUStrategy"))
+  return isinstance(strategy, tpu_strategies)
+
+
+@tf.autograph.experimental.do_not_convert  # Plain Python.
+def resolve(choice: str = "auto", jit_compile: bool = False,
+            strategy: Optional[tf.distribute.Strategy] = None
+            ) -> Implementation:
+  """The implementation of float32 noise under `choice`, on this machine.
+
+  "off": TensorFlow's ops. "on": the kernel, or KernelUnavailableError
+  saying why it cannot run (not loadable, an XLA-compiled step, a TPU
+  strategy) and the fix. "auto": the kernel when it loads, no GPU is
+  visible, `strategy` (default: the current one) is not a TPU strategy and
+  the step is not compiled with XLA (`jit_compile`); else TensorFlow's ops.
+  The library is `kernel_path()` (see the module docstring's precedence).
+  """
+  if choice not in CHOICES:
+    raise ValueError(f"noise kernel choice {choice!r} is not one of "
+                     f"{CHOICES}")
+  if choice == "off":
+    return Implementation(TENSORFLOW, "off: TensorFlow's ops requested")
+  strategy = strategy or tf.distribute.get_strategy()
+  cannot_run = ("the step is compiled with XLA, which cannot run it"
+                if jit_compile else
+                "TPUs cannot run it" if _tpu_strategy(strategy) else None)
+  if choice == "on":
+    if cannot_run:
+      raise KernelUnavailableError(f"the compiled noise kernel cannot be "
+                                   f"used here: {cannot_run}")
+    loaded = load_kernel()
+    if loaded.kernel is None:
+      raise KernelUnavailableError(f"the compiled noise kernel is "
+                                   f"{loaded.status}; {loaded.fix}")
+    return Implementation(KERNEL, f"on: {loaded.status}")
+  if cannot_run:
+    return Implementation(TENSORFLOW, f"auto: {cannot_run}")
+  if tf.config.list_logical_devices("GPU"):
+    return Implementation(TENSORFLOW, "auto: a GPU is visible (the kernel "
+                          "is for CPUs)")
+  loaded = load_kernel()
+  if loaded.kernel is None:
+    return Implementation(TENSORFLOW, f"auto: the compiled kernel is "
+                          f"{loaded.status}; {loaded.fix} for {_SPEED_NOTE}")
+  return Implementation(KERNEL, f"auto: {loaded.status}, on a CPU")
 
 
 @tf.autograph.experimental.do_not_convert  # Plain Python.
@@ -176,16 +295,9 @@ def _in_xla_function() -> bool:
 
 @tf.autograph.experimental.do_not_convert  # Plain Python.
 def _kernel_applies(dtype) -> bool:
-  if dtype != tf.float32 or _load_kernel() is None or _in_xla_function():
-    return False
-  if tf.config.list_logical_devices("GPU"):
-    return False
-  strategy = tf.distribute.get_strategy()
-  tpu_strategies = tuple(
-      getattr(module, "TPUStrategy") for module in
-      (tf.distribute, tf.distribute.experimental)
-      if hasattr(module, "TPUStrategy"))
-  return not isinstance(strategy, tpu_strategies)
+  """`resolve("auto")`'s verdict for a draw of `dtype` traced here."""
+  return (dtype == tf.float32 and not _in_xla_function() and
+          resolve("auto").use_kernel)
 
 
 def standard_normal(key: tf.Tensor, num_values: int, dtype=tf.float32,

@@ -1,11 +1,15 @@
 """The Langevin noise: exactly N(0, I) in distribution, and reproducible."""
 
+import io
 import math
+import os
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
 import tensorflow as tf
 
+from entropy_sgd import build_noise_kernel
 from entropy_sgd import noise
 
 
@@ -167,6 +171,125 @@ class KernelAgreementTest(absltest.TestCase):
         jitted(key).numpy(),
         noise.standard_normal(key, 101, use_kernel=False).numpy(),
         atol=1e-6)
+
+
+def op_types(use_kernel):
+  """The op types of a traced float32 draw."""
+  draw = tf.function(lambda key: noise.standard_normal(
+      key, 1001, use_kernel=use_kernel))
+  graph = draw.get_concrete_function(
+      tf.TensorSpec([2], tf.int64)).graph
+  return {op.type for op in graph.get_operations()}
+
+
+class ResolveTest(absltest.TestCase):
+  """Which implementation each --noise_kernel choice resolves to, and why."""
+
+  def setUp(self):
+    super().setUp()
+    environment = mock.patch.dict(os.environ)
+    environment.start()
+    self.addCleanup(environment.stop)
+    os.environ.pop(noise.PATH_VARIABLE, None)
+
+  def test_off_draws_with_tensorflow_ops(self):
+    implementation = noise.resolve("off")
+    self.assertEqual(implementation.name, noise.TENSORFLOW)
+    self.assertFalse(implementation.use_kernel)
+    types = op_types(implementation.use_kernel)
+    self.assertNotIn("LangevinStandardNormal", types)
+    self.assertTrue(any(t.startswith("StatelessRandomUniform")
+                        for t in types), types)
+    key = noise.step_key(4, 1, 2)
+    np.testing.assert_array_equal(
+        noise.standard_normal(key, 1001,
+                              use_kernel=implementation.use_kernel).numpy(),
+        noise.box_muller(noise.random_bits(key, 1002)).numpy()[:1001])
+
+  def test_on_draws_with_the_kernel_where_it_loads(self):
+    skip_unless_kernel(self)
+    implementation = noise.resolve("on")
+    self.assertEqual(implementation.name, noise.KERNEL)
+    self.assertEqual(implementation.reason,
+                     f"on: loaded {noise.packaged_kernel_path()}")
+    self.assertEqual(noise.resolve("auto").name, noise.KERNEL)  # A CPU.
+    self.assertIn("LangevinStandardNormal", op_types(True))
+
+  def test_on_without_a_loadable_kernel_is_one_line(self):
+    missing = os.path.join(self.create_tempdir().full_path, "none.so")
+    garbage = self.create_tempfile("garbage.so", content="not a library")
+    for path, status in ((missing, "missing: "),
+                         (garbage.full_path, "not loadable: ")):
+      os.environ[noise.PATH_VARIABLE] = path
+      with self.assertRaises(noise.KernelUnavailableError) as caught:
+        noise.resolve("on")
+      message = str(caught.exception)
+      self.assertNotIn("\n", message)
+      self.assertIn(f"the compiled noise kernel is {status}", message)
+      self.assertIn(path, message)
+      self.assertIn(f"unset {noise.PATH_VARIABLE}", message)
+      auto = noise.resolve("auto")  # Falls back, and says why.
+      self.assertEqual(auto.name, noise.TENSORFLOW)
+      self.assertIn(path, auto.reason)
+      self.assertIn("the same distribution", auto.reason)
+    os.environ[noise.PATH_VARIABLE] = "off"
+    with self.assertRaisesRegex(noise.KernelUnavailableError,
+                                "is off \\(ENTROPY_SGD_NOISE_KERNEL=off\\)"):
+      noise.resolve("on")
+    self.assertEqual(noise.resolve("off").name, noise.TENSORFLOW)
+
+  def test_xla_cannot_run_the_kernel(self):
+    with self.assertRaisesRegex(noise.KernelUnavailableError, "XLA"):
+      noise.resolve("on", jit_compile=True)
+    auto = noise.resolve("auto", jit_compile=True)
+    self.assertEqual((auto.name, auto.reason), (
+        noise.TENSORFLOW, "auto: the step is compiled with XLA, which "
+        "cannot run it"))
+
+  def test_unknown_choice(self):
+    with self.assertRaisesRegex(ValueError, "'yes' is not one of"):
+      noise.resolve("yes")
+
+  def test_the_library_is_the_packaged_one_unless_overridden(self):
+    here = os.path.dirname(os.path.abspath(noise.__file__))
+    self.assertEqual(noise.packaged_kernel_path(),
+                     os.path.join(here, "noise_kernel.so"))
+    self.assertEqual(noise.kernel_path(), noise.packaged_kernel_path())
+    os.environ[noise.PATH_VARIABLE] = "/some/where/k.so"
+    self.assertEqual(noise.kernel_path(), "/some/where/k.so")
+    if "TEST_SRCDIR" in os.environ:  # Under Bazel: its build is packaged.
+      self.assertIsNotNone(noise.kernel_build_status(),
+                           f"no {noise.BUILD_STATUS_FILE} beside {here}")
+
+
+class BuildCommandTest(absltest.TestCase):
+  """`python -m entropy_sgd.build_noise_kernel`, short of compiling."""
+
+  def test_compiles_the_packaged_source_with_tensorflows_flags(self):
+    self.assertEqual(os.path.dirname(build_noise_kernel.SOURCE),
+                     os.path.dirname(os.path.abspath(noise.__file__)))
+    self.assertTrue(os.path.exists(build_noise_kernel.SOURCE))
+    self.assertEqual(build_noise_kernel.OUTPUT, noise.packaged_kernel_path())
+    flags = tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags()
+    command = build_noise_kernel.compile_command(
+        "g++", build_noise_kernel.SOURCE, "/tmp/k.so",
+        build_noise_kernel.tensorflow_flags())
+    self.assertEqual(command[0], "g++")
+    self.assertContainsSubset(["-shared", "-fPIC", "-march=native",
+                               build_noise_kernel.SOURCE, "/tmp/k.so"],
+                              command)
+    self.assertEqual(command[-len(flags):], flags)
+
+  def test_without_gxx_it_says_so_in_one_line(self):
+    output = os.path.join(self.create_tempdir().full_path, "k.so")
+    with mock.patch.object(build_noise_kernel.shutil, "which",
+                           return_value=None), \
+        mock.patch("sys.stderr", new_callable=io.StringIO) as stderr:
+      self.assertEqual(build_noise_kernel.main([f"--output={output}"]), 1)
+    self.assertEqual(stderr.getvalue().splitlines(), [
+        "error: noise kernel not built: no g++ on PATH; install it (e.g. "
+        "apt-get install g++)"])
+    self.assertFalse(os.path.exists(output))
 
 
 class LangevinNoiseTest(absltest.TestCase):

@@ -7,9 +7,7 @@ batch / training examples), so SGD and Entropy-SGD compare at equal compute.
 import os
 from typing import Dict, List, Sequence, Tuple
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure  # No pyplot: no global backend.
 import numpy as np
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
@@ -44,7 +42,8 @@ def plot_runs(run_dirs: Sequence[str], output: str,
   runs: List[Tuple[str, Dict[str, Series]]] = [
       (os.path.basename(os.path.normpath(d)), read_scalars(d))
       for d in run_dirs]
-  figure, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4.5))
+  figure = Figure(figsize=(6 * len(tags), 4.5))
+  axes = figure.subplots(1, len(tags))
   for axis, tag in zip(np.atleast_1d(axes), tags):
     for name, scalars in runs:
       if tag in scalars:
@@ -57,5 +56,4 @@ def plot_runs(run_dirs: Sequence[str], output: str,
     axis.legend(fontsize=8)
   figure.tight_layout()
   figure.savefig(output, dpi=110)
-  plt.close(figure)
   return output

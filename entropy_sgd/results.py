@@ -12,7 +12,7 @@ field except
 * `IGNORED_FIELDS`: the seed, where the run and its data live, and settings
   that change neither the trajectory nor the measurements (logging cadence,
   checkpoints kept, XLA, steps per compiled call, op determinism, the TPU's
-  address);
+  address) beyond float round-off (the noise implementation);
 * fields the run never reads (`config.unread_fields`: the Entropy-SGD
   fields for other optimizers, `momentum` for Entropy-SGD and Adam, the
   Parle fields without `--parle`, `num_devices` without
@@ -40,9 +40,7 @@ import re
 import typing
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+from matplotlib.figure import Figure  # No pyplot: no global backend.
 import numpy as np
 import tensorflow as tf
 from tensorboard.compat.proto import event_pb2
@@ -62,7 +60,8 @@ CSV_FILE = "results.csv"
 IGNORED_FIELDS = frozenset({
     "seed", "log_dir", "run_name", "data_dir", "log_every_steps",
     "keep_checkpoints", "jit", "steps_per_loop", "deterministic", "tpu",
-    "allow_config_change", "config_changes"})
+    "allow_config_change", "config_changes", "noise_kernel",
+    config_lib.NOISE_IMPLEMENTATION, config_lib.NOISE_IMPLEMENTATION_REASON})
 # Table 1 of the paper (pratikac/explore-hessian
 # doc/chaudhari.choromanska.ea.iclr17.tex at 4eed403, `tab:expts`):
 # (dataset, model family, opt) -> (error %, its std over runs, the effective
@@ -724,8 +723,8 @@ def plot_groups(groups: Sequence[Group], output_dir: str) -> List[str]:
     panels = ["test error (%)", "training loss"]
     if any(_panel_series(group, "validation error (%)") for group in similar):
       panels.insert(0, "validation error (%)")
-    figure, axes = plt.subplots(1, len(panels),
-                                figsize=(6 * len(panels), 4.5))
+    figure = Figure(figsize=(6 * len(panels), 4.5))
+    axes = figure.subplots(1, len(panels))
     for panel, axis in zip(panels, axes):
       for index, group in enumerate(similar):
         series = _panel_series(group, panel)
@@ -746,7 +745,6 @@ def plot_groups(groups: Sequence[Group], output_dir: str) -> List[str]:
     figure.tight_layout()
     path = os.path.join(output_dir, plot_file_name(dataset, model))
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     paths.append(path)
   return paths
 

@@ -2,8 +2,10 @@
 
 One run of `entropy_sgd.training` owns one directory:
 
-    config.json        the run's TrainConfig (strict JSON), and the history
-                       of the overridden changes (`config_changes`)
+    config.json        the run's TrainConfig (strict JSON), the noise
+                       implementation its last start resolved
+                       (`noise_implementation` and `..._reason`), and the
+                       history of the overridden changes (`config_changes`)
     summary.json       written once the whole schedule has run
     checkpoints/       tf.train.CheckpointManager's ckpt-N.{index,data-*}
                        and its `checkpoint` state file

@@ -43,6 +43,7 @@ from entropy_sgd import data as data_lib
 from entropy_sgd import distribution
 from entropy_sgd import hessian
 from entropy_sgd import models
+from entropy_sgd import noise as noise_lib
 from entropy_sgd import optimizers
 from entropy_sgd import precision
 from entropy_sgd import run_dir as run_dir_lib
@@ -199,7 +200,32 @@ def weights_checksum(model: snt.Module) -> float:
                    for v in model.variables))
 
 
-def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
+def resolve_noise(config, strategy) -> noise_lib.Implementation:
+  """What draws this run's Langevin noise under --noise_kernel, and why.
+
+  Raises ConfigError, naming the fix, when --noise_kernel=on cannot be
+  honoured here.
+  """
+  if config.opt != "entropy_sgd" or config.noise == 0:
+    why = (f"--opt={config.opt}" if config.opt != "entropy_sgd"
+           else "--noise=0")
+    return noise_lib.Implementation(noise_lib.NONE,
+                                    f"{why} draws no Langevin noise")
+  try:
+    return noise_lib.resolve(config.noise_kernel, jit_compile=config.jit,
+                             strategy=strategy)
+  except noise_lib.KernelUnavailableError as e:
+    other = "drop --jit or " if config.jit else "or "
+    raise ConfigError(
+        f"--noise_kernel=on, but {e}; {other}pass --noise_kernel=off "
+        f"(TensorFlow's ops: the same distribution, slower on CPUs).") from None
+
+
+def make_optimizer(config, learning_rate: tf.Variable,
+                   noise_implementation: Optional[noise_lib.Implementation]
+                   = None) -> optimizers.Optimizer:
+  """The optimizer of `config`; Entropy-SGD draws its noise with
+  `noise_implementation` (None: `noise.standard_normal` decides)."""
   if config.opt == "entropy_sgd":
     extra = {}
     if config.parle:
@@ -210,13 +236,16 @@ def make_optimizer(config, learning_rate: tf.Variable) -> optimizers.Optimizer:
     if config.outer_weight_decay is not None:
       conventions = dataclasses.replace(
           conventions, outer_weight_decay=config.outer_weight_decay)
-    return optimizer_class(
+    optimizer = optimizer_class(
         **extra,
         learning_rate=learning_rate, num_langevin_steps=config.L,
         langevin_learning_rate=config.langevin_lr, gamma=config.gamma,
         scoping=config.scoping, noise=config.noise, alpha=config.alpha,
         weight_decay=config.weight_decay, conventions=conventions,
         seed=config.seed, jit_compile=config.jit)
+    if noise_implementation is not None:
+      optimizer.use_noise_kernel = noise_implementation.use_kernel
+    return optimizer
   if config.opt == "sam":
     return optimizers.SAM(
         learning_rate, rho=config_lib.sam_rho(config),
@@ -334,16 +363,59 @@ SUMMARY_FILE = run_dir_lib.SUMMARY_FILE  # Once the whole schedule has run.
 _write_json = run_dir_lib.write_json
 
 
-def _config_record(config, run_dir: str, resume_step: Optional[int]
-                   ) -> Dict:
+_NOISE_NAMES = {noise_lib.KERNEL: "the compiled kernel",
+                noise_lib.TENSORFLOW: "TensorFlow's ops",
+                noise_lib.NONE: "nothing (no noise)"}
+# The --noise_kernel that resolves to a saved implementation, and where.
+_NOISE_CHOICE_OF = {
+    noise_lib.KERNEL: "--noise_kernel=on, on a machine where the kernel loads",
+    noise_lib.TENSORFLOW: "--noise_kernel=off"}
+
+
+def _resume_refused(run_dir, refused, noise_reason: str
+                    ) -> run_dir_lib.RunDirError:
+  """The one-line refusal of a resume under other settings."""
+  noise_change = refused.get(config_lib.NOISE_IMPLEMENTATION)
+  others = {k: v for k, v in refused.items()
+            if k != config_lib.NOISE_IMPLEMENTATION}
+  said = []
+  if others:
+    said.append(f"{run_dir} was trained with other settings: "
+                f"{run_dir_lib.format_changes(others)}")
+  old_values, accept = "the old values", ""
+  if noise_change:
+    saved, new = noise_change
+    said.append(
+        f"{'it' if others else run_dir} drew its Langevin noise with "
+        f"{_NOISE_NAMES.get(saved, saved)}, but here it would use "
+        f"{_NOISE_NAMES.get(new, new)} ({noise_reason}), and the two drift "
+        f"apart at float round-off")
+    if saved in _NOISE_CHOICE_OF:
+      old_values += f" ({_NOISE_CHOICE_OF[saved]})"
+    accept = " and accept the drift"
+  return run_dir_lib.RunDirError(
+      f"{'; '.join(said)}. Rerun with {old_values} to resume it, pass "
+      f"--allow_config_change to continue it under the new ones{accept} "
+      f"(recorded in {CONFIG_FILE}), or pass another --run_name for a new "
+      f"run.")
+
+
+def _config_record(config, run_dir: str, resume_step: Optional[int],
+                   noise_implementation: noise_lib.Implementation) -> Dict:
   """What config.json will hold; refuses a resume under another experiment.
 
-  On resume the stored settings are compared with `config`: fields of
-  `config_lib.RESUME_MAY_CHANGE` may differ (logged); any other difference
-  is a RunDirError unless `config.allow_config_change`, and then it is
-  logged and appended to the `config_changes` history with its step.
+  The record holds the fields of `config` and the resolved
+  `noise_implementation` (`config_lib.NOISE_IMPLEMENTATION` and its
+  reason). On resume the stored settings are compared with it: fields of
+  `config_lib.RESUME_MAY_CHANGE` may differ (logged); any other difference,
+  the noise implementation included, is a RunDirError unless
+  `config.allow_config_change`, and then it is logged and appended to the
+  `config_changes` history with its step. A record from before the noise
+  implementation was saved resumes with a warning.
   """
   record = dataclasses.asdict(config)
+  record[config_lib.NOISE_IMPLEMENTATION] = noise_implementation.name
+  record[config_lib.NOISE_IMPLEMENTATION_REASON] = noise_implementation.reason
   path = os.path.join(run_dir, CONFIG_FILE)
   if resume_step is None or not os.path.exists(path):
     return record
@@ -355,19 +427,24 @@ def _config_record(config, run_dir: str, resume_step: Optional[int]
         f"cannot read {path} ({e}); restore it or move {run_dir} aside to "
         f"start afresh.") from None
   history = list(stored.get(run_dir_lib.CHANGES_KEY, []))
-  unread = config_lib.unread_fields(record)
+  if (config_lib.NOISE_IMPLEMENTATION not in stored and
+      noise_implementation.name != noise_lib.NONE):
+    logging.warning(
+        "%s does not record which implementation drew the Langevin noise "
+        "so far (written before it was recorded); from outer step %d it is "
+        "%s (%s). If earlier starts used the other, the run drifts at "
+        "float round-off.", path, resume_step,
+        _NOISE_NAMES[noise_implementation.name], noise_implementation.reason)
+  # The reason explains the record and differs between machines.
+  unread = config_lib.unread_fields(record) | {
+      config_lib.NOISE_IMPLEMENTATION_REASON}
   allowed, refused = run_dir_lib.config_changes(
       {k: v for k, v in stored.items() if k not in unread},
       {k: v for k, v in record.items() if k not in unread},
       config_lib.RESUME_MAY_CHANGE)
   allowed.pop("allow_config_change", None)  # The override itself.
   if refused and not config.allow_config_change:
-    raise run_dir_lib.RunDirError(
-        f"{run_dir} was trained with other settings: "
-        f"{run_dir_lib.format_changes(refused)}. Rerun with the old values "
-        f"to resume it, pass --allow_config_change to continue it under the "
-        f"new ones (recorded in {CONFIG_FILE}), or pass another --run_name "
-        f"for a new run.")
+    raise _resume_refused(run_dir, refused, noise_implementation.reason)
   if allowed:
     logging.info("Resuming with %s (these only extend or observe the run).",
                  run_dir_lib.format_changes(allowed))
@@ -393,7 +470,10 @@ def _format_duration(seconds):
 class Trainer:
   """Everything one run needs, built (and restored) from a TrainConfig."""
 
-  def __init__(self, config: config_lib.TrainConfig):
+  def __init__(self, config: config_lib.TrainConfig,
+               statistics_cache: Optional[Dict] = None):
+    """Builds the run of `config`; `statistics_cache`: see `data.ImageData`
+    (one cache shared by several runs fits their normalisation once)."""
     config_lib.validate(config)
     config = dataclasses.replace(
         config, data_dir=resolve_user_path(config.data_dir),
@@ -404,6 +484,11 @@ class Trainer:
     self.strategy = strategy = make_strategy(config)  # Before TF starts up.
     self.is_chief = is_chief(strategy)
     _check_sync_batch_norm(config, strategy)
+    self.noise_implementation = resolve_noise(config, strategy)
+    if self.noise_implementation.name != noise_lib.NONE:
+      logging.info("Langevin noise: %s (%s).",
+                   _NOISE_NAMES[self.noise_implementation.name],
+                   self.noise_implementation.reason)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
       raise ConfigError(
@@ -418,7 +503,7 @@ class Trainer:
         batch_size=config.batch_size,
         validation_examples=config.validation_examples,
         augment=config.augment, rotation_degrees=config.rotation_degrees,
-        preprocess=config.preprocess, seed=config.seed))
+        preprocess=config.preprocess, seed=config.seed), statistics_cache)
     self.train_examples = self.data.num_examples("train")
     self.steps_per_epoch = self.train_examples // config.batch_size
     if self.steps_per_epoch < 1:
@@ -458,7 +543,8 @@ class Trainer:
       self.loss_scale = (precision.DynamicLossScale()
                          if precision.uses_loss_scaling(config.precision)
                          else None)
-    self.optimizer = make_optimizer(config, self.learning_rate)
+    self.optimizer = make_optimizer(config, self.learning_rate,
+                                    self.noise_implementation)
     # L for Entropy-SGD (L + 1 with the pytorch_reference conventions, whose
     # step also takes a gradient at x), 1 for SGD.
     self.evaluations_per_step = self.optimizer.gradient_evaluations_per_step
@@ -483,7 +569,8 @@ class Trainer:
                                                   repair=self.is_chief)
     self._config_record = _config_record(
         config, self.run_dir,
-        None if latest is None else run_dir_lib.checkpoint_step(latest))
+        None if latest is None else run_dir_lib.checkpoint_step(latest),
+        self.noise_implementation)
     self.checkpoints = tf.train.CheckpointManager(
         self.checkpoint, self.checkpoint_dir if self.is_chief
         else _scratch_checkpoint_dir(strategy),
@@ -865,6 +952,7 @@ def finished_summary(config: config_lib.TrainConfig) -> Optional[Dict]:
     return json.load(f)
 
 
-def train(config: config_lib.TrainConfig) -> Dict[str, float]:
+def train(config: config_lib.TrainConfig,
+          statistics_cache: Optional[Dict] = None) -> Dict[str, float]:
   """Trains (or resumes) one run; returns the final summary."""
-  return Trainer(config).run()
+  return Trainer(config, statistics_cache).run()

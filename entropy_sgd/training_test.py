@@ -1,7 +1,9 @@
 """The shared training loop on the tiny CIFAR files in testdata/."""
 
 import glob
+import json
 import os
+from unittest import mock
 
 from absl.testing import parameterized
 import numpy as np
@@ -9,6 +11,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from entropy_sgd import config as config_lib
+from entropy_sgd import noise
 from entropy_sgd import run_dir
 from entropy_sgd import training
 
@@ -66,6 +69,120 @@ class RunLockTest(tf.test.TestCase):
     summary = training.train(tiny_config("sgd", log_dir, run_name="run",
                                          epochs=2))
     self.assertEqual(summary["run_dir"], os.path.join(log_dir, "run"))
+
+
+def read_config(run_directory):
+  with open(os.path.join(run_directory, "config.json")) as f:
+    return json.load(f)
+
+
+def write_config(run_directory, values):
+  with open(os.path.join(run_directory, "config.json"), "w") as f:
+    json.dump(values, f)
+
+
+class NoiseImplementationTest(tf.test.TestCase):
+  """--noise_kernel: the resolved implementation is used, logged, recorded
+  in config.json and kept on resume."""
+
+  def test_the_resolved_implementation_is_used_and_recorded(self):
+    log_dir = self.create_tempdir().full_path
+    expected_auto = noise.resolve("auto")  # "kernel" where it is built.
+    for choice, opt, name, reason in (
+        ("off", "entropy_sgd", noise.TENSORFLOW,
+         "off: TensorFlow's ops requested"),
+        ("auto", "entropy_sgd", expected_auto.name, expected_auto.reason),
+        ("on", "sgd", noise.NONE, "--opt=sgd draws no Langevin noise")):
+      with self.assertLogs(level="INFO") as logs:
+        trainer = training.Trainer(tiny_config(
+            opt, log_dir, run_name=f"{opt}_{choice}", max_steps=1,
+            noise_kernel=choice))
+      trainer.run()
+      record = read_config(trainer.run_dir)
+      self.assertEqual(record[config_lib.NOISE_IMPLEMENTATION], name)
+      self.assertEqual(record[config_lib.NOISE_IMPLEMENTATION_REASON], reason)
+      started = [line for line in logs.output if "Langevin noise:" in line]
+      if opt == "sgd":
+        self.assertEmpty(started)
+        continue
+      self.assertLen(started, 1)
+      self.assertIn(reason, started[0])
+      self.assertEqual(trainer.optimizer.use_noise_kernel,
+                       name == noise.KERNEL)
+
+  def test_a_resume_that_would_switch_implementation_is_refused(self):
+    log_dir = self.create_tempdir().full_path
+    first = training.train(tiny_config("entropy_sgd", log_dir, run_name="run",
+                                       max_steps=2, noise_kernel="off"))
+    record = read_config(first["run_dir"])
+    self.assertEqual(record[config_lib.NOISE_IMPLEMENTATION], noise.TENSORFLOW)
+    # As if the first start had drawn with the kernel on another machine.
+    record[config_lib.NOISE_IMPLEMENTATION] = noise.KERNEL
+    write_config(first["run_dir"], record)
+    with self.assertRaises(run_dir.RunDirError) as caught:
+      training.train(tiny_config("entropy_sgd", log_dir, run_name="run",
+                                 max_steps=4, noise_kernel="off"))
+    message = str(caught.exception)
+    self.assertNotIn("\n", message)
+    self.assertStartsWith(
+        message, f"{first['run_dir']} drew its Langevin noise with the "
+        f"compiled kernel, but here it would use TensorFlow's ops (off: "
+        f"TensorFlow's ops requested), and the two drift apart at float "
+        f"round-off. Rerun with the old values (--noise_kernel=on, on a "
+        f"machine where the kernel loads) to resume it, pass "
+        f"--allow_config_change to continue it under the new ones and "
+        f"accept the drift")
+    # Accepted with the override, and recorded with its step.
+    resumed = training.train(tiny_config(
+        "entropy_sgd", log_dir, run_name="run", max_steps=4,
+        noise_kernel="off", allow_config_change=True))
+    self.assertEqual(resumed["outer_steps"], 4)
+    record = read_config(first["run_dir"])
+    self.assertEqual(record[config_lib.NOISE_IMPLEMENTATION], noise.TENSORFLOW)
+    self.assertEqual(
+        [(change["step"], change["overridden"]) for change in
+         record[run_dir.CHANGES_KEY]],
+        [(2, {config_lib.NOISE_IMPLEMENTATION: [noise.KERNEL,
+                                                noise.TENSORFLOW]})])
+
+  def test_an_older_record_without_it_resumes_with_a_warning(self):
+    log_dir = self.create_tempdir().full_path
+    first = training.train(tiny_config("entropy_sgd", log_dir, run_name="run",
+                                       max_steps=2, noise_kernel="off"))
+    record = read_config(first["run_dir"])
+    del record[config_lib.NOISE_IMPLEMENTATION]
+    del record[config_lib.NOISE_IMPLEMENTATION_REASON]
+    write_config(first["run_dir"], record)
+    with self.assertLogs(level="WARNING") as logs:
+      resumed = training.train(tiny_config(
+          "entropy_sgd", log_dir, run_name="run", max_steps=4,
+          noise_kernel="off"))
+    self.assertEqual(resumed["outer_steps"], 4)
+    self.assertTrue(any("does not record which implementation drew the "
+                        "Langevin noise" in line for line in logs.output),
+                    logs.output)
+    self.assertEqual(read_config(first["run_dir"])[
+        config_lib.NOISE_IMPLEMENTATION], noise.TENSORFLOW)
+
+  def test_on_without_a_usable_kernel_is_one_line_and_writes_nothing(self):
+    log_dir = self.create_tempdir().full_path
+    missing = os.path.join(log_dir, "missing.so")
+    with mock.patch.dict(os.environ, {noise.PATH_VARIABLE: missing}):
+      with self.assertRaises(config_lib.ConfigError) as caught:
+        training.Trainer(tiny_config("entropy_sgd", log_dir,
+                                     noise_kernel="on"))
+    self.assertEqual(str(caught.exception), (
+        f"--noise_kernel=on, but the compiled noise kernel is missing: "
+        f"{noise.PATH_VARIABLE}={missing} does not exist; unset "
+        f"{noise.PATH_VARIABLE} or point it at a built library; or pass "
+        f"--noise_kernel=off (TensorFlow's ops: the same distribution, "
+        f"slower on CPUs)."))
+    with self.assertRaisesRegex(config_lib.ConfigError,
+                                "with XLA, which cannot run it; drop --jit or "
+                                "pass --noise_kernel=off"):
+      training.Trainer(tiny_config("entropy_sgd", log_dir, noise_kernel="on",
+                                   jit=True))
+    self.assertEmpty(os.listdir(log_dir))
 
 
 class TrainingTest(tf.test.TestCase, parameterized.TestCase):

@@ -25,9 +25,14 @@ def launcher_env(**overrides):
   return env
 
 
-def run_launcher(dataset, *args, cwd=None, tf_config=None, timeout=600):
-  """Runs launcher `dataset` with `args` to the end; a CompletedProcess."""
+def run_launcher(dataset, *args, cwd=None, tf_config=None, timeout=600,
+                 env=None):
+  """Runs launcher `dataset` with `args` to the end; a CompletedProcess.
+
+  `env`: more environment variables for it.
+  """
   overrides = {} if tf_config is None else {"TF_CONFIG": tf_config}
+  overrides.update(env or {})
   return subprocess.run(
       launcher_command(dataset) + list(args), capture_output=True, text=True,
       timeout=timeout, env=launcher_env(**overrides), cwd=cwd)

@@ -10,6 +10,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+from entropy_sgd import noise
 from entropy_sgd import training
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import run_launcher
@@ -43,7 +44,17 @@ class MnistLauncherTest(parameterized.TestCase):
     self.assertTrue(os.path.exists(os.path.join(run_dir, "checkpoints",
                                                 "ckpt-5.index")))
     with open(os.path.join(run_dir, "config.json")) as f:
-      self.assertEqual(json.load(f)["model"], model)
+      config = json.load(f)
+    self.assertEqual(config["model"], model)
+    # The noise implementation this start resolved, logged and recorded.
+    implementation = config["noise_implementation"]
+    if opt == "entropy_sgd":
+      # The launcher's own runfiles hold the kernel where this test's do.
+      self.assertEqual(implementation, noise.resolve("auto").name)
+      self.assertIn("Langevin noise: ", result.stderr)
+      self.assertIn(config["noise_implementation_reason"], result.stderr)
+    else:
+      self.assertEqual(implementation, "none")
 
   @parameterized.product(model=("mnistfc-iclr17", "lenet-iclr17"),
                          opt=("adam", "entropy_sgd"))
@@ -141,6 +152,54 @@ class MnistLauncherTest(parameterized.TestCase):
       self.assertTrue(os.path.exists(os.path.join(
           log_dir, f"mnist_mnistfc_sgd_seed{seed}", "summary.json")))
 
+  def test_noise_kernel_choice_is_kept_on_resume(self):
+    log_dir = self.create_tempdir().full_path
+    args = ["--opt=entropy_sgd", "--model=mnistfc", "--L=2",
+            f"--data_dir={MNIST}", f"--log_dir={log_dir}", "--run_name=run",
+            *TINY]
+    first = run_launcher("mnist", *args, "--noise_kernel=off",
+                         "--max_steps=2")
+    self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+    path = os.path.join(log_dir, "run", "config.json")
+    with open(path) as f:
+      config = json.load(f)
+    self.assertEqual(config["noise_implementation"], "tensorflow")
+    # As if the first start had drawn with the kernel on another machine.
+    config["noise_implementation"] = "kernel"
+    with open(path, "w") as f:
+      json.dump(config, f)
+    refused = run_launcher("mnist", *args, "--noise_kernel=off",
+                           "--max_steps=4")
+    self.assertEqual(refused.returncode, 1)
+    self.assertNotIn("Traceback", refused.stderr)
+    errors = error_lines(refused)
+    self.assertLen(errors, 1, refused.stderr[-2000:])
+    self.assertIn("drew its Langevin noise with the compiled kernel, but "
+                  "here it would use TensorFlow's ops", errors[0])
+    self.assertIn("--noise_kernel=on, on a machine where the kernel loads",
+                  errors[0])
+    self.assertIn("--allow_config_change", errors[0])
+    accepted = run_launcher("mnist", *args, "--noise_kernel=off",
+                            "--max_steps=4", "--allow_config_change")
+    self.assertEqual(accepted.returncode, 0, accepted.stderr[-3000:])
+    self.assertIn("summary: outer_steps=4", accepted.stdout)
+
+  def test_noise_kernel_on_without_a_kernel_is_one_line(self):
+    log_dir = self.create_tempdir().full_path
+    missing = os.path.join(log_dir, "missing.so")
+    result = run_launcher("mnist", "--opt=entropy_sgd", "--noise_kernel=on",
+                          f"--data_dir={MNIST}", f"--log_dir={log_dir}",
+                          env={"ENTROPY_SGD_NOISE_KERNEL": missing})
+    self.assertEqual(result.returncode, 1)
+    self.assertNotIn("Traceback", result.stderr)
+    self.assertEqual(error_lines(result), [
+        f"error: --noise_kernel=on, but the compiled noise kernel is "
+        f"missing: ENTROPY_SGD_NOISE_KERNEL={missing} does not exist; unset "
+        f"ENTROPY_SGD_NOISE_KERNEL or point it at a built library; or pass "
+        f"--noise_kernel=off (TensorFlow's ops: the same distribution, "
+        f"slower on CPUs)."])
+    self.assertEmpty(os.listdir(log_dir))
+
   def corrupt(self, name, mutate):
     data_dir = copy_mnist(os.path.join(self.create_tempdir().full_path, "m"))
     path = os.path.join(data_dir, name)
@@ -197,6 +256,8 @@ class MnistLauncherTest(parameterized.TestCase):
        "--steps_per_loop must be >= 1"),
       ("bad_seeds", ["--seeds=0,x"], "--seeds must be integers"),
       ("bad_precision", ["--precision=fp16"], "--precision='fp16' is unknown"),
+      ("bad_noise_kernel", ["--noise_kernel=yes"],
+       "--noise_kernel='yes' is unknown; choose one of auto, on, off"),
   )
   def test_bad_flags_are_one_line(self, args, message):
     log_dir = self.create_tempdir().full_path

@@ -9,8 +9,12 @@
 #      the wheel goes in with `--no-deps --no-index`;
 #   3. the wheel's declared dependency ranges must accept the packages found
 #      (the pins of requirements.txt), `import entropy_sgd...` must load the
-#      installed copy, and examples/keras_cifar10.py runs two Entropy-SGD
-#      steps on testdata/ (skip with PIP_CHECK_SMOKE=0).
+#      installed copy, the wheel must carry noise_kernel.cc, and
+#      examples/keras_cifar10.py runs two Entropy-SGD steps on testdata/
+#      (skip with PIP_CHECK_SMOKE=0);
+#   4. with PIP_CHECK_KERNEL=1 (g++, ~30 s more): `python -m
+#      entropy_sgd.build_noise_kernel` builds the noise kernel into the
+#      installed package and `--noise_kernel=on` resolves to it.
 # Usage: tools/pip_check.sh [PYTHON]  (default .venv/bin/python3; run ./bazelw
 # once first). Prints "pip_check: ok" and exits 0, or says what failed.
 set -euo pipefail
@@ -80,7 +84,20 @@ if not location.startswith(os.path.realpath(sys.prefix) + os.sep):
 from entropy_sgd import data, keras_plugin, optimizers, train_step, training  # pylint: disable=g-import-not-at-top,unused-import
 optimizers.EntropySGD(conventions="pytorch_reference")
 print(f"pip_check: entropy_sgd imports from {location}", file=sys.stderr)
+from entropy_sgd import build_noise_kernel, noise  # pylint: disable=g-import-not-at-top
+if not os.path.exists(build_noise_kernel.SOURCE):
+  sys.exit(f"pip_check: the wheel lacks {build_noise_kernel.SOURCE}, which "
+           f"`{noise.BUILD_COMMAND}` compiles")
+print(f"pip_check: noise: {noise.resolve('auto').reason}", file=sys.stderr)
 EOF
+
+if [[ "${PIP_CHECK_KERNEL:-0}" != 0 ]]; then
+  say "building the noise kernel into the installed package ..."
+  env -u ENTROPY_SGD_NOISE_KERNEL -u PYTHONPATH TF_CPP_MIN_LOG_LEVEL=2 "$venv_python" \
+    -m entropy_sgd.build_noise_kernel >&2
+  env -u ENTROPY_SGD_NOISE_KERNEL -u PYTHONPATH TF_CPP_MIN_LOG_LEVEL=2 "$venv_python" -c \
+    'from entropy_sgd import noise; print("pip_check: noise:", noise.resolve("on").reason)' >&2
+fi
 
 if [[ "${PIP_CHECK_SMOKE:-1}" != 0 ]]; then
   say "examples/keras_cifar10.py, 2 steps on testdata/cifar10 ..."

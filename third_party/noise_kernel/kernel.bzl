@@ -1,65 +1,68 @@
 """Compiles entropy_sgd/noise_kernel.cc against the venv's TensorFlow.
 
 The kernel is an optional speed-up of the Langevin noise on CPUs (see
-entropy_sgd/noise.py). This repository rule builds it with the host's g++
-and TensorFlow's own compile and link flags (`tf.sysconfig`), at fetch time,
-offline. Without g++, or if the build fails, the repository holds no library
-and noise.py uses TensorFlow ops; the reason is in `status.txt`.
+entropy_sgd/noise.py). The repository rule `noise_kernel` runs
+`python -m entropy_sgd.build_noise_kernel` (the command pip users run; it
+holds the compiler flags) with the host's g++, at fetch time, offline.
+Without g++, or if the build fails, the repository holds no library and
+`noise_kernel_status.txt` says why.
 
-It reruns when the kernel source or requirements.txt changes.
+It reruns when the kernel source, the build module or requirements.txt
+changes; after installing g++, `./bazelw sync --only=noise_kernel` reruns
+it.
+
+`kernel_beside_module` puts the library and its status file in the
+package that loads them (entropy_sgd/), so in runfiles they sit beside
+noise.py, where a pip install puts them too.
 """
+
+LIBRARY = "noise_kernel.so"
+STATUS = "noise_kernel_status.txt"
 
 _BUILD = """\
 package(default_visibility = ["//visibility:public"])
 
 filegroup(
     name = "kernel",
-    srcs = glob(["noise_kernel.so"]) + ["status.txt"],
+    srcs = glob(["{library}"]) + ["{status}"],
 )
-"""
-
-_FLAGS = "import tensorflow as tf; print(' '.join(tf.sysconfig.get_compile_flags() + tf.sysconfig.get_link_flags()))"
+""".format(library = LIBRARY, status = STATUS)
 
 def _noise_kernel_impl(rctx):
     rctx.read(rctx.attr.requirements)
-    source = rctx.path(rctx.attr.source)
-    rctx.read(source)  # Tracked: edits to the kernel rebuild it.
+    rctx.read(rctx.attr.source)  # Tracked: edits to the kernel rebuild it.
+    rctx.read(rctx.attr.builder)  # So are edits to its build command.
     workspace_root = rctx.path(Label("//:WORKSPACE")).dirname
     python = "%s/.venv/bin/python3" % workspace_root
     rctx.file("BUILD.bazel", _BUILD)
 
     compiler = rctx.which("g++")
     if compiler == None:
-        rctx.file("status.txt", "not built: no g++ on PATH\n")
+        rctx.file(STATUS, "not built: no g++ on PATH\n")
         return
-    flags = rctx.execute([python, "-c", _FLAGS], environment = {"TF_CPP_MIN_LOG_LEVEL": "3"})
-    if flags.return_code != 0:
-        rctx.file("status.txt", "not built: could not read TensorFlow's flags: %s\n" % flags.stderr[-500:])
-        return
-
-    # -march=native: built on the machine that runs it. No -ffast-math: the
-    # arithmetic stays IEEE; only errno and trapping are dropped, so the loops
-    # vectorise.
-    command = [
-        str(compiler),
-        "-shared",
-        "-fPIC",
-        "-O3",
-        "-march=native",
-        "-fopenmp-simd",
-        "-fno-math-errno",
-        "-fno-trapping-math",
-        "-w",
-        str(source),
-        "-o",
-        "noise_kernel.so",
-    ] + flags.stdout.strip().split(" ")
-    result = rctx.execute(command, timeout = 600)
+    result = rctx.execute(
+        [
+            python,
+            "-m",
+            "entropy_sgd.build_noise_kernel",
+            "--source=%s" % rctx.path(rctx.attr.source),
+            "--output=%s" % rctx.path(LIBRARY),
+            "--compiler=%s" % compiler,
+        ],
+        environment = {
+            "PYTHONPATH": str(workspace_root),
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+        },
+        timeout = 900,
+    )
     if result.return_code != 0:
-        rctx.delete("noise_kernel.so")
-        rctx.file("status.txt", "not built: g++ failed: %s\n" % result.stderr[-2000:])
+        rctx.delete(LIBRARY)
+        # The module's last line is its one-line `error:`.
+        last = (result.stderr.strip().split("\n") or [""])[-1]
+        reason = last.replace("error: noise kernel not built: ", "")
+        rctx.file(STATUS, "not built: %s\n" % reason[-2000:])
         return
-    rctx.file("status.txt", "built\n")
+    rctx.file(STATUS, "built\n")
 
 noise_kernel = repository_rule(
     implementation = _noise_kernel_impl,
@@ -68,10 +71,31 @@ noise_kernel = repository_rule(
             default = Label("//entropy_sgd:noise_kernel.cc"),
             allow_single_file = True,
         ),
+        "builder": attr.label(
+            default = Label("//entropy_sgd:build_noise_kernel.py"),
+            allow_single_file = True,
+        ),
         "requirements": attr.label(
             default = Label("//:requirements.txt"),
             allow_single_file = True,
         ),
     },
     doc = "Builds the optional CPU kernel of the Langevin noise.",
+)
+
+def _kernel_beside_module_impl(ctx):
+    outputs = []
+    for file in ctx.files.srcs:
+        output = ctx.actions.declare_file(file.basename)
+        ctx.actions.symlink(output = output, target_file = file)
+        outputs.append(output)
+    return [DefaultInfo(
+        files = depset(outputs),
+        runfiles = ctx.runfiles(files = outputs),
+    )]
+
+kernel_beside_module = rule(
+    implementation = _kernel_beside_module_impl,
+    attrs = {"srcs": attr.label_list(allow_files = True)},
+    doc = "The files of `srcs`, by their basenames, in this package.",
 )

@@ -18,8 +18,9 @@ For SGD the "outer step" is one gradient step. For Entropy-SGD it is one
 iteration of Algorithm 1 (Chaudhari et al., ICLR 2017): `begin_outer_step`
 sets x' = mu = x, each `apply` is one SGLD step of the inner loop and
 `end_outer_step` moves x along the local-entropy gradient. The update math
-lives in `updates.py`; here live the state variables, created once and
-placed like their parameters, and the distribution plumbing.
+lives in `algorithm.py` (Entropy-SGD) and `updates.py` (the baselines); here
+live the state variables, created once and placed like their parameters,
+and the distribution plumbing.
 
 They work under the default strategy, `MirroredStrategy` and `TPUStrategy`:
 `apply` may be called in replica context with all-reduced gradients, and

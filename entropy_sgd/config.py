@@ -295,55 +295,94 @@ def _merge(*recipes, **values) -> dict:
 # gives win over the code: the code's defaults at those commits had noise
 # 1e-4 (mnistfc) and 3e-4 (LeNet) where Sec. 5.1 says 1e-3.
 _PAPER_COMMON = dict(
-    batch_size=128,       # train.lua --batch_size default 128.
-    init="torch",         # models.lua: Torch's default reset() throughout.
-    augment="none",       # Sec. 5.1 none; Sec. 5.2 "without data augmentation".
-    momentum=0.9)         # Sec. 5.1/5.2 Nesterov 0.9 (train.lua optim_state).
+    batch_size=(128, "train.lua --batch_size default 128"),
+    init=("torch", "models.lua: Torch's default reset() throughout"),
+    augment=("none", "Sec. 5.1 none; Sec. 5.2 'without data augmentation'"),
+    momentum=(0.9, "Sec. 5.1/5.2 Nesterov 0.9 (train.lua optim_state)"))
 _PAPER_MNIST = _merge(
     _PAPER_COMMON,
-    weight_decay=0.0)     # train.lua --L2 default 0 at 11bdc51 and f1de31f.
+    weight_decay=(0.0, "train.lua --L2 default 0 at 11bdc51 and f1de31f"))
 _PAPER_ENTROPY_SGD = dict(
-    L=20,                 # Sec. 5.1/5.2 "L = 20".
-    langevin_lr=0.1,      # Sec. 5.1/5.2 "eta' = 0.1".
-    scoping=1e-3,         # Sec. 5.1/5.2 "a factor of 1.001 after each update".
-    alpha=0.75,           # entropyoptim.lua lparams beta1 = 0.75.
-    lr=1.0,               # Sec. 5.1/5.2 "eta = 1".
-    conventions="lua_reference")  # The runs' optimizer, entropyoptim.lua.
-PAPER_RECIPE = {
-    # Sec. 5.1: Adam, lr 1e-3 dropping x0.2 every 30 epochs, 100 epochs,
-    # dropout 0.5 after each layer.
-    ("mnist", "mnistfc", "adam"): _merge(_PAPER_MNIST, ADAM_PRESET,
-                                       dropout=0.5),
-    ("mnist", "lenet", "adam"): _merge(_PAPER_MNIST, ADAM_PRESET,
-                                     dropout=0.5),
-    # Sec. 5.1: dropout 0.15, noise 1e-3, gamma0 1e-4, eta x0.1 after the
-    # second epoch. Ten epochs (200 effective): ploterrors.py plot_mnistfc
-    # loads 10 epochs of the January runs and marks 1.37% at effective epoch
-    # 120 (Table 1), past the text's "5 epochs"; train.lua 11bdc51 has
-    # max_epochs 10 and the regime 1 / 0.1 after epoch 2 / 0.01 after 7.
+    L=(20, "Sec. 5.1/5.2 'L = 20'"),
+    langevin_lr=(0.1, "Sec. 5.1/5.2 'eta' = 0.1'"),
+    scoping=(1e-3, "Sec. 5.1/5.2 'a factor of 1.001 after each update'"),
+    alpha=(0.75, "entropyoptim.lua lparams beta1 = 0.75"),
+    lr=(1.0, "Sec. 5.1/5.2 'eta = 1'"),
+    conventions=("lua_reference", "the runs' optimizer, entropyoptim.lua"))
+_ADAM_SOURCE = "Sec. 5.1 Adam: lr 1e-3 x0.2 every 30 epochs, 100 epochs"
+_PAPER_ADAM = {key: (value, "Sec. 5.1: the baseline is Adam" if key == "opt"
+                     else _ADAM_SOURCE)
+               for key, value in ADAM_PRESET.items()
+               if key not in ("batch_size", "weight_decay")}
+_MNISTFC_SCHEDULE = ("ploterrors.py plot_mnistfc loads 10 epochs of the "
+                     "January runs and marks 1.37% at effective epoch 120 "
+                     "(Table 1), past the text's '5 epochs'; train.lua "
+                     "11bdc51: max_epochs 10, regime 1 / 0.1 after epoch 2")
+_LENET_SCHEDULE = ("Sec. 5.1: 5 epochs (100 effective; train.lua f1de31f "
+                   "max_epochs 5), the regime of mnistfc's at f1de31f")
+_SEC_5_1_ESGD = "Sec. 5.1 (Entropy-SGD on MNIST)"
+_SEC_5_2 = "Sec. 5.2 (All-CNN-BN on CIFAR-10)"
+_ALLCNN_WEIGHT_DECAY = ("Springenberg et al.: 1e-3; train.lua --L2 default "
+                        "1e-3 at 4eed403")
+# Each value with its source: (value, source).
+_PAPER_RECIPE_SOURCED = {
+    ("mnist", "mnistfc", "adam"): _merge(
+        _PAPER_ADAM, _PAPER_MNIST,
+        dropout=(0.5, "Sec. 5.1 'dropout of 0.5' after each layer")),
+    ("mnist", "lenet", "adam"): _merge(
+        _PAPER_ADAM, _PAPER_MNIST,
+        dropout=(0.5, "Sec. 5.1 'dropout of 0.5' after each layer")),
     ("mnist", "mnistfc", "entropy_sgd"): _merge(
-        _PAPER_MNIST, _PAPER_ENTROPY_SGD, epochs=10, lr_decay_epochs=(2, 7),
-        lr_decay_factor=0.1, dropout=0.15, noise=1e-3, gamma=1e-4),
-    # Sec. 5.1: 5 epochs (100 effective; train.lua f1de31f max_epochs 5),
-    # dropout 0.25, the same schedule (regime as mnistfc's at f1de31f).
+        _PAPER_MNIST, _PAPER_ENTROPY_SGD,
+        epochs=(10, _MNISTFC_SCHEDULE), lr_decay_epochs=((2, 7),
+                                                          _MNISTFC_SCHEDULE),
+        lr_decay_factor=(0.1, "Sec. 5.1 'eta x0.1 after the second epoch'"),
+        dropout=(0.15, _SEC_5_1_ESGD), noise=(1e-3, _SEC_5_1_ESGD),
+        gamma=(1e-4, _SEC_5_1_ESGD)),
     ("mnist", "lenet", "entropy_sgd"): _merge(
-        _PAPER_MNIST, _PAPER_ENTROPY_SGD, epochs=5, lr_decay_epochs=(2, 7),
-        lr_decay_factor=0.1, dropout=0.25, noise=1e-3, gamma=1e-4),
-    # Sec. 5.2: GCN + ZCA, no augmentation, All-CNN-C with BatchNorm and its
-    # weight decay (Springenberg et al.: 1e-3; train.lua --L2 default 1e-3 at
-    # 4eed403), dropout 0.5 ("the original dropout"); SGD with Nesterov
-    # momentum, 0.1 x0.2 every 60 epochs, 200 epochs.
+        _PAPER_MNIST, _PAPER_ENTROPY_SGD,
+        epochs=(5, _LENET_SCHEDULE), lr_decay_epochs=((2, 7), _LENET_SCHEDULE),
+        lr_decay_factor=(0.1, "Sec. 5.1 'eta x0.1 after the second epoch'"),
+        dropout=(0.25, _SEC_5_1_ESGD), noise=(1e-3, _SEC_5_1_ESGD),
+        gamma=(1e-4, _SEC_5_1_ESGD)),
     ("cifar", "allcnn", "nesterov"): _merge(
-        _PAPER_COMMON, opt="nesterov", preprocess="gcn_zca", epochs=200,
-        lr=0.1, lr_decay_epochs=(60, 120, 180), lr_decay_factor=0.2,
-        weight_decay=1e-3, dropout=0.5),
-    # Sec. 5.2: L = 20 for 10 epochs, eta = 1 x0.2 every 4 epochs, eta' 0.1,
-    # noise 1e-4, gamma0 0.03, dropout 0.5.
+        _PAPER_COMMON, opt=("nesterov", _SEC_5_2),
+        preprocess=("gcn_zca", "Sec. 5.2 'global contrast normalization and "
+                    "ZCA whitening'"),
+        epochs=(200, _SEC_5_2), lr=(0.1, _SEC_5_2),
+        lr_decay_epochs=((60, 120, 180), _SEC_5_2 + ": x0.2 every 60 epochs"),
+        lr_decay_factor=(0.2, _SEC_5_2),
+        weight_decay=(1e-3, _ALLCNN_WEIGHT_DECAY),
+        dropout=(0.5, "Sec. 5.2 'the original dropout'")),
     ("cifar", "allcnn", "entropy_sgd"): _merge(
-        _PAPER_COMMON, _PAPER_ENTROPY_SGD, preprocess="gcn_zca", epochs=10,
-        lr_decay_epochs=(4, 8), lr_decay_factor=0.2, weight_decay=1e-3,
-        dropout=0.5, noise=1e-4, gamma=0.03),
+        _PAPER_COMMON, _PAPER_ENTROPY_SGD,
+        preprocess=("gcn_zca", "Sec. 5.2 'global contrast normalization and "
+                    "ZCA whitening'"),
+        epochs=(10, _SEC_5_2 + ": L = 20 for 10 epochs"),
+        lr_decay_epochs=((4, 8), _SEC_5_2 + ": eta x0.2 every 4 epochs"),
+        lr_decay_factor=(0.2, _SEC_5_2),
+        weight_decay=(1e-3, _ALLCNN_WEIGHT_DECAY),
+        dropout=(0.5, "Sec. 5.2 'the original dropout'"),
+        noise=(1e-4, _SEC_5_2), gamma=(0.03, _SEC_5_2)),
 }
+PAPER_RECIPE = {key: {name: value for name, (value, _) in recipe.items()}
+                for key, recipe in _PAPER_RECIPE_SOURCED.items()}
+PAPER_RECIPE_SOURCES = {
+    key: {name: source for name, (_, source) in recipe.items()}
+    for key, recipe in _PAPER_RECIPE_SOURCED.items()}
+
+
+def describe_paper_recipe(dataset: str) -> str:
+  """`--recipe=paper` on `dataset`, one value per line with its source."""
+  lines = []
+  for (group, family, opt), values in PAPER_RECIPE.items():
+    if group != _dataset_group(dataset):
+      continue
+    lines.append(f"  --recipe=paper --model={family} --opt={opt}:")
+    sources = PAPER_RECIPE_SOURCES[(group, family, opt)]
+    for name, value in values.items():
+      lines.append(f"      --{name}={value}  ({sources[name]})")
+  return "\n".join(lines)
 
 
 def _dataset_group(dataset: str) -> str:

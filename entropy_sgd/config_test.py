@@ -35,6 +35,22 @@ class PresetTest(parameterized.TestCase):
     lrs = [config_lib.learning_rate_at(c, e) for e in (0, 59, 60, 120, 199)]
     self.assertSequenceAlmostEqual(lrs, [0.1, 0.1, 0.02, 0.004, 0.0008])
 
+  def test_every_paper_recipe_value_names_its_source(self):
+    self.assertEqual(set(config_lib.PAPER_RECIPE),
+                     set(config_lib.PAPER_RECIPE_SOURCES))
+    for key, values in config_lib.PAPER_RECIPE.items():
+      sources = config_lib.PAPER_RECIPE_SOURCES[key]
+      self.assertEqual(set(values), set(sources), key)
+      for name, source in sources.items():
+        self.assertRegex(source, r"Sec\. 5|\.lua|\.py|Springenberg",
+                         (key, name))
+    text = config_lib.describe_paper_recipe("mnist")
+    self.assertIn("--recipe=paper --model=mnistfc --opt=entropy_sgd:", text)
+    self.assertIn("--gamma=0.0001  (Sec. 5.1", text)
+    self.assertNotIn("allcnn", text)
+    self.assertIn("--preprocess=gcn_zca  (Sec. 5.2",
+                  config_lib.describe_paper_recipe("cifar10"))
+
   def test_mnist_presets_follow_train_lua(self):
     sgd = config_lib.from_preset("nesterov", dataset="mnist")
     self.assertEqual((sgd.model, sgd.epochs, sgd.augment, sgd.weight_decay),

@@ -181,7 +181,10 @@ def define_flags(dataset: str = "cifar10"):
   main = sys.modules["__main__"]
   main.__doc__ = (main.__doc__ or "") + (
       f"\nPresets (sources: docs/training.md):\n"
-      f"{config_lib.describe_presets(dataset)}\n")
+      f"{config_lib.describe_presets(dataset)}\n"
+      f"\nThe paper's recipe (--recipe=paper), each value with its source "
+      f"(Sec.: the ICLR 2017 text; see config.py):\n"
+      f"{config_lib.describe_paper_recipe(dataset)}\n")
   flags.DEFINE_list(
       "seeds", None, "Run these seeds one after another (each its own run "
       "directory, named by its seed); finished runs are skipped, a killed "

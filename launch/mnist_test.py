@@ -110,7 +110,9 @@ class MnistLauncherTest(parameterized.TestCase):
     for text in ("lenet/entropy_sgd: 5", "mnistfc/sgd: 100",
                  "--model=lenet --opt=entropy_sgd: epochs=5, lr=1.0, "
                  "lr_decay_epochs=(2, 7), lr_decay_factor=0.1",
-                 "gamma=0.0001"):
+                 "gamma=0.0001",
+                 "--recipe=paper --model=lenet --opt=adam:",
+                 "--noise=0.001  (Sec. 5.1"):
       self.assertIn(text, result.stdout)
 
   def test_steps_per_loop_changes_nothing_but_speed(self):

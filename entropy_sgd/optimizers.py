@@ -124,8 +124,8 @@ class Optimizer(snt.Module):
   # Whether `apply` expects gradients summed over replicas (synchronous
   # training); Parle's replicas each follow their own gradients.
   all_reduces_gradients = True
-  # The scalar metrics `end_outer_step` returns.
-  diagnostics = ()
+  # The scalar metrics `end_outer_step` returns: name -> TensorBoard tag.
+  diagnostics: Mapping[str, str] = {}
 
   def __init__(self, jit_compile: bool, name: Optional[str]):
     super().__init__(name=name)
@@ -480,7 +480,9 @@ class EntropySGD(Optimizer):
   `end_outer_step`; `anchor` holds x and `mean` holds mu meanwhile.
   """
 
-  diagnostics = ("gamma", "anchor_to_mean_distance")
+  diagnostics = {"gamma": "entropy_sgd/gamma",
+                 "anchor_to_mean_distance":
+                     "entropy_sgd/anchor_to_mean_distance"}
 
   def __init__(self,
                learning_rate: FloatLike = 1.0,
@@ -683,8 +685,8 @@ class Parle(EntropySGD):
   """
 
   all_reduces_gradients = False
-  diagnostics = ("gamma", "rho", "anchor_to_mean_distance",
-                 "distance_to_replica_mean")
+  diagnostics = dict(EntropySGD.diagnostics, rho="parle/rho",
+                     distance_to_replica_mean="parle/distance_to_replica_mean")
 
   def __init__(self, *args, rho: float = 1.0, rho_scoping: float = 1e-3,
                **kwargs):

@@ -754,15 +754,10 @@ class Trainer:
             "progress/effective_epoch": self.effective_epoch(step),
             "progress/outer_epoch": step / self.steps_per_epoch,
         }
+        for name, tag in self.optimizer.diagnostics.items():
+          scalars[tag] = float(metrics[name])
         if config.opt == "entropy_sgd":
-          scalars["entropy_sgd/gamma"] = float(metrics["gamma"])
-          scalars["entropy_sgd/anchor_to_mean_distance"] = float(
-              metrics["anchor_to_mean_distance"])
           scalars["optimizer/langevin_learning_rate"] = config.langevin_lr
-        if config.parle:
-          scalars["parle/rho"] = float(metrics["rho"])
-          scalars["parle/distance_to_replica_mean"] = float(
-              metrics["distance_to_replica_mean"])
         if self.loss_scale is not None:
           scalars["precision/loss_scale"] = float(metrics["loss_scale"])
           scalars["precision/skipped_updates"] = float(

@@ -7,7 +7,7 @@ the traced step) and the wall time, interleaved over several rounds.
     bazel run //bench:distributed -- --num_devices=2 --L=20
 """
 
-from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+from entropy_sgd.core import onednn  # First: before anything imports TensorFlow.
 
 onednn.enable_before_tensorflow()
 
@@ -18,10 +18,10 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
-from entropy_sgd import distribution
-from entropy_sgd import optimizers
-from entropy_sgd import train_step as train_step_lib
-from entropy_sgd import wide_resnet
+from entropy_sgd.core import distribution
+from entropy_sgd.core import optimizers
+from entropy_sgd.core import train_step as train_step_lib
+from entropy_sgd.workloads import wide_resnet
 
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", 2, "Logical CPU devices.")
 _MODEL = flags.DEFINE_string("model", "wrn-16-1", "Wide ResNet, wrn-D-K.")

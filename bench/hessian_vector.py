@@ -13,7 +13,7 @@ of each (robust to a machine shared with other jobs). Target: <= 3.
     bazel run //bench:hessian_vector -- --model=wrn-16-1 --batch_size=128
 """
 
-from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+from entropy_sgd.core import onednn  # First: before anything imports TensorFlow.
 
 onednn.enable_before_tensorflow()
 
@@ -25,9 +25,9 @@ from absl import flags
 import numpy as np
 import tensorflow as tf
 
-from entropy_sgd import hessian
-from entropy_sgd import models
-from entropy_sgd import train_step as train_step_lib
+from entropy_sgd.analysis import hessian
+from entropy_sgd.core import train_step as train_step_lib
+from entropy_sgd.workloads import models
 
 _MODEL = flags.DEFINE_string(
     "model", "mnistfc", "mnistfc, lenet (MNIST-shaped input), allcnn or "

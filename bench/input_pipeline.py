@@ -7,7 +7,7 @@ batch (what the model can consume), and prints their ratio. Target >= 2.
     bazel run //bench:input_pipeline -- --data_dir=../shared/data/cifar10
 """
 
-from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+from entropy_sgd.core import onednn  # First: before anything imports TensorFlow.
 
 onednn.enable_before_tensorflow()
 
@@ -17,11 +17,11 @@ from absl import app
 from absl import flags
 import tensorflow as tf
 
-from entropy_sgd import data
-from entropy_sgd import optimizers
-from entropy_sgd import train_step as train_step_lib
-from entropy_sgd import training
-from entropy_sgd import wide_resnet
+from entropy_sgd.core import optimizers
+from entropy_sgd.core import train_step as train_step_lib
+from entropy_sgd.train import run_dir
+from entropy_sgd.workloads import data
+from entropy_sgd.workloads import wide_resnet
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Folder holding cifar-10-batches-bin/ (required).")
@@ -38,7 +38,7 @@ flags.mark_flag_as_required("data_dir")
 
 def pipeline_images_per_second():
   cifar = data.CifarData(data.PipelineConfig(
-      dataset="cifar10", data_dir=training.resolve_user_path(_DATA_DIR.value),
+      dataset="cifar10", data_dir=run_dir.resolve_user_path(_DATA_DIR.value),
       batch_size=_BATCH_SIZE.value, augment=_AUGMENT.value))
   iterator = iter(cifar.train_dataset())
   for _ in range(20):  # Fill the shuffle buffer, warm up.

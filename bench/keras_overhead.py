@@ -12,7 +12,7 @@ line per model: `median ratio entropy_sgd/sgd = X` (over rounds).
 
 import time
 
-from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+from entropy_sgd.core import onednn  # First: before anything imports TensorFlow.
 
 onednn.enable_before_tensorflow()
 
@@ -22,8 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from entropy_sgd import keras_plugin
-from entropy_sgd import noise as noise_lib
+from entropy_sgd.core import keras_plugin
+from entropy_sgd.core import noise as noise_lib
 
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Alternating timing rounds.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Fit steps (minibatches) per "

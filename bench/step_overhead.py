@@ -28,7 +28,7 @@ the float32 update must not show more once the gradient is cheaper).
         --precision=mixed_bfloat16
 """
 
-from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+from entropy_sgd.core import onednn  # First: before anything imports TensorFlow.
 
 onednn.enable_before_tensorflow()
 
@@ -40,11 +40,11 @@ from absl import flags
 import tensorflow as tf
 
 from bench import memory_traffic
-from entropy_sgd import models
-from entropy_sgd import noise as noise_lib
-from entropy_sgd import optimizers
-from entropy_sgd import precision as precision_lib
-from entropy_sgd import train_step as train_step_lib
+from entropy_sgd.core import noise as noise_lib
+from entropy_sgd.core import optimizers
+from entropy_sgd.core import precision as precision_lib
+from entropy_sgd.core import train_step as train_step_lib
+from entropy_sgd.workloads import models
 
 _MODELS = flags.DEFINE_list(
     "model", ["wrn-16-1"], "Models, comma-separated: mnistfc, lenet "

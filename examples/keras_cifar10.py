@@ -11,9 +11,9 @@ from absl import app
 from absl import flags
 import keras
 
-from entropy_sgd import data
-from entropy_sgd import keras_plugin as entropy_sgd_keras
-from entropy_sgd import training
+from entropy_sgd.core import keras_plugin as entropy_sgd_keras
+from entropy_sgd.train import run_dir
+from entropy_sgd.workloads import data
 
 flags.DEFINE_string("data_dir", None, "CIFAR-10 binary layout; relative "
                     "paths are resolved against where `bazel run` ran.")
@@ -30,7 +30,7 @@ def main(argv):
   del argv
   cifar = data.CifarData(data.PipelineConfig(
       dataset="cifar10", batch_size=FLAGS.batch_size,
-      data_dir=training.resolve_user_path(FLAGS.data_dir)))
+      data_dir=run_dir.resolve_user_path(FLAGS.data_dir)))
   model = keras.Sequential([
       keras.Input([32, 32, 3]),
       keras.layers.Conv2D(32, 3, activation="relu"),
@@ -53,7 +53,7 @@ def main(argv):
                entropy_sgd_keras.Diagnostics()]
   if FLAGS.tensorboard_dir:
     callbacks.append(keras.callbacks.TensorBoard(
-        training.resolve_user_path(FLAGS.tensorboard_dir)))
+        run_dir.resolve_user_path(FLAGS.tensorboard_dir)))
   model.fit(cifar.train_dataset(), epochs=FLAGS.epochs,
             validation_data=cifar.eval_dataset("test"),
             steps_per_epoch=min(steps, FLAGS.max_steps or steps),

@@ -17,7 +17,7 @@ import subprocess
 from absl.testing import absltest
 import numpy as np
 
-from entropy_sgd import training
+from entropy_sgd.train import training
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
 from launch.launcher_testing import TESTDATA

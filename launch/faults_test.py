@@ -12,7 +12,7 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
-from entropy_sgd import training
+from entropy_sgd.train import training
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env

@@ -6,7 +6,7 @@
 Each input holds config.json, summary.json, flatness/landscape.json and
 train/landscape.json (docs/flatness.md: "Measuring every run"). Writes
 OUTPUT_DIR/flatness.md, flatness.csv and one scatter plot per measure; see
-`entropy_sgd.flatness_report`.
+`entropy_sgd.reports.flatness_report`.
 """
 
 import os
@@ -15,8 +15,8 @@ import sys
 from absl import app
 from absl import flags
 
-from entropy_sgd import flatness_report
-from entropy_sgd import training
+from entropy_sgd.reports import flatness_report
+from entropy_sgd.train import run_dir
 
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Directory for flatness.md, flatness.csv and the "
@@ -35,11 +35,11 @@ def main(argv):
   if not _OUTPUT_DIR.value:
     sys.exit("error: --output_dir is required, e.g. "
              "--output_dir=docs/results/flatness")
-  paths = [p for a in argv[1:] for p in _expand(training.resolve_user_path(a))]
+  paths = [p for a in argv[1:] for p in _expand(run_dir.resolve_user_path(a))]
   if not paths:
     sys.exit("error: name at least one measured run (a directory with "
              "flatness/landscape.json), or a directory of them")
-  output_dir = training.resolve_user_path(_OUTPUT_DIR.value)
+  output_dir = run_dir.resolve_user_path(_OUTPUT_DIR.value)
   try:
     written = flatness_report.write_report(paths, output_dir)
   except flatness_report.ReportError as e:

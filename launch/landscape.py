@@ -7,12 +7,12 @@ entropy, epsilon-sharpness, filter-normalised directions, interpolation.
 
 Reads RUN/config.json and the latest checkpoint in RUN/checkpoints, and
 writes OUTPUT_DIR/landscape.json, OUTPUT_DIR/landscape.md and PNG plots
-(see `entropy_sgd.landscape`). Every measure is of the mean training
+(see `entropy_sgd.reports.landscape`). Every measure is of the mean training
 cross-entropy over --batches un-augmented training batches, with BatchNorm
 statistics recalibrated at the checkpoint's weights.
 """
 
-from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+from entropy_sgd.core import onednn  # First: before anything imports TensorFlow.
 
 onednn.enable_before_tensorflow()
 
@@ -22,11 +22,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from entropy_sgd import config as config_lib
-from entropy_sgd import data as data_lib
-from entropy_sgd import hessian
-from entropy_sgd import landscape
-from entropy_sgd import training
+from entropy_sgd.analysis import hessian
+from entropy_sgd.reports import landscape
+from entropy_sgd.train import config as config_lib
+from entropy_sgd.train import run_dir
+from entropy_sgd.train import training
+from entropy_sgd.workloads import data as data_lib
 
 _DEFAULTS = landscape.Settings(run_dir="", output_dir="")
 
@@ -159,7 +160,7 @@ def _settings() -> landscape.Settings:
     raise landscape.LandscapeError(
         f"--entropy_gammas must be numbers; got "
         f"{','.join(_ENTROPY_GAMMAS.value)}.") from None
-  resolve = training.resolve_user_path
+  resolve = run_dir.resolve_user_path
   return landscape.Settings(
       run_dir=resolve(_RUN_DIR.value), output_dir=resolve(_OUTPUT_DIR.value),
       compare_dir=resolve(_COMPARE.value), data_dir=resolve(_DATA_DIR.value),

@@ -6,13 +6,13 @@ Entropy-SGD.
     bazel run //launch:mnist -- --help
 """
 
-from entropy_sgd import onednn  # First: before anything imports TensorFlow.
+from entropy_sgd.core import onednn  # First: before anything imports TensorFlow.
 
 onednn.enable_before_tensorflow()
 
 from absl import app
 
-from entropy_sgd import launcher
+from entropy_sgd.cli import launcher
 
 launcher.define_flags("mnist")
 

@@ -10,8 +10,8 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from entropy_sgd import noise
-from entropy_sgd import training
+from entropy_sgd.core import noise
+from entropy_sgd.train import training
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import run_launcher
 from launch.launcher_testing import TESTDATA

@@ -4,7 +4,7 @@
     bazel run //launch:results -- --output_dir=results runs   # every run in it
 
 Writes OUTPUT_DIR/results.md, OUTPUT_DIR/results.csv and one PNG per
-(dataset, model); see `entropy_sgd.results` for how runs are grouped.
+(dataset, model); see `entropy_sgd.reports.results` for how runs are grouped.
 """
 
 import sys
@@ -12,8 +12,8 @@ import sys
 from absl import app
 from absl import flags
 
-from entropy_sgd import results
-from entropy_sgd import training
+from entropy_sgd.reports import results
+from entropy_sgd.train import run_dir
 
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None,
@@ -26,8 +26,8 @@ def main(argv):
   if len(argv) < 2:
     sys.exit("error: name at least one run directory (or a directory of "
              "runs), e.g. runs/cifar10_wrn-28-10_nesterov_seed0")
-  paths = [training.resolve_user_path(path) for path in argv[1:]]
-  output_dir = training.resolve_user_path(_OUTPUT_DIR.value)
+  paths = [run_dir.resolve_user_path(path) for path in argv[1:]]
+  output_dir = run_dir.resolve_user_path(_OUTPUT_DIR.value)
   try:
     written = results.write_results(paths, output_dir)
   except results.NotARunError as e:

@@ -14,7 +14,7 @@ import time
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from entropy_sgd import training
+from entropy_sgd.train import training
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env

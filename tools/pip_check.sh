@@ -13,7 +13,7 @@
 #      examples/keras_cifar10.py runs two Entropy-SGD steps on testdata/
 #      (skip with PIP_CHECK_SMOKE=0);
 #   4. with PIP_CHECK_KERNEL=1 (g++, ~30 s more): `python -m
-#      entropy_sgd.build_noise_kernel` builds the noise kernel into the
+#      entropy_sgd.core.build_noise_kernel` builds the noise kernel into the
 #      installed package and `--noise_kernel=on` resolves to it.
 # Usage: tools/pip_check.sh [PYTHON]  (default .venv/bin/python3; run ./bazelw
 # once first). Prints "pip_check: ok" and exits 0, or says what failed.
@@ -81,10 +81,12 @@ location = os.path.realpath(os.path.dirname(entropy_sgd.__file__))
 if not location.startswith(os.path.realpath(sys.prefix) + os.sep):
   sys.exit(f"pip_check: imported entropy_sgd from {location}, not from the "
            f"fresh venv {sys.prefix}")
-from entropy_sgd import data, keras_plugin, optimizers, train_step, training  # pylint: disable=g-import-not-at-top,unused-import
+from entropy_sgd.core import keras_plugin, optimizers, train_step  # pylint: disable=g-import-not-at-top,unused-import
+from entropy_sgd.train import training  # pylint: disable=g-import-not-at-top,unused-import
+from entropy_sgd.workloads import data  # pylint: disable=g-import-not-at-top,unused-import
 optimizers.EntropySGD(conventions="pytorch_reference")
 print(f"pip_check: entropy_sgd imports from {location}", file=sys.stderr)
-from entropy_sgd import build_noise_kernel, noise  # pylint: disable=g-import-not-at-top
+from entropy_sgd.core import build_noise_kernel, noise  # pylint: disable=g-import-not-at-top
 if not os.path.exists(build_noise_kernel.SOURCE):
   sys.exit(f"pip_check: the wheel lacks {build_noise_kernel.SOURCE}, which "
            f"`{noise.BUILD_COMMAND}` compiles")
@@ -94,9 +96,9 @@ EOF
 if [[ "${PIP_CHECK_KERNEL:-0}" != 0 ]]; then
   say "building the noise kernel into the installed package ..."
   env -u ENTROPY_SGD_NOISE_KERNEL -u PYTHONPATH TF_CPP_MIN_LOG_LEVEL=2 "$venv_python" \
-    -m entropy_sgd.build_noise_kernel >&2
+    -m entropy_sgd.core.build_noise_kernel >&2
   env -u ENTROPY_SGD_NOISE_KERNEL -u PYTHONPATH TF_CPP_MIN_LOG_LEVEL=2 "$venv_python" -c \
-    'from entropy_sgd import noise; print("pip_check: noise:", noise.resolve("on").reason)' >&2
+    'from entropy_sgd.core import noise; print("pip_check: noise:", noise.resolve("on").reason)' >&2
 fi
 
 if [[ "${PIP_CHECK_SMOKE:-1}" != 0 ]]; then

@@ -63,6 +63,7 @@ class PipMetadataTest(unittest.TestCase):
         pyproject = root / "pyproject.toml"
         cls.project = tomllib.loads(pyproject.read_text())["project"]
         cls.package_dir = root / "entropy_sgd"
+        cls.setuptools = tomllib.loads(pyproject.read_text())["tool"]["setuptools"]
         cls.requirements = {
             _normalize(r.name): r
             for r in map(Requirement, cls.project["dependencies"])}
@@ -94,7 +95,7 @@ class PipMetadataTest(unittest.TestCase):
         self.assertEqual(undeclared, [])
 
     def test_imports_are_declared(self):
-        sources = [p for p in sorted(self.package_dir.glob("*.py"))
+        sources = [p for p in sorted(self.package_dir.glob("**/*.py"))
                    if not p.name.endswith("_test.py")]
         self.assertTrue(sources, self.package_dir)
         imported = set()
@@ -115,6 +116,14 @@ class PipMetadataTest(unittest.TestCase):
     def test_packages_the_library(self):
         self.assertEqual(self.project["name"], "entropy-sgd")
         self.assertTrue((self.package_dir / "__init__.py").is_file())
+
+    def test_every_subpackage_is_in_the_wheel(self):
+        subpackages = sorted(
+            "entropy_sgd." + p.parent.name
+            for p in self.package_dir.glob("*/__init__.py"))
+        self.assertGreater(len(subpackages), 1)
+        self.assertEqual(sorted(self.setuptools["packages"]),
+                         sorted(["entropy_sgd"] + subpackages))
 
 
 if __name__ == "__main__":

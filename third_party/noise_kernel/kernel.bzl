@@ -1,8 +1,8 @@
-"""Compiles entropy_sgd/noise_kernel.cc against the venv's TensorFlow.
+"""Compiles entropy_sgd/core/noise_kernel.cc against the venv's TensorFlow.
 
 The kernel is an optional speed-up of the Langevin noise on CPUs (see
-entropy_sgd/noise.py). The repository rule `noise_kernel` runs
-`python -m entropy_sgd.build_noise_kernel` (the command pip users run; it
+entropy_sgd/core/noise.py). The repository rule `noise_kernel` runs
+`python -m entropy_sgd.core.build_noise_kernel` (the command pip users run; it
 holds the compiler flags) with the host's g++, at fetch time, offline.
 Without g++, or if the build fails, the repository holds no library and
 `noise_kernel_status.txt` says why.
@@ -12,7 +12,7 @@ changes; after installing g++, `./bazelw sync --only=noise_kernel` reruns
 it.
 
 `kernel_beside_module` puts the library and its status file in the
-package that loads them (entropy_sgd/), so in runfiles they sit beside
+package that loads them (entropy_sgd/core/), so in runfiles they sit beside
 noise.py, where a pip install puts them too.
 """
 
@@ -44,7 +44,7 @@ def _noise_kernel_impl(rctx):
         [
             python,
             "-m",
-            "entropy_sgd.build_noise_kernel",
+            "entropy_sgd.core.build_noise_kernel",
             "--source=%s" % rctx.path(rctx.attr.source),
             "--output=%s" % rctx.path(LIBRARY),
             "--compiler=%s" % compiler,
@@ -68,11 +68,11 @@ noise_kernel = repository_rule(
     implementation = _noise_kernel_impl,
     attrs = {
         "source": attr.label(
-            default = Label("//entropy_sgd:noise_kernel.cc"),
+            default = Label("//entropy_sgd/core:noise_kernel.cc"),
             allow_single_file = True,
         ),
         "builder": attr.label(
-            default = Label("//entropy_sgd:build_noise_kernel.py"),
+            default = Label("//entropy_sgd/core:build_noise_kernel.py"),
             allow_single_file = True,
         ),
         "requirements": attr.label(

@@ -1,0 +1,386 @@
+"""Hessian-vector products and spectrum routines against known answers.
+
+Quadratics f(x) = 1/2 x^T A x with A = Q diag(lambda) Q^T have a known
+spectrum; a small BatchNorm MLP checks the products against finite
+differences (float64) and MirroredStrategy against the default strategy.
+"""
+
+from absl.testing import parameterized
+import numpy as np
+import sonnet as snt
+import tensorflow as tf
+
+from entropy_sgd.analysis import hessian
+from entropy_sgd.core import distribution
+from entropy_sgd.core import train_step as train_step_lib
+from entropy_sgd.workloads import models
+
+
+def random_symmetric(spectrum, seed=0):
+  """Q diag(spectrum) Q^T for a random orthogonal Q."""
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.standard_normal((len(spectrum), len(spectrum))))
+  return (q * spectrum) @ q.T
+
+
+class Quadratic(snt.Module):
+  """f(x) = 1/2 x^T A x + b^T x, one variable x (float64)."""
+
+  def __init__(self, matrix, x0, linear=None):
+    super().__init__()
+    self.matrix = tf.constant(matrix, tf.float64)
+    self.linear = tf.constant(np.zeros(len(x0)) if linear is None else linear,
+                              tf.float64)
+    self.x = tf.Variable(np.asarray(x0, np.float64), name="x")
+
+  def __call__(self):
+    x = self.x
+    return (0.5 * tf.tensordot(x, tf.linalg.matvec(self.matrix, x), 1) +
+            tf.tensordot(self.linear, x, 1))
+
+
+def dummy_batches(strategy=None, num_batches=1, batch_size=2):
+  strategy = strategy or tf.distribute.get_strategy()
+  dataset = tf.data.Dataset.from_tensors(
+      (tf.zeros([batch_size, 1]), tf.zeros([batch_size], tf.int32))).repeat()
+  return hessian.Batches(strategy, lambda context: dataset, num_batches)
+
+
+def quadratic_objective(quadratic, **kwargs):
+  def per_example(images, unused_labels):
+    ones = tf.ones([tf.shape(images)[0]], tf.float64)
+    return quadratic() * ones, 0 * ones
+  return hessian.Objective(per_example, [quadratic.x], dummy_batches(),
+                           **kwargs)
+
+
+class MLP(snt.Module):
+  """Linear -> BatchNorm -> tanh -> Linear -> BatchNorm -> ReLU -> logits."""
+
+  def __init__(self, classes=3):
+    super().__init__()
+    self.hidden = [snt.Linear(6, with_bias=False), snt.Linear(5,
+                                                              with_bias=False)]
+    self.norms = [snt.BatchNorm(True, True, decay_rate=0.9) for _ in range(2)]
+    self.logits = snt.Linear(classes)
+
+  def __call__(self, images, is_training):
+    net = tf.reshape(images, [tf.shape(images)[0], -1])
+    for linear, bn, activation in zip(self.hidden, self.norms,
+                                      (tf.tanh, tf.nn.relu)):
+      net = activation(bn(linear(net), is_training=is_training,
+                          test_local_stats=False))
+    return self.logits(net)
+
+
+def mlp_data(dtype=tf.float32, examples=16, batch_size=8):
+  images = tf.random.stateless_normal([examples, 4], [1, 2], dtype=dtype)
+  labels = tf.random.stateless_uniform([examples], [3, 4], maxval=3,
+                                       dtype=tf.int32)
+  dataset = tf.data.Dataset.from_tensor_slices((images, labels))
+
+  def dataset_fn(context):
+    size = (context.get_per_replica_batch_size(batch_size) if context
+            else batch_size)
+    shard = dataset
+    if context and context.num_input_pipelines > 1:
+      shard = dataset.shard(context.num_input_pipelines,
+                            context.input_pipeline_id)
+    return shard.batch(size, drop_remainder=True).repeat()
+
+  return dataset_fn, examples // batch_size
+
+
+def build_mlp(strategy, dtype=tf.float32, seed=7):
+  """An MLP built in `strategy`'s scope with replica-local statistics (as
+  `train_step.build_model`), weights drawn from `seed`, in `dtype`."""
+  with strategy.scope(), distribution.replica_local_statistics():
+    model = MLP()
+    model(tf.zeros([1, 4], dtype), is_training=False)
+  rng = np.random.default_rng(seed)
+  for variable in model.trainable_variables:
+    variable.assign(rng.standard_normal(variable.shape).astype(
+        variable.dtype.as_numpy_dtype) * 0.7)
+  return model
+
+
+class ProductTest(parameterized.TestCase):
+
+  @parameterized.parameters(*hessian.HVP_METHODS)
+  def test_quadratic_hvp_is_a_times_v(self, method):
+    matrix = random_symmetric(np.linspace(-2, 5, 12))
+    quadratic = Quadratic(matrix, np.arange(12.0))
+    objective = quadratic_objective(quadratic, method=method)
+    v = np.random.default_rng(1).standard_normal(12)
+    np.testing.assert_allclose(objective.hvp(v), matrix @ v, rtol=1e-12,
+                               atol=1e-12)
+    loss, gradient = objective.loss_and_gradient()
+    x = np.arange(12.0)
+    self.assertAlmostEqual(loss, 0.5 * x @ matrix @ x, places=9)
+    np.testing.assert_allclose(gradient, matrix @ x, rtol=1e-12)
+
+  @parameterized.parameters(*hessian.HVP_METHODS)
+  def test_mlp_hvp_matches_finite_differences(self, method):
+    dataset_fn, num_batches = mlp_data(tf.float64)
+    strategy = tf.distribute.get_strategy()
+    model = build_mlp(strategy, tf.float64)
+    batches = hessian.Batches(strategy, dataset_fn, num_batches)
+    rng = np.random.default_rng(3)  # Sonnet cannot update float64 averages.
+    for bn in model.norms:
+      bn.moving_mean.average.assign(rng.normal(size=(1, bn.scale.shape[-1])))
+      bn.moving_variance.average.assign(
+          rng.uniform(0.5, 2, size=(1, bn.scale.shape[-1])))
+    objective = hessian.Objective(hessian.classification_loss(model),
+                                  model.trainable_variables, batches,
+                                  method=method)
+    x = objective.get_flat()
+    v = np.random.default_rng(2).standard_normal(x.size)
+    h = 1e-5
+    objective.set_flat(x + h * v)
+    plus = objective.loss_and_gradient()[1]
+    objective.set_flat(x - h * v)
+    minus = objective.loss_and_gradient()[1]
+    objective.set_flat(x)
+    finite_difference = (plus - minus) / (2 * h)
+    product = objective.hvp(v)
+    self.assertGreater(np.linalg.norm(product), 1e-2)
+    np.testing.assert_allclose(product, finite_difference, rtol=1e-6,
+                               atol=1e-8 * np.abs(product).max())
+
+  def test_objective_is_the_mean_over_all_examples(self):
+    dataset_fn, num_batches = mlp_data(tf.float64, examples=24, batch_size=8)
+    strategy = tf.distribute.get_strategy()
+    model = build_mlp(strategy, tf.float64)
+    batches = hessian.Batches(strategy, dataset_fn, num_batches)
+    self.assertEqual(batches.num_examples, 24)
+    objective = hessian.Objective(hessian.classification_loss(model),
+                                  model.trainable_variables, batches)
+    images = tf.random.stateless_normal([24, 4], [1, 2], dtype=tf.float64)
+    labels = tf.random.stateless_uniform([24], [3, 4], maxval=3,
+                                         dtype=tf.int32)
+    logits = model(images, is_training=False)
+    expected = tf.reduce_mean(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    loss, accuracy = objective.loss_and_accuracy()
+    self.assertAlmostEqual(loss, float(expected), places=10)
+    hits = np.argmax(logits.numpy(), -1) == labels.numpy()
+    self.assertAlmostEqual(accuracy, hits.mean(), places=10)
+
+
+class SpectrumTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    rng = np.random.default_rng(3)
+    self.top = np.array([10.0, 8.0, 6.5, 5.0, 4.2])
+    self.spectrum = np.concatenate([self.top, rng.uniform(-1, 3, 195)])
+    self.matrix = random_symmetric(self.spectrum, seed=4)
+
+  def test_lanczos_recovers_the_top_eigenpairs(self):
+    pairs = hessian.top_eigenpairs(lambda v: self.matrix @ v, 200, 5,
+                                   num_iterations=80, dtype=np.float64)
+    np.testing.assert_allclose(pairs.eigenvalues, self.top, rtol=1e-5)
+    for value, vector, residual in zip(pairs.eigenvalues, pairs.eigenvectors,
+                                       pairs.residuals):
+      true_residual = np.linalg.norm(self.matrix @ vector - value * vector)
+      self.assertLess(true_residual, 1e-4)
+      self.assertLess(abs(true_residual - residual), 1e-6)
+    np.testing.assert_allclose(pairs.eigenvectors @ pairs.eigenvectors.T,
+                               np.eye(5), atol=1e-6)
+
+  def test_lanczos_through_the_objective(self):
+    spectrum = np.array([7.0, 3.0, 1.0, 0.5, 0.0, -0.5, -2.0, 0.25])
+    matrix = random_symmetric(spectrum, seed=5)
+    objective = quadratic_objective(Quadratic(matrix, np.ones(8)))
+    pairs = hessian.top_eigenpairs(objective.hvp, 8, 3, num_iterations=8,
+                                   dtype=np.float64)
+    np.testing.assert_allclose(pairs.eigenvalues, [7.0, 3.0, 1.0], rtol=1e-10)
+    lowest = hessian.top_eigenpairs(lambda v: -objective.hvp(v), 8, 1, 8,
+                                    dtype=np.float64)
+    self.assertAlmostEqual(-lowest.eigenvalues[0], -2.0, places=10)
+
+  def test_lanczos_stops_on_an_invariant_subspace(self):
+    matrix = np.diag([3.0, 3.0, 1.0, 1.0])  # Two distinct eigenvalues.
+    pairs = hessian.top_eigenpairs(lambda v: matrix @ v, 4, 2, 4,
+                                   dtype=np.float64)
+    self.assertEqual(pairs.iterations, 2)
+    np.testing.assert_allclose(pairs.eigenvalues, [3.0, 1.0], rtol=1e-12)
+
+  def test_power_iteration_finds_the_top_eigenvalue(self):
+    start = np.random.default_rng(0).standard_normal(200)
+    result = hessian.power_iteration(lambda v: self.matrix @ v, start, 200,
+                                     tolerance=1e-12)
+    self.assertLess(result.iterations, 200)
+    self.assertAlmostEqual(result.eigenvalue / 10.0, 1.0, delta=1e-5)
+    self.assertLess(result.residual, 1e-3)
+
+  def test_hutchinson_is_within_four_standard_errors(self):
+    estimate = hessian.hutchinson_trace(lambda v: self.matrix @ v, 200, 60,
+                                        seed=1, dtype=np.float64)
+    self.assertGreater(estimate.stderr, 0.0)
+    self.assertLess(abs(estimate.mean - self.spectrum.sum()),
+                    4 * estimate.stderr)
+    # Its standard error is the analytic one, sqrt(2 sum_{i!=j} A_ij^2 / m),
+    # within sampling error.
+    off_diagonal = self.matrix - np.diag(np.diag(self.matrix))
+    analytic = np.sqrt(2 * np.sum(off_diagonal**2) / 60)
+    self.assertAlmostEqual(estimate.stderr / analytic, 1.0, delta=0.3)
+
+  def test_slq_rules_integrate_polynomials_exactly(self):
+    quadrature = hessian.slq(lambda v: self.matrix @ v, 200, num_probes=1,
+                             num_iterations=10, seed=2, dtype=np.float64)
+    z = hessian.rademacher(np.random.default_rng(2), 200, np.float64)
+    v = z / np.linalg.norm(z)
+    power = v
+    for order in range(5):
+      self.assertAlmostEqual(quadrature.moments(order)[0], v @ power,
+                             places=9)
+      power = self.matrix @ power
+
+  def test_slq_density_has_the_spectrum_moments(self):
+    quadrature = hessian.slq(lambda v: self.matrix @ v, 200, num_probes=30,
+                             num_iterations=30, seed=3, dtype=np.float64)
+    np.testing.assert_allclose(quadrature.weights.sum(axis=1), 1.0,
+                               rtol=1e-12)
+    for order, exact in ((1, self.spectrum.mean()),
+                         (2, np.mean(self.spectrum**2))):
+      mean, stderr = quadrature.moments(order)
+      self.assertLess(abs(mean - exact), 4 * stderr, (order, mean, exact))
+    density = hessian.spectral_density(quadrature, num_points=4000)
+    step = density.grid[1] - density.grid[0]
+    mass = density.density.sum() * step
+    self.assertAlmostEqual(mass, 1.0, delta=1e-4)
+    mean = np.sum(density.grid * density.density) * step
+    self.assertAlmostEqual(mean, quadrature.moments(1)[0], delta=1e-4)
+    second = np.sum(density.grid**2 * density.density) * step
+    # Broadening adds sigma^2 to the second moment.
+    self.assertAlmostEqual(second, quadrature.moments(2)[0] +
+                           density.sigma**2, delta=1e-3)
+    self.assertLess(density.grid[0], -1.0)
+    self.assertGreater(density.grid[-1], 10.0)
+
+
+class BatchNormTest(tf.test.TestCase):
+
+  def test_recalibration_and_preserved_state(self):
+    strategy = tf.distribute.get_strategy()
+    dataset_fn, num_batches = mlp_data()
+    model = build_mlp(strategy)
+    batches = hessian.Batches(strategy, dataset_fn, num_batches)
+    before = [v.numpy() for v in model.variables]
+    with hessian.preserved_state(model, strategy):
+      hessian.recalibrate_batch_norm(model, batches)
+      for v in model.trainable_variables:
+        v.assign(v + 1.0)
+      self.assertNotAllClose(model.norms[0].moving_mean.value,
+                             tf.zeros([1, 6]))
+    for value, variable in zip(before, model.variables):
+      self.assertAllEqual(value, variable.numpy())
+
+  def test_recalibration_is_the_debiased_average_of_batch_means(self):
+    strategy = tf.distribute.get_strategy()
+    dataset_fn, _ = mlp_data()
+    model = build_mlp(strategy)
+    batches = hessian.Batches(strategy, dataset_fn, 2)
+    hessian.recalibrate_batch_norm(model, batches)
+    images = tf.random.stateless_normal([16, 4], [1, 2])
+    means = [tf.reduce_mean(model.hidden[0](images[i:i + 8]), 0)
+             for i in (0, 8)]
+    # Zero-debiased EMA with decay 0.9 of two values: (0.1 a + 0.09 b)/0.19.
+    expected = (0.09 * means[0] + 0.1 * means[1]) / 0.19
+    self.assertAllClose(tf.reshape(model.norms[0].moving_mean.value, [-1]),
+                        expected, rtol=1e-5)
+
+  def test_recalibration_turns_the_paper_nets_dropout_off(self):
+    strategy = tf.distribute.get_strategy()
+    model = train_step_lib.build_model(
+        strategy, lambda: models.build("mnistfc", 10, dropout=0.5),
+        (28, 28, 1))
+    images = tf.random.stateless_normal([16, 28, 28, 1], [1, 2])
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (images, tf.zeros([16], tf.int32))).batch(8).repeat()
+    recalibrate = hessian.BatchNormRecalibration(
+        model, hessian.Batches(strategy, lambda context: dataset, 2))
+    recalibrate()
+    first = model.hidden_bns[0].moving_variance.value.numpy()
+    recalibrate()  # Dropout would draw new masks (and count the calls).
+    self.assertAllEqual(first, model.hidden_bns[0].moving_variance.value)
+    self.assertEqual(int(model.dropout_calls.numpy()), 0)
+
+
+class MirroredTest(parameterized.TestCase, tf.test.TestCase):
+
+  @parameterized.parameters(*hessian.HVP_METHODS)
+  def test_mirrored_equals_default(self, method):
+    # In float64: float32 products of a confident net carry ~1e-4 relative
+    # rounding (softmax curvature p(1 - p) cancels), which would hide a
+    # wrong sum over replicas.
+    results = {}
+    for name, strategy in self.strategies().items():
+      dataset_fn, num_batches = mlp_data(tf.float64)
+      model = build_mlp(strategy, tf.float64)
+      batches = hessian.Batches(strategy, dataset_fn, num_batches)
+      objective = hessian.Objective(hessian.classification_loss(model),
+                                    model.trainable_variables, batches,
+                                    method=method)
+      v = np.random.default_rng(5).standard_normal(objective.num_parameters)
+      results[name] = (objective.loss_and_accuracy(),
+                       objective.loss_and_gradient()[1], objective.hvp(v))
+    for default, mirrored in zip(results["default"], results["mirrored"]):
+      self.assertAllClose(default, mirrored, rtol=1e-12, atol=1e-12)
+    self.assertGreater(np.abs(results["default"][2]).max(), 1e-2)
+
+  def test_mirrored_recalibration_agrees_on_replicas(self):
+    strategy = self.strategies()["mirrored"]
+    dataset_fn, num_batches = mlp_data()
+    model = build_mlp(strategy)
+    hessian.recalibrate_batch_norm(
+        model, hessian.Batches(strategy, dataset_fn, num_batches))
+    for bn in model.norms:
+      copies = strategy.experimental_local_results(bn.moving_variance.average)
+      self.assertLen(copies, 2)
+      self.assertAllEqual(copies[0], copies[1])
+      self.assertNotAllClose(copies[0], tf.ones_like(copies[0]))
+
+  def strategies(self):
+    mirrored = tf.distribute.MirroredStrategy(distribution.logical_cpus(2))
+    self.assertEqual(mirrored.num_replicas_in_sync, 2)
+    return {"default": tf.distribute.get_strategy(), "mirrored": mirrored}
+
+
+class FlatnessTrackerTest(tf.test.TestCase):
+
+  def test_measures_without_changing_the_model(self):
+    strategy = tf.distribute.get_strategy()
+    dataset_fn, _ = mlp_data()
+    model = build_mlp(strategy)
+    before = [v.numpy() for v in model.variables]
+    tracker = hessian.FlatnessTracker(model, strategy, dataset_fn,
+                                      num_batches=2, iterations=30)
+    first = tracker.measure()
+    for value, variable in zip(before, model.variables):
+      self.assertAllEqual(value, variable.numpy())
+    # The exact spectrum of the same operator, by dense Lanczos.
+    with hessian.preserved_state(model, strategy):
+      batches = hessian.Batches(strategy, dataset_fn, 2)
+      hessian.recalibrate_batch_norm(model, batches)
+      objective = hessian.Objective(hessian.classification_loss(model),
+                                    model.trainable_variables, batches)
+      n = objective.num_parameters
+      dense = np.stack([objective.hvp(e) for e in np.eye(n, dtype=np.float32)])
+    eigenvalues = np.linalg.eigvalsh(0.5 * (dense + dense.T))
+    dominant = eigenvalues[np.argmax(np.abs(eigenvalues))]
+    self.assertAlmostEqual(first["flatness/lambda_max"] / dominant, 1.0,
+                           delta=0.05)
+    self.assertTrue(np.isfinite(first["flatness/hessian_trace"]))
+    second = tracker.measure()  # Warm start: at least as converged.
+    self.assertAlmostEqual(second["flatness/lambda_max"] / dominant, 1.0,
+                           delta=0.01)
+
+
+def setUpModule():
+  distribution.logical_cpus(2)  # Before TensorFlow starts up.
+
+
+if __name__ == "__main__":
+  tf.test.main()

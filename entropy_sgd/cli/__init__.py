@@ -1,0 +1,1 @@
+"""The launchers' shared flags and entry point: the top layer."""

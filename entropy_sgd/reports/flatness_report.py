@@ -1,0 +1,262 @@
+"""Flatness against generalisation, over many measured runs.
+
+Input: one directory per measured run, as the measuring commands of
+docs/flatness.md write them:
+
+    RUN/config.json, RUN/summary.json      copied from the run directory
+    RUN/flatness/landscape.json            //launch:landscape on 10 batches
+    RUN/train/landscape.json               //launch:landscape --batches=0
+                                           --measures= (the whole training set)
+
+Output (`write_report`): flatness.csv (one row per run), flatness.md and
+one scatter plot per measure. The generalisation gap is test error minus
+training error, in percentage points, both at the final weights. For each
+measure:
+
+* per experiment (runs that differ only in the seed): mean ± std over seeds;
+* per (dataset, model, recipe): Entropy-SGD minus its baseline, with the
+  Welch standard error of the difference;
+* per dataset, over all its runs: Kendall's tau-b between the measure and the
+  gap, with a percentile bootstrap 95% interval over runs (Jiang et al. 2020
+  rank measures this way; Dziugaite et al. 2020 on why a single pair says
+  little).
+"""
+
+import csv
+import dataclasses
+import math
+import os
+from typing import Dict, List, Sequence, Tuple
+
+from matplotlib.figure import Figure  # No pyplot: no global backend.
+import numpy as np
+
+from entropy_sgd.reports import results as results_lib
+from entropy_sgd.train import run_dir as run_dir_lib
+from entropy_sgd.workloads import models as models_lib
+
+# (column, landscape.json key or a function of it, what it is).
+MEASURES = (
+    ("lambda_max", lambda r: r["hessian_top_eigenvalues"][0],
+     "Hessian's largest eigenvalue (scale-dependent)"),
+    ("hessian_trace", lambda r: r["hessian_trace"],
+     "Hessian trace, Hutchinson (scale-dependent)"),
+    ("epsilon_sharpness", lambda r: r["epsilon_sharpness"],
+     "Keskar et al. epsilon-sharpness, % (box epsilon (|w| + 1))"),
+    ("adaptive_sharpness_worst", lambda r: r["adaptive_sharpness_worst"],
+     "worst-case adaptive sharpness (Andriushchenko et al. 2023)"),
+    ("adaptive_sharpness_average", lambda r: r["adaptive_sharpness_average"],
+     "average adaptive sharpness (Andriushchenko et al. 2023)"),
+    ("pac_bayes_flatness", lambda r: r["pac_bayes_flatness"],
+     "magnitude-aware PAC-Bayes 1/sigma'^2 (Jiang et al. 2020)"),
+)
+BOOTSTRAP_SAMPLES = 2000
+
+
+class ReportError(ValueError):
+  """A directory is not a measured run; the message says what is missing."""
+
+
+@dataclasses.dataclass
+class MeasuredRun:
+  path: str
+  dataset: str
+  model: str
+  recipe: str
+  init: str  # The model's own when unset.
+  optimizer: str
+  seed: int
+  test_error: float  # %
+  train_error: float  # %
+  measures: Dict[str, float]
+
+  @property
+  def gap(self) -> float:
+    return self.test_error - self.train_error
+
+  @property
+  def experiment(self) -> Tuple[str, str, str, str, str]:
+    return (self.dataset, self.model, self.recipe, self.init, self.optimizer)
+
+
+def _read(path: str) -> Dict:
+  try:
+    return run_dir_lib.read_json(path)
+  except (OSError, ValueError) as e:
+    raise ReportError(f"{path}: cannot read it ({e}); measure the run with "
+                      f"the commands of docs/flatness.md first.") from None
+
+
+def load(path: str) -> MeasuredRun:
+  config = _read(os.path.join(path, run_dir_lib.CONFIG_FILE))
+  summary = _read(os.path.join(path, run_dir_lib.SUMMARY_FILE))
+  flatness = _read(os.path.join(path, "flatness", "landscape.json"))
+  train = _read(os.path.join(path, "train", "landscape.json"))
+  measures = {}
+  for name, read, _ in MEASURES:
+    try:
+      measures[name] = float(read(flatness))
+    except (KeyError, IndexError, TypeError):
+      measures[name] = math.nan
+  return MeasuredRun(
+      path=path, dataset=config["dataset"], model=config["model"],
+      recipe=config.get("recipe", "reference_code"),
+      init=config.get("init") or models_lib.spec(config["model"]).default_init,
+      optimizer=results_lib.optimizer_label(config),
+      seed=int(config["seed"]),
+      test_error=100.0 * (1.0 - float(summary["final_test_accuracy"])),
+      # float32 sums of hits can exceed 1 by rounding: no negative error.
+      train_error=max(0.0, 100.0 * (1.0 - float(train["accuracy"]))),
+      measures=measures)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+  """Kendall's tau-b (ties counted as in scipy.stats.kendalltau)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  concordant = discordant = ties_x = ties_y = 0
+  for i in range(len(x)):
+    dx, dy = np.sign(x[i + 1:] - x[i]), np.sign(y[i + 1:] - y[i])
+    concordant += int(np.sum(dx * dy > 0))
+    discordant += int(np.sum(dx * dy < 0))
+    ties_x += int(np.sum((dx == 0) & (dy != 0)))
+    ties_y += int(np.sum((dy == 0) & (dx != 0)))
+  denominator = math.sqrt((concordant + discordant + ties_x) *
+                          (concordant + discordant + ties_y))
+  return (concordant - discordant) / denominator if denominator else math.nan
+
+
+def bootstrap_interval(x, y, samples: int = BOOTSTRAP_SAMPLES,
+                       seed: int = 0) -> Tuple[float, float]:
+  """95% percentile interval of tau-b over runs resampled with replacement."""
+  x, y = np.asarray(x), np.asarray(y)
+  rng = np.random.default_rng(seed)
+  taus = []
+  for _ in range(samples):
+    index = rng.integers(len(x), size=len(x))
+    tau = kendall_tau(x[index], y[index])
+    if math.isfinite(tau):
+      taus.append(tau)
+  if not taus:
+    return math.nan, math.nan
+  return float(np.percentile(taus, 2.5)), float(np.percentile(taus, 97.5))
+
+
+def _mean_std(values):
+  values = [v for v in values if math.isfinite(v)]
+  if not values:
+    return math.nan, math.nan, 0
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+  return float(np.mean(values)), std, len(values)
+
+
+def _fmt(value, digits=4):
+  return "n/a" if not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
+  """Writes flatness.csv, flatness.md and the scatter plots; their paths."""
+  runs = sorted((load(p) for p in paths),
+                key=lambda r: (r.experiment, r.seed))
+  if not runs:
+    raise ReportError("no measured runs given.")
+  os.makedirs(output_dir, exist_ok=True)
+  written = [os.path.join(output_dir, "flatness.csv")]
+  with open(written[0], "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["dataset", "model", "recipe", "init", "optimizer", "seed",
+                     "test_error", "train_error", "gap"] +
+                    [name for name, _, _ in MEASURES])
+    for r in runs:
+      writer.writerow([r.dataset, r.model, r.recipe, r.init, r.optimizer,
+                       r.seed,
+                       r.test_error, r.train_error, r.gap] +
+                      [r.measures[name] for name, _, _ in MEASURES])
+  lines = ["# Flatness against generalisation", "",
+           "Per run: `flatness.csv`. Errors in %, gap = test error − "
+           "training error (whole training set), at the final weights. "
+           "Measures on 10 training batches, BatchNorm in inference mode "
+           "(`docs/flatness.md`).", "", "## Per experiment (mean ± std over "
+           "seeds)", "",
+           "| dataset | model | recipe | init | optimizer | seeds | gap | " +
+           " | ".join(name for name, _, _ in MEASURES) + " |",
+           "|" + "---|" * (7 + len(MEASURES))]
+  experiments: Dict[Tuple, List[MeasuredRun]] = {}
+  for r in runs:
+    experiments.setdefault(r.experiment, []).append(r)
+  for key, members in experiments.items():
+    gap = _mean_std([m.gap for m in members])
+    cells = [f"{_fmt(gap[0], 3)} ± {_fmt(gap[1], 2)}"]
+    for name, _, _ in MEASURES:
+      mean, std, _ = _mean_std([m.measures[name] for m in members])
+      cells.append(f"{_fmt(mean)} ± {_fmt(std, 2)}")
+    lines.append("| " + " | ".join(list(key) + [str(len(members))] + cells)
+                 + " |")
+  lines += ["", "## Entropy-SGD minus its baseline (difference of means ± "
+            "Welch standard error; n/a with one seed on a side)", ""]
+  lines.append("| dataset | model | recipe | init | baseline | " +
+               " | ".join(name for name, _, _ in MEASURES) + " |")
+  lines.append("|" + "---|" * (5 + len(MEASURES)))
+  for key, members in experiments.items():
+    if not key[4].startswith("entropy_sgd"):
+      continue
+    for other_key, others in experiments.items():
+      if other_key[:4] != key[:4] or other_key[4].startswith("entropy_sgd"):
+        continue
+      cells = []
+      for name, _, _ in MEASURES:
+        a = _mean_std([m.measures[name] for m in members])
+        b = _mean_std([m.measures[name] for m in others])
+        error = (math.sqrt(a[1]**2 / a[2] + b[1]**2 / b[2])
+                 if a[2] > 1 and b[2] > 1 else math.nan)
+        cells.append(f"{_fmt(a[0] - b[0])} ± {_fmt(error, 2)}")
+      lines.append("| " + " | ".join(list(key[:4]) + [other_key[4]] + cells)
+                   + " |")
+  lines += ["", "## Rank correlation with the gap, over all runs of a "
+            "dataset (Kendall tau-b, bootstrap 95% interval over runs)", "",
+            "| dataset | runs | measure | tau | 95% interval | what it is |",
+            "|---|---|---|---|---|---|"]
+  for dataset in sorted({r.dataset for r in runs}):
+    members = [r for r in runs if r.dataset == dataset]
+    for name, _, about in MEASURES:
+      pairs = [(r.measures[name], r.gap) for r in members
+               if math.isfinite(r.measures[name])]
+      if len(pairs) < 3:
+        continue
+      x, y = zip(*pairs)
+      low, high = bootstrap_interval(x, y)
+      lines.append(f"| {dataset} | {len(pairs)} | {name} | "
+                   f"{_fmt(kendall_tau(x, y), 3)} | [{_fmt(low, 2)}, "
+                   f"{_fmt(high, 2)}] | {about} |")
+      written.append(_scatter(members, name, about, dataset, output_dir))
+  lines += [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
+                   for p in written[1:]]
+  markdown = os.path.join(output_dir, "flatness.md")
+  with open(markdown, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return [markdown] + written
+
+
+def _scatter(runs, name, about, dataset, output_dir) -> str:
+  figure = Figure(figsize=(5.5, 4))
+  axis = figure.subplots()
+  labels = sorted({f"{r.model}, {r.optimizer}" for r in runs})
+  for index, label in enumerate(labels):
+    points = [(r.measures[name], r.gap) for r in runs
+              if f"{r.model}, {r.optimizer}" == label and
+              math.isfinite(r.measures[name])]
+    if points:
+      x, y = zip(*points)
+      axis.scatter(x, y, color=f"C{index % 10}", label=label,
+                   marker="o" if "entropy_sgd" in label else "s")
+  axis.set_xlabel(f"{name}\n({about})", fontsize=8)
+  axis.set_ylabel("test − training error (points)")
+  if all(r.measures[name] > 0 for r in runs
+         if math.isfinite(r.measures[name])):
+    axis.set_xscale("log")
+  axis.grid(alpha=0.3)
+  axis.legend(fontsize=6)
+  axis.set_title(f"{dataset}: {name} against the gap", fontsize=9)
+  figure.tight_layout()
+  path = os.path.join(output_dir, f"{dataset}_{name}.png")
+  figure.savefig(path, dpi=110)
+  return path

@@ -1,0 +1,104 @@
+"""Kendall's tau against brute force, and the report on fake measured runs."""
+
+import itertools
+import json
+import math
+import os
+
+from absl.testing import absltest
+import numpy as np
+
+from entropy_sgd.reports import flatness_report
+
+
+def brute_force_tau_b(x, y):
+  """tau-b from its definition, pair by pair."""
+  n_c = n_d = t_x = t_y = 0
+  for i, j in itertools.combinations(range(len(x)), 2):
+    dx, dy = x[i] - x[j], y[i] - y[j]
+    if dx * dy > 0:
+      n_c += 1
+    elif dx * dy < 0:
+      n_d += 1
+    elif dx == 0 and dy != 0:
+      t_x += 1
+    elif dy == 0 and dx != 0:
+      t_y += 1
+  return (n_c - n_d) / math.sqrt((n_c + n_d + t_x) * (n_c + n_d + t_y))
+
+
+def write_measured(root, name, opt, seed, test_accuracy, train_accuracy,
+                   trace):
+  path = os.path.join(root, name)
+  for sub in ("flatness", "train"):
+    os.makedirs(os.path.join(path, sub))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"dataset": "mnist", "model": "lenet", "opt": opt, "L": 20,
+               "seed": seed, "precision": "float32"}, f)
+  with open(os.path.join(path, "summary.json"), "w") as f:
+    json.dump({"final_test_accuracy": test_accuracy}, f)
+  with open(os.path.join(path, "flatness", "landscape.json"), "w") as f:
+    json.dump({"hessian_top_eigenvalues": [2 * trace], "hessian_trace": trace,
+               "epsilon_sharpness": 1.0, "adaptive_sharpness_worst": trace,
+               "adaptive_sharpness_average": -trace,
+               "pac_bayes_flatness": 3.0}, f)
+  with open(os.path.join(path, "train", "landscape.json"), "w") as f:
+    json.dump({"accuracy": train_accuracy}, f)
+  return path
+
+
+class KendallTest(absltest.TestCase):
+
+  def test_matches_the_definition_with_and_without_ties(self):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+      x = rng.integers(0, 4, size=9).astype(float)
+      y = rng.integers(0, 4, size=9).astype(float)
+      if len(set(x)) < 2 or len(set(y)) < 2:
+        continue
+      self.assertAlmostEqual(flatness_report.kendall_tau(x, y),
+                             brute_force_tau_b(x, y))
+    self.assertEqual(flatness_report.kendall_tau([1, 2, 3], [4, 5, 6]), 1.0)
+    self.assertEqual(flatness_report.kendall_tau([1, 2, 3], [6, 5, 4]), -1.0)
+
+  def test_bootstrap_of_a_perfect_order(self):
+    low, high = flatness_report.bootstrap_interval(range(8), range(8))
+    self.assertEqual((low, high), (1.0, 1.0))
+
+
+class ReportTest(absltest.TestCase):
+
+  def test_report_on_fake_runs(self):
+    root = self.create_tempdir().full_path
+    paths = [
+        write_measured(root, "a0", "nesterov", 0, 0.990, 1.000, 1.0),
+        write_measured(root, "a1", "nesterov", 1, 0.992, 1.000, 2.0),
+        write_measured(root, "b0", "entropy_sgd", 0, 0.995, 0.999, 3.0),
+        write_measured(root, "b1", "entropy_sgd", 1, 0.994, 0.999, 5.0)]
+    out = os.path.join(root, "out")
+    written = flatness_report.write_report(paths, out)
+    runs = [flatness_report.load(p) for p in paths]
+    self.assertAlmostEqual(runs[0].gap, 1.0)  # 1.0 - 0.0 points.
+    self.assertAlmostEqual(runs[2].gap, 0.4)
+    with open(written[0]) as f:
+      text = f.read()
+    # The table's tau is the definition's, from the runs' own numbers.
+    gaps = [r.gap for r in runs]
+    traces = [r.measures["hessian_trace"] for r in runs]
+    tau = brute_force_tau_b(traces, gaps)
+    self.assertIn(f"| mnist | 4 | hessian_trace | {tau:.3g} |", text)
+    # Entropy-SGD minus Nesterov on the trace: 4 - 1.5 = 2.5.
+    self.assertIn("| mnist | lenet | reference_code | he | nesterov | ", text)
+    self.assertIn("| 2.5 ± ", text)
+    self.assertTrue(os.path.exists(os.path.join(out, "flatness.csv")))
+    self.assertTrue(os.path.exists(os.path.join(out,
+                                                "mnist_hessian_trace.png")))
+
+  def test_missing_measures_are_one_line(self):
+    with self.assertRaisesRegex(flatness_report.ReportError,
+                                "cannot read it"):
+      flatness_report.load(self.create_tempdir().full_path)
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,2 @@
+"""The training system: configuration and presets, the run directory, the
+loop. Imports core, workloads and analysis."""

@@ -21,139 +21,6 @@ from entropy_sgd.train import training
 from entropy_sgd.workloads import data as data_lib
 from entropy_sgd.workloads import models
 
-_HELP = {
-    "dataset": "Dataset (set by the launcher).",
-    "data_dir": "Local copy: a folder holding cifar-10-batches-bin/ or "
-                "cifar-100-binary/ (plain or .gz), or the four MNIST IDX "
-                "files (plain or .gz). Unset: tensorflow-datasets.",
-    "log_dir": "Parent of the run directories (TensorBoard, checkpoints).",
-    "run_name": "Run directory under --log_dir; unset: derived from dataset, "
-                "model, opt, L and seed. An existing run resumes.",
-    "model": "mnistfc or lenet (MNIST; mnistfc-iclr17 and lenet-iclr17: as "
-             "the paper's runs built them), allcnn (All-CNN-BN) or Wide ResNet "
-             "wrn-DEPTH-WIDTH, e.g. wrn-28-10 or wrn-16-1 (CIFAR). Unset: "
-             "the dataset's default.",
-    "dropout": "Dropout rate: inside the WRN blocks (default 0), after the "
-               "hidden layers of mnistfc/lenet/allcnn (default 0.5).",
-    "init": "Initialisation of the paper's nets: he (He-normal, Glorot "
-            "logits) or torch (Torch7's default reset(): U(+-1/sqrt(fan_in)) "
-            "weights and biases, BatchNorm scale U(0, 1)). Unset: the "
-            "model's own (torch for the -iclr17 nets).",
-    "recipe": "Which published recipe fills the unset flags: "
-              "reference_code (the public ucla-vision/entropy-sgd code) or "
-              "paper (the ICLR 2017 text, and the January 2017 Lua code of "
-              "its runs where the text is silent). See docs/training.md.",
-    "opt": "Optimizer: sgd (heavy-ball momentum --momentum), nesterov, adam "
-           "(Torch's optim.adam), sam (sharpness-aware, Nesterov base, 2 "
-           "gradient evaluations per step) or entropy_sgd. Chooses the "
-           "preset of every unset flag.",
-    "sam_rho": "SAM: neighbourhood radius rho. Unset: 0.05 (SAM), 0.5 "
-               "(--sam_adaptive).",
-    "sam_adaptive": "SAM: adaptive SAM (ASAM), eps = rho T^2 g / ||T g|| "
-                    "with T = |w| + --sam_eta.",
-    "sam_eta": "ASAM: eta in T = |w| + eta.",
-    "sam_perturbation": "SAM under several replicas: per_replica (each "
-                        "replica ascends along its own gradient, "
-                        "m-sharpness, as Foret et al.) or synchronized "
-                        "(along the all-reduced gradient).",
-    "adam_beta1": "Adam: decay of the first-moment average.",
-    "adam_beta2": "Adam: decay of the second-moment average.",
-    "adam_epsilon": "Adam: added to sqrt(v) before the bias correction "
-                    "(Torch's placement).",
-    "preprocess": "CIFAR input normalisation: standardize (per-channel "
-                  "mean and std of the training images) or gcn_zca (global "
-                  "contrast normalisation, then ZCA whitening fitted on the "
-                  "training split; the paper's Sec. 5.2).",
-    "epochs": "Outer epochs (train_examples / batch_size outer steps each; "
-              "an Entropy-SGD epoch is L passes over the data).",
-    "batch_size": "Global minibatch size (split over replicas).",
-    "lr": "Learning rate (Entropy-SGD: the outer rate eta).",
-    "lr_decay_epochs": "Outer epochs (fractions allowed) at which the "
-                       "learning rate is "
-                       "multiplied by --lr_decay_factor.",
-    "lr_decay_factor": "Learning-rate decay factor.",
-    "momentum": "Momentum of sgd/nesterov (Entropy-SGD takes its momentum "
-                "from --conventions).",
-    "weight_decay": "L2 weight decay (Entropy-SGD: in the Langevin steps).",
-    "L": "Entropy-SGD: Langevin steps (gradient evaluations) per update.",
-    "langevin_lr": "Entropy-SGD: SGLD step size eta'.",
-    "noise": "Entropy-SGD: thermal noise eps.",
-    "gamma": "Entropy-SGD: initial scope gamma0.",
-    "scoping": "Entropy-SGD: gamma1; gamma_t = gamma0 (1 + gamma1)^t.",
-    "alpha": "Entropy-SGD: running-mean weight (meaning set by "
-             "--conventions).",
-    "conventions": "Entropy-SGD: paper, lua_reference or pytorch_reference "
-                   "(docs/conventions.md).",
-    "outer_weight_decay": "Entropy-SGD: add the weight decay to the outer "
-                          "step's direction too (true) or keep it in the "
-                          "inner loop only (false). Unset: the "
-                          "--conventions' own (only pytorch_reference adds "
-                          "it).",
-    "parle": "Entropy-SGD: Parle mode; each replica runs its own chain and "
-             "the replicas average elastically once per outer step.",
-    "rho": "Parle: coupling rho0 of the replicas to their mean (inf: exact "
-           "averaging).",
-    "rho_scoping": "Parle: rho_t = rho0 (1 + rho_scoping)^t.",
-    "seed": "Seed of initialisation, data order, augmentation and noise.",
-    "jit": "Compile the per-replica step with XLA.",
-    "noise_kernel": "Entropy-SGD: which implementation draws the Langevin "
-                    "noise. auto: the compiled CPU kernel when it loads and "
-                    "applies (no GPU, no --jit, no TPU), else TensorFlow's "
-                    "ops; on: the kernel, or stop with one line saying why "
-                    "not; off: TensorFlow's ops. The two draw the same "
-                    "distribution but differ at float round-off, so the "
-                    "resolved choice is logged and recorded in config.json, "
-                    "and a resume that would switch it is refused. "
-                    "ENTROPY_SGD_NOISE_KERNEL=PATH loads that library "
-                    "instead of the packaged one.",
-    "precision": "float32; mixed_bfloat16 (forward and backward passes in "
-                 "bfloat16, fast on CPUs with AVX512_BF16, TPUs and recent "
-                 "GPUs); or mixed_float16 (float16 with dynamic loss "
-                 "scaling, for GPUs). Parameters, optimizer state (x, mu, "
-                 "momenta), BatchNorm statistics and the loss stay float32. "
-                 "See docs/mixed_precision.md.",
-    "max_steps": "Stop after this many outer steps in total (then evaluate "
-                 "and checkpoint); for smoke runs.",
-    "strategy": "default (one device); mirrored (all local GPUs, else "
-                "--num_devices logical CPUs); multi_worker "
-                "(MultiWorkerMirroredStrategy over the workers in TF_CONFIG, "
-                "all GPUs of each, else one CPU each); tpu (TPUStrategy on "
-                "--tpu). See docs/scaling_out.md.",
-    "num_devices": "Logical CPU devices for --strategy=mirrored without GPUs.",
-    "tpu": "--strategy=tpu: TPU name or grpc://HOST:8470 address for "
-           "TPUClusterResolver; empty: the local TPU (Cloud TPU VM).",
-    "sync_batch_norm": "Synchronised BatchNorm: batch statistics of the "
-                       "global batch (all replicas) instead of each "
-                       "replica's share.",
-    "validation_examples": "Hold out the last N training images as a clean "
-                           "validation split.",
-    "augment": "Training augmentation: flip_crop (WRN standard), flip_rotate "
-               "(TF1 project), flip_crop_rotate or none.",
-    "rotation_degrees": "Maximum rotation angle of flip_rotate augmentation.",
-    "recalibrate_bn": "Entropy-SGD: recompute BatchNorm statistics at the "
-                      "anchor weights before each evaluation.",
-    "recalibration_batches": "Batches fed to recompute BatchNorm statistics.",
-    "log_every_steps": "Log and summarise every N outer steps.",
-    "steps_per_loop": "Outer steps per compiled call (fewer Python round "
-                      "trips on small models). Logging, the NaN check, "
-                      "evaluation and checkpoints happen between calls.",
-    "eval_every_steps": "Also evaluate and checkpoint every N outer steps "
-                        "(besides every epoch).",
-    "track_flatness_every_steps": "Every N outer steps, log "
-                                  "flatness/lambda_max and "
-                                  "flatness/hessian_trace at x: 10 power and "
-                                  "10 Hutchinson iterations of the Hessian on "
-                                  "2 fixed training batches "
-                                  "(docs/flatness.md). Unset: off.",
-    "keep_checkpoints": "Checkpoints kept in the run directory.",
-    "deterministic": "Enable TF op determinism (bit-reproducible, slower).",
-    "allow_config_change": "Resume a run under settings that define another "
-                           "experiment (e.g. a new --lr); the change is "
-                           "logged and recorded in config.json with its "
-                           "step. Without it such a resume is refused.",
-}
-
-
 def _preset_note(name, dataset):
   """The presets' values of field `name`, as " [model/opt: value, ...]"."""
   model = config_lib.DEFAULT_MODELS[dataset]
@@ -194,7 +61,8 @@ def define_flags(dataset: str = "cifar10"):
     name, hint = field.name, hints[field.name]
     if name == "dataset":
       continue
-    help_text = _HELP[name] + _preset_note(name, dataset)
+    help_text = field.metadata[config_lib.HELP] + _preset_note(
+        name, dataset)
     if name == "opt":
       flags.DEFINE_enum(name, "nesterov", config_lib.OPTIMIZERS, help_text)
     elif hint is bool:

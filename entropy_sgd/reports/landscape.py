@@ -36,6 +36,7 @@ import tensorflow as tf
 
 from entropy_sgd.analysis import adaptive_flatness
 from entropy_sgd.analysis import hessian
+from entropy_sgd.core import chrono
 from entropy_sgd.core import noise as noise_lib
 from entropy_sgd.core import train_step as train_step_lib
 from entropy_sgd.train import config as config_lib
@@ -327,7 +328,7 @@ class Progress:
         stage]
     for kind, count in dict(self._plan)[stage].items():
       self._done[stage][kind] = count
-    self._log(f"{stage} done in {_duration(self.stage_seconds[stage])}")
+    self._log(f"{stage} done in {chrono.format_duration(self.stage_seconds[stage])}")
     self._stage = None
 
   def on_pass(self, kind: str, seconds: float):
@@ -368,13 +369,8 @@ class Progress:
                for s, kinds in self._plan for k, n in kinds.items())
     logging.info("landscape: %s; overall %.0f%%, elapsed %s, ETA %s", what,
                  100.0 * done / max(total, 1e-9),
-                 _duration(time.perf_counter() - self._start),
-                 _duration(self.remaining_seconds()))
-
-
-def _duration(seconds):
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+                 chrono.format_duration(time.perf_counter() - self._start),
+                 chrono.format_duration(self.remaining_seconds()))
 
 
 # ------------------------------------------------------------------- Runs.

@@ -21,18 +21,14 @@ field except
 Everything else, `max_steps`, `epochs` and `eval_every_steps` included, tells
 experiments apart.
 
-Series: TensorBoard's step axis is gradient evaluations; it becomes
-effective epochs by the ratio of the last `progress/effective_epoch` point
-to its step, as in `entropy_sgd.reports.plotting`. A resumed run has one event file
-(segment) per start; a later segment replaces what earlier ones logged from
-its first step on (those points were lost with the interrupted process), and
-the run's wall time is the sum over segments of last minus first event time.
+Series and wall times come from `entropy_sgd.reports.events`, which also
+serves the plots: steps become effective epochs, and a resumed run's later
+event files replace what earlier ones logged from their first step on.
 """
 
 import ast
 import csv
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -42,26 +38,23 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from matplotlib.figure import Figure  # No pyplot: no global backend.
 import numpy as np
-import tensorflow as tf
-from tensorboard.compat.proto import event_pb2
-from tensorboard.plugins.hparams import metadata as hparams_metadata
 
+from entropy_sgd.core import chrono
+from entropy_sgd.reports import events
 from entropy_sgd.train import config as config_lib
 from entropy_sgd.train import run_dir as run_dir_lib
 from entropy_sgd.workloads import models as models_lib
 
 CONFIG_FILE = run_dir_lib.CONFIG_FILE
 SUMMARY_FILE = run_dir_lib.SUMMARY_FILE
-EVENT_FILE_GLOB = "events.out.tfevents.*"
+EVENT_FILE_GLOB = events.EVENT_FILE_GLOB
 MARKDOWN_FILE = "results.md"
 CSV_FILE = "results.csv"
 
 # Fields that never tell experiments apart.
-IGNORED_FIELDS = frozenset({
-    "seed", "log_dir", "run_name", "data_dir", "log_every_steps",
-    "keep_checkpoints", "jit", "steps_per_loop", "deterministic", "tpu",
-    "allow_config_change", "config_changes", "noise_kernel",
-    config_lib.NOISE_IMPLEMENTATION, config_lib.NOISE_IMPLEMENTATION_REASON})
+IGNORED_FIELDS = config_lib.NOT_EXPERIMENT_FIELDS | {
+    "config_changes", config_lib.NOISE_IMPLEMENTATION,
+    config_lib.NOISE_IMPLEMENTATION_REASON}
 # Table 1 of the paper (pratikac/explore-hessian
 # doc/chaudhari.choromanska.ea.iclr17.tex at 4eed403, `tab:expts`):
 # (dataset, model family, opt) -> (error %, its std over runs, the effective
@@ -76,28 +69,11 @@ PAPER_TABLE_1 = {
     ("cifar10", "allcnn", "entropy_sgd"): (7.81, 0.09, 160),
 }
 
-Series = Tuple[np.ndarray, np.ndarray]  # (effective epochs, values), sorted.
-
-
-class NotARunError(ValueError):
-  """A directory is not a readable run directory; the message says why."""
+Series = events.Series
+NotARunError = events.NotARunError
 
 
 # Reading one run.
-
-
-@dataclasses.dataclass
-class Segment:
-  """One event file: what one start of the run logged."""
-  first_wall_time: float
-  last_wall_time: float
-  points: Dict[str, Dict[int, float]]  # tag -> {step: value}
-  hparams: Optional[Dict[str, Any]]  # The hparams summary, if any.
-
-  @property
-  def first_step(self) -> Optional[int]:
-    steps = [min(points) for points in self.points.values() if points]
-    return min(steps) if steps else None
 
 
 @dataclasses.dataclass
@@ -116,100 +92,6 @@ class Run:
   def last_value(self, tag: str) -> float:
     """The last point of `tag`, NaN when it has none."""
     return float(self.scalars[tag][1][-1]) if tag in self.scalars else math.nan
-
-
-def _scalar_value(value) -> Optional[float]:
-  """A summary value as a float, None unless it is a numeric scalar."""
-  if value.tag.startswith("_hparams_/"):
-    return None
-  if value.HasField("tensor"):
-    array = tf.make_ndarray(value.tensor)
-    if array.ndim or array.dtype.kind not in "fiu":
-      return None
-    return float(array)
-  if value.WhichOneof("value") == "simple_value":  # TF1-style summaries.
-    return float(value.simple_value)
-  return None
-
-
-def _hparams_of(value) -> Optional[Dict[str, Any]]:
-  """The hyperparameters of an hparams session-start summary, else None."""
-  if (value.tag != hparams_metadata.SESSION_START_INFO_TAG or
-      not value.metadata.plugin_data.content):
-    return None
-  info = hparams_metadata.parse_session_start_info_plugin_data(
-      value.metadata.plugin_data.content)
-  return {name: getattr(v, v.WhichOneof("kind"))
-          for name, v in info.hparams.items() if v.WhichOneof("kind")}
-
-
-def read_segment(event_file: str) -> Segment:
-  """Scalars, wall times and hparams of one event file.
-
-  A record cut short (the run is still writing) ends the file early.
-  """
-  points, hparams, wall_times = {}, None, []
-  records = iter(tf.data.TFRecordDataset(event_file))
-  while True:
-    try:
-      record = next(records)
-    except StopIteration:
-      break
-    except tf.errors.DataLossError:
-      break
-    event = event_pb2.Event.FromString(record.numpy())
-    wall_times.append(event.wall_time)
-    for value in event.summary.value:
-      hparams = _hparams_of(value) or hparams
-      scalar = _scalar_value(value)
-      if scalar is not None:
-        points.setdefault(value.tag, {})[event.step] = scalar
-  if not wall_times:
-    return Segment(math.nan, math.nan, {}, None)
-  return Segment(min(wall_times), max(wall_times), points, hparams)
-
-
-def merge_segments(segments: Sequence[Segment]) -> Dict[str, Dict[int, float]]:
-  """The run's points by tag; a later segment overrides from its first step.
-
-  A resumed run restarts from a checkpoint at or before the first step it
-  logs again, so whatever earlier segments logged from that step on belongs
-  to the interrupted trajectory and is dropped.
-  """
-  merged: Dict[str, Dict[int, float]] = {}
-  for segment in sorted(segments, key=lambda s: s.first_wall_time):
-    restart = segment.first_step
-    if restart is not None:
-      for points in merged.values():
-        for step in [s for s in points if s >= restart]:
-          del points[step]
-    for tag, points in segment.points.items():
-      merged.setdefault(tag, {}).update(points)
-  return merged
-
-
-def wall_time_seconds(segments: Sequence[Segment]) -> float:
-  """Training time: per segment last minus first event, summed (no gaps)."""
-  return float(sum(s.last_wall_time - s.first_wall_time for s in segments
-                   if not math.isnan(s.first_wall_time)))
-
-
-def to_effective_epochs(points: Dict[str, Dict[int, float]],
-                        run_dir: str) -> Dict[str, Series]:
-  """Sorted series by tag, steps converted to effective epochs."""
-  progress = points.get("progress/effective_epoch")
-  if not progress:
-    raise NotARunError(
-        f"{run_dir}: its events have no progress/effective_epoch scalar "
-        f"(training has not logged a step yet?)")
-  last_step = max(progress)
-  epochs_per_step = progress[last_step] / last_step if last_step else 0.0
-  series = {}
-  for tag, by_step in points.items():
-    steps = np.array(sorted(by_step), np.float64)
-    series[tag] = (steps * epochs_per_step,
-                   np.array([by_step[s] for s in sorted(by_step)]))
-  return series
 
 
 def _coerce_hparam(value: Any, hint: Any) -> Any:
@@ -252,27 +134,22 @@ def _read_json(path: str, run_dir: str) -> Dict[str, Any]:
                        f"({e})") from None
 
 
-def event_files(run_dir: str) -> List[str]:
-  return sorted(glob.glob(os.path.join(glob.escape(run_dir),
-                                       EVENT_FILE_GLOB)))
-
-
 def is_run_dir(path: str) -> bool:
   """Whether `path` looks like a run directory (config.json or events)."""
   return os.path.isdir(path) and (
       os.path.exists(os.path.join(path, CONFIG_FILE)) or
-      bool(event_files(path)))
+      bool(events.event_files(path)))
 
 
 def load_run(run_dir: str) -> Run:
   """Reads one run directory; raises NotARunError naming what is missing."""
   if not os.path.isdir(run_dir):
     raise NotARunError(f"{run_dir}: no such directory")
-  files = event_files(run_dir)
+  files = events.event_files(run_dir)
   if not files:
     raise NotARunError(f"{run_dir}: not a run directory, it has no "
                        f"TensorBoard event files ({EVENT_FILE_GLOB})")
-  segments = [read_segment(f) for f in files]
+  segments = [events.read_segment(f) for f in files]
   config_path = os.path.join(run_dir, CONFIG_FILE)
   if os.path.exists(config_path):
     config = normalize_config(run_dir_lib.decode_config(
@@ -288,8 +165,9 @@ def load_run(run_dir: str) -> Run:
   summary = (_read_json(summary_path, run_dir)
              if os.path.exists(summary_path) else None)
   return Run(run_dir=run_dir, config=config,
-             scalars=to_effective_epochs(merge_segments(segments), run_dir),
-             wall_time_seconds=wall_time_seconds(segments), summary=summary)
+             scalars=events.to_effective_epochs(events.merge_segments(segments),
+                                              run_dir),
+             wall_time_seconds=events.wall_time_seconds(segments), summary=summary)
 
 
 def expand_run_dirs(paths: Sequence[str]) -> List[str]:
@@ -541,14 +419,6 @@ def summarize_group(group: Group) -> Row:
       run_dirs=";".join(r.run_dir for r in runs))
 
 
-def format_duration(seconds: float) -> str:
-  """h:mm:ss; "n/a" for NaN."""
-  if not math.isfinite(seconds):
-    return "n/a"
-  seconds = int(round(seconds))
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def format_mean_std(mean: float, std: float, seeds: int) -> str:
   """"12.34 ± 0.56"; "12.34 ± —" for one seed; "n/a" without values."""
   if not math.isfinite(mean):
@@ -609,7 +479,7 @@ def write_markdown(rows: Sequence[Row], path: str,
     if with_validation:
       cells.append(format_mean_std(r.final_validation_error_mean,
                                    r.final_validation_error_std, r.seeds))
-    cells.append(format_duration(r.wall_time_seconds))
+    cells.append(chrono.format_duration(r.wall_time_seconds))
     lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) +
                  " |")
   lines += _paper_protocol_table(rows)

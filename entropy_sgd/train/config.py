@@ -49,65 +49,338 @@ class ConfigError(ValueError):
   """An invalid setting; the message names it and says how to fix it."""
 
 
+# What each TrainConfig field says about itself (its dataclasses metadata):
+# the flag's help; when a run reads it (a predicate of the settings dict);
+# whether it tells experiments apart; whether a resume may change it. The
+# flags, --helpfull, the results' grouping and the resume check derive from
+# it.
+HELP = "help"
+READ_WHEN = "read_when"
+EXPERIMENT = "experiment"
+RESUME_MAY_CHANGE_KEY = "resume_may_change"
+
+
+def _always(unused_values) -> bool:
+  return True
+
+
+def _entropy_sgd(values) -> bool:
+  return values.get("opt") == "entropy_sgd"
+
+
+def _parle(values) -> bool:
+  return _entropy_sgd(values) and bool(values.get("parle"))
+
+
+def _momentum_optimizer(values) -> bool:
+  return values.get("opt") not in ("entropy_sgd", "adam")
+
+
+def _adam(values) -> bool:
+  return values.get("opt") == "adam"
+
+
+def _sam(values) -> bool:
+  return values.get("opt") == "sam"
+
+
+def _adaptive_sam(values) -> bool:
+  return _sam(values) and bool(values.get("sam_adaptive"))
+
+
+def _mirrored(values) -> bool:
+  return values.get("strategy") == "mirrored"
+
+
+def _rotating(values) -> bool:
+  return "rotate" in str(values.get("augment", ""))
+
+
+def _field(default, help_text: str, *, read_when=_always,
+           experiment: bool = True, resume_may_change: bool = False):
+  """A TrainConfig field with its metadata (see HELP, READ_WHEN, ...)."""
+  return dataclasses.field(default=default, metadata={
+      HELP: help_text, READ_WHEN: read_when, EXPERIMENT: experiment,
+      RESUME_MAY_CHANGE_KEY: resume_may_change})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a training run needs. Epoch counts are outer epochs."""
-  dataset: str = "cifar10"
-  data_dir: Optional[str] = None
-  log_dir: str = "runs"
-  run_name: Optional[str] = None
-  model: str = "wrn-28-10"
-  dropout: Optional[float] = None  # None: the model's own (models.py).
-  init: Optional[str] = None  # None: the model's own (models.py).
-  recipe: str = "reference_code"
-  opt: str = "nesterov"
-  epochs: int = 200
-  batch_size: int = 128
-  lr: float = 0.1
-  lr_decay_epochs: Tuple[float, ...] = (60, 120, 160)
-  lr_decay_factor: float = 0.2
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  adam_beta1: float = 0.9
-  adam_beta2: float = 0.999
-  adam_epsilon: float = 1e-8
-  sam_rho: Optional[float] = None  # None: SAM_DEFAULT_RHO of the variant.
-  sam_adaptive: bool = False
-  sam_eta: float = 0.01
-  sam_perturbation: str = "per_replica"
-  L: int = 20
-  langevin_lr: float = 0.1
-  noise: float = 1e-4
-  gamma: float = 0.03
-  scoping: float = 1e-3
-  alpha: float = 0.75
-  conventions: str = "lua_reference"
-  outer_weight_decay: Optional[bool] = None  # None: the conventions' own.
-  parle: bool = False
-  rho: float = float("inf")
-  rho_scoping: float = 1e-3
-  seed: int = 0
-  jit: bool = False
-  noise_kernel: str = "auto"  # NOISE_KERNEL_CHOICES; see noise.resolve.
-  precision: str = "float32"  # Or mixed_bfloat16, mixed_float16.
-  max_steps: Optional[int] = None
-  strategy: str = "default"
-  num_devices: int = 2
-  tpu: str = ""
-  sync_batch_norm: bool = False
-  validation_examples: int = 0
-  augment: str = "flip_crop"
-  preprocess: str = "standardize"
-  rotation_degrees: float = data_lib.DEFAULT_ROTATION_DEGREES
-  recalibrate_bn: bool = True
-  recalibration_batches: int = 20
-  log_every_steps: int = 50
-  steps_per_loop: int = 1
-  eval_every_steps: Optional[int] = None
-  track_flatness_every_steps: Optional[int] = None
-  keep_checkpoints: int = 3
-  deterministic: bool = False
-  allow_config_change: bool = False
+  dataset: str = _field(
+      "cifar10",
+      "Dataset (set by the launcher).")
+  data_dir: Optional[str] = _field(
+      None,
+      "Local copy: a folder holding cifar-10-batches-bin/ or "
+      "cifar-100-binary/ (plain or .gz), or the four MNIST IDX "
+      "files (plain or .gz). Unset: tensorflow-datasets.",
+      experiment=False, resume_may_change=True)
+  log_dir: str = _field(
+      "runs",
+      "Parent of the run directories (TensorBoard, checkpoints).",
+      experiment=False, resume_may_change=True)
+  run_name: Optional[str] = _field(
+      None,
+      "Run directory under --log_dir; unset: derived from dataset, "
+      "model, opt, L and seed. An existing run resumes.",
+      experiment=False, resume_may_change=True)
+  model: str = _field(
+      "wrn-28-10",
+      "mnistfc or lenet (MNIST; mnistfc-iclr17 and lenet-iclr17: as "
+      "the paper's runs built them), allcnn (All-CNN-BN) or Wide "
+      "ResNet wrn-DEPTH-WIDTH, e.g. wrn-28-10 or wrn-16-1 (CIFAR). "
+      "Unset: the dataset's default.")
+  dropout: Optional[float] = _field(
+      None,  # None: the model's own (models.py).
+      "Dropout rate: inside the WRN blocks (default 0), after the "
+      "hidden layers of mnistfc/lenet/allcnn (default 0.5).")
+  init: Optional[str] = _field(
+      None,  # None: the model's own (models.py).
+      "Initialisation of the paper's nets: he (He-normal, Glorot "
+      "logits) or torch (Torch7's default reset(): "
+      "U(+-1/sqrt(fan_in)) weights and biases, BatchNorm scale U(0, "
+      "1)). Unset: the model's own (torch for the -iclr17 nets).")
+  recipe: str = _field(
+      "reference_code",
+      "Which published recipe fills the unset flags: reference_code "
+      "(the public ucla-vision/entropy-sgd code) or paper (the ICLR "
+      "2017 text, and the January 2017 Lua code of its runs where "
+      "the text is silent). See docs/training.md.")
+  opt: str = _field(
+      "nesterov",
+      "Optimizer: sgd (heavy-ball momentum --momentum), nesterov, "
+      "adam (Torch's optim.adam), sam (sharpness-aware, Nesterov "
+      "base, 2 gradient evaluations per step) or entropy_sgd. "
+      "Chooses the preset of every unset flag.")
+  epochs: int = _field(
+      200,
+      "Outer epochs (train_examples / batch_size outer steps each; "
+      "an Entropy-SGD epoch is L passes over the data).",
+      resume_may_change=True)
+  batch_size: int = _field(
+      128,
+      "Global minibatch size (split over replicas).")
+  lr: float = _field(
+      0.1,
+      "Learning rate (Entropy-SGD: the outer rate eta).")
+  lr_decay_epochs: Tuple[float, ...] = _field(
+      (60, 120, 160),
+      "Outer epochs (fractions allowed) at which the learning rate "
+      "is multiplied by --lr_decay_factor.")
+  lr_decay_factor: float = _field(
+      0.2,
+      "Learning-rate decay factor.")
+  momentum: float = _field(
+      0.9,
+      "Momentum of sgd/nesterov (Entropy-SGD takes its momentum "
+      "from --conventions).",
+      read_when=_momentum_optimizer)
+  weight_decay: float = _field(
+      5e-4,
+      "L2 weight decay (Entropy-SGD: in the Langevin steps).")
+  adam_beta1: float = _field(
+      0.9,
+      "Adam: decay of the first-moment average.",
+      read_when=_adam)
+  adam_beta2: float = _field(
+      0.999,
+      "Adam: decay of the second-moment average.",
+      read_when=_adam)
+  adam_epsilon: float = _field(
+      1e-8,
+      "Adam: added to sqrt(v) before the bias correction (Torch's "
+      "placement).",
+      read_when=_adam)
+  sam_rho: Optional[float] = _field(
+      None,  # None: SAM_DEFAULT_RHO of the variant.
+      "SAM: neighbourhood radius rho. Unset: 0.05 (SAM), 0.5 "
+      "(--sam_adaptive).",
+      read_when=_sam)
+  sam_adaptive: bool = _field(
+      False,
+      "SAM: adaptive SAM (ASAM), eps = rho T^2 g / ||T g|| with T = "
+      "|w| + --sam_eta.",
+      read_when=_sam)
+  sam_eta: float = _field(
+      0.01,
+      "ASAM: eta in T = |w| + eta.",
+      read_when=_adaptive_sam)
+  sam_perturbation: str = _field(
+      "per_replica",
+      "SAM under several replicas: per_replica (each replica "
+      "ascends along its own gradient, m-sharpness, as Foret et "
+      "al.) or synchronized (along the all-reduced gradient).",
+      read_when=_sam)
+  L: int = _field(
+      20,
+      "Entropy-SGD: Langevin steps (gradient evaluations) per "
+      "update.",
+      read_when=_entropy_sgd)
+  langevin_lr: float = _field(
+      0.1,
+      "Entropy-SGD: SGLD step size eta'.",
+      read_when=_entropy_sgd)
+  noise: float = _field(
+      1e-4,
+      "Entropy-SGD: thermal noise eps.",
+      read_when=_entropy_sgd)
+  gamma: float = _field(
+      0.03,
+      "Entropy-SGD: initial scope gamma0.",
+      read_when=_entropy_sgd)
+  scoping: float = _field(
+      1e-3,
+      "Entropy-SGD: gamma1; gamma_t = gamma0 (1 + gamma1)^t.",
+      read_when=_entropy_sgd)
+  alpha: float = _field(
+      0.75,
+      "Entropy-SGD: running-mean weight (meaning set by "
+      "--conventions).",
+      read_when=_entropy_sgd)
+  conventions: str = _field(
+      "lua_reference",
+      "Entropy-SGD: paper, lua_reference or pytorch_reference "
+      "(docs/conventions.md).",
+      read_when=_entropy_sgd)
+  outer_weight_decay: Optional[bool] = _field(
+      None,  # None: the conventions' own.
+      "Entropy-SGD: add the weight decay to the outer step's "
+      "direction too (true) or keep it in the inner loop only "
+      "(false). Unset: the --conventions' own (only "
+      "pytorch_reference adds it).",
+      read_when=_entropy_sgd)
+  parle: bool = _field(
+      False,
+      "Entropy-SGD: Parle mode; each replica runs its own chain and "
+      "the replicas average elastically once per outer step.",
+      read_when=_entropy_sgd)
+  rho: float = _field(
+      float("inf"),
+      "Parle: coupling rho0 of the replicas to their mean (inf: "
+      "exact averaging).",
+      read_when=_parle)
+  rho_scoping: float = _field(
+      1e-3,
+      "Parle: rho_t = rho0 (1 + rho_scoping)^t.",
+      read_when=_parle)
+  seed: int = _field(
+      0,
+      "Seed of initialisation, data order, augmentation and noise.",
+      experiment=False)
+  jit: bool = _field(
+      False,
+      "Compile the per-replica step with XLA.",
+      experiment=False, resume_may_change=True)
+  noise_kernel: str = _field(
+      "auto",  # NOISE_KERNEL_CHOICES; see noise.resolve.
+      "Entropy-SGD: which implementation draws the Langevin noise. "
+      "auto: the compiled CPU kernel when it loads and applies (no "
+      "GPU, no --jit, no TPU), else TensorFlow's ops; on: the "
+      "kernel, or stop with one line saying why not; off: "
+      "TensorFlow's ops. The two draw the same distribution but "
+      "differ at float round-off, so the resolved choice is logged "
+      "and recorded in config.json, and a resume that would switch "
+      "it is refused. ENTROPY_SGD_NOISE_KERNEL=PATH loads that "
+      "library instead of the packaged one.",
+      read_when=_entropy_sgd, experiment=False, resume_may_change=True)
+  precision: str = _field(
+      "float32",  # Or mixed_bfloat16, mixed_float16.
+      "float32; mixed_bfloat16 (forward and backward passes in "
+      "bfloat16, fast on CPUs with AVX512_BF16, TPUs and recent "
+      "GPUs); or mixed_float16 (float16 with dynamic loss scaling, "
+      "for GPUs). Parameters, optimizer state (x, mu, momenta), "
+      "BatchNorm statistics and the loss stay float32. See "
+      "docs/mixed_precision.md.")
+  max_steps: Optional[int] = _field(
+      None,
+      "Stop after this many outer steps in total (then evaluate and "
+      "checkpoint); for smoke runs.",
+      resume_may_change=True)
+  strategy: str = _field(
+      "default",
+      "default (one device); mirrored (all local GPUs, else "
+      "--num_devices logical CPUs); multi_worker "
+      "(MultiWorkerMirroredStrategy over the workers in TF_CONFIG, "
+      "all GPUs of each, else one CPU each); tpu (TPUStrategy on "
+      "--tpu). See docs/scaling_out.md.")
+  num_devices: int = _field(
+      2,
+      "Logical CPU devices for --strategy=mirrored without GPUs.",
+      read_when=_mirrored)
+  tpu: str = _field(
+      "",
+      "--strategy=tpu: TPU name or grpc://HOST:8470 address for "
+      "TPUClusterResolver; empty: the local TPU (Cloud TPU VM).",
+      experiment=False, resume_may_change=True)
+  sync_batch_norm: bool = _field(
+      False,
+      "Synchronised BatchNorm: batch statistics of the global batch "
+      "(all replicas) instead of each replica's share.")
+  validation_examples: int = _field(
+      0,
+      "Hold out the last N training images as a clean validation "
+      "split.")
+  augment: str = _field(
+      "flip_crop",
+      "Training augmentation: flip_crop (WRN standard), flip_rotate "
+      "(TF1 project), flip_crop_rotate or none.")
+  preprocess: str = _field(
+      "standardize",
+      "CIFAR input normalisation: standardize (per-channel mean and "
+      "std of the training images) or gcn_zca (global contrast "
+      "normalisation, then ZCA whitening fitted on the training "
+      "split; the paper's Sec. 5.2).")
+  rotation_degrees: float = _field(
+      data_lib.DEFAULT_ROTATION_DEGREES,
+      "Maximum rotation angle of flip_rotate augmentation.",
+      read_when=_rotating)
+  recalibrate_bn: bool = _field(
+      True,
+      "Entropy-SGD: recompute BatchNorm statistics at the anchor "
+      "weights before each evaluation.",
+      read_when=_entropy_sgd)
+  recalibration_batches: int = _field(
+      20,
+      "Batches fed to recompute BatchNorm statistics.",
+      read_when=_entropy_sgd)
+  log_every_steps: int = _field(
+      50,
+      "Log and summarise every N outer steps.",
+      experiment=False, resume_may_change=True)
+  steps_per_loop: int = _field(
+      1,
+      "Outer steps per compiled call (fewer Python round trips on "
+      "small models). Logging, the NaN check, evaluation and "
+      "checkpoints happen between calls.",
+      experiment=False, resume_may_change=True)
+  eval_every_steps: Optional[int] = _field(
+      None,
+      "Also evaluate and checkpoint every N outer steps (besides "
+      "every epoch).",
+      resume_may_change=True)
+  track_flatness_every_steps: Optional[int] = _field(
+      None,
+      "Every N outer steps, log flatness/lambda_max and "
+      "flatness/hessian_trace at x: 10 power and 10 Hutchinson "
+      "iterations of the Hessian on 2 fixed training batches "
+      "(docs/flatness.md). Unset: off.",
+      resume_may_change=True)
+  keep_checkpoints: int = _field(
+      3,
+      "Checkpoints kept in the run directory.",
+      experiment=False, resume_may_change=True)
+  deterministic: bool = _field(
+      False,
+      "Enable TF op determinism (bit-reproducible, slower).",
+      experiment=False, resume_may_change=True)
+  allow_config_change: bool = _field(
+      False,
+      "Resume a run under settings that define another experiment "
+      "(e.g. a new --lr); the change is logged and recorded in "
+      "config.json with its step. Without it such a resume is "
+      "refused.",
+      experiment=False, resume_may_change=True)
 
   @property
   def gradient_evaluations_per_step(self) -> int:
@@ -135,39 +408,19 @@ class TrainConfig:
     return "_".join(parts)
 
 
-# Fields only some runs read (Entropy-SGD: also BatchNorm recalibration).
-ENTROPY_SGD_FIELDS = frozenset({
-    "L", "langevin_lr", "noise", "gamma", "scoping", "alpha", "conventions",
-    "outer_weight_decay", "parle", "rho", "rho_scoping", "recalibrate_bn",
-    "recalibration_batches", "noise_kernel"})
-PARLE_FIELDS = frozenset({"rho", "rho_scoping"})
-ADAM_FIELDS = frozenset({"adam_beta1", "adam_beta2", "adam_epsilon"})
-SAM_FIELDS = frozenset({"sam_rho", "sam_adaptive", "sam_eta",
-                        "sam_perturbation"})
-
-
 def unread_fields(values) -> frozenset:
   """The fields a run of these settings (a TrainConfig's dict) never reads:
   they cannot tell two experiments apart, nor a resume from its run."""
-  opt = values.get("opt")
-  unread = set()
-  if opt != "entropy_sgd":
-    unread |= ENTROPY_SGD_FIELDS
-  elif not values.get("parle"):
-    unread |= PARLE_FIELDS
-  if opt in ("entropy_sgd", "adam"):
-    unread.add("momentum")
-  if opt != "adam":
-    unread |= ADAM_FIELDS
-  if opt != "sam":
-    unread |= SAM_FIELDS
-  elif not values.get("sam_adaptive"):
-    unread.add("sam_eta")
-  if values.get("strategy") != "mirrored":
-    unread.add("num_devices")
-  if "rotate" not in str(values.get("augment", "")):
-    unread.add("rotation_degrees")
-  return frozenset(unread)
+  return frozenset(f.name for f in dataclasses.fields(TrainConfig)
+                   if not f.metadata[READ_WHEN](values))
+
+
+# Fields that never tell experiments apart: the seed, where the run and its
+# data live, and settings that change neither the trajectory nor the
+# measurements beyond float round-off.
+NOT_EXPERIMENT_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(TrainConfig)
+    if not f.metadata[EXPERIMENT])
 
 
 # Fields a resumed run may change: they only extend the run (its budget,
@@ -175,11 +428,9 @@ def unread_fields(values) -> frozenset:
 # how it is compiled). A resume that changes any other field would continue
 # another experiment, and is refused unless --allow_config_change.
 # --noise_kernel only asks; what it resolves to is compared (below).
-RESUME_MAY_CHANGE = frozenset({
-    "epochs", "max_steps", "eval_every_steps", "track_flatness_every_steps",
-    "log_every_steps", "steps_per_loop", "keep_checkpoints", "data_dir",
-    "log_dir", "run_name", "jit", "deterministic", "tpu", "noise_kernel",
-    "allow_config_change"})
+RESUME_MAY_CHANGE = frozenset(
+    f.name for f in dataclasses.fields(TrainConfig)
+    if f.metadata[RESUME_MAY_CHANGE_KEY])
 # Besides the fields, config.json records what each start resolved on its
 # machine: the implementation that draws the Langevin noise
 # (`noise.resolve` of --noise_kernel: "kernel", "tensorflow" or "none"),

@@ -1,5 +1,7 @@
 """Presets, schedule and validation of training configurations."""
 
+import dataclasses
+
 from absl.testing import absltest
 from absl.testing import parameterized
 
@@ -291,6 +293,25 @@ class ValidationTest(parameterized.TestCase):
     self.assertIn("noise_kernel", config_lib.unread_fields({"opt": "sgd"}))
     self.assertNotIn("noise_kernel", config_lib.unread_fields(
         {"opt": "entropy_sgd"}))
+
+  def test_every_field_describes_itself(self):
+    for field in dataclasses.fields(config_lib.TrainConfig):
+      self.assertGreater(len(field.metadata[config_lib.HELP]), 10, field.name)
+      self.assertTrue(callable(field.metadata[config_lib.READ_WHEN]))
+    self.assertEqual(config_lib.TrainConfig.lr, 0.1)  # Defaults stay plain.
+    self.assertIn("seed", config_lib.NOT_EXPERIMENT_FIELDS)
+    self.assertNotIn("lr", config_lib.NOT_EXPERIMENT_FIELDS)
+    self.assertIn("epochs", config_lib.RESUME_MAY_CHANGE)
+    self.assertNotIn("lr", config_lib.RESUME_MAY_CHANGE)
+    # Read only with a rotating augmentation, a mirrored strategy, ASAM.
+    self.assertNotIn("rotation_degrees", config_lib.unread_fields(
+        {"opt": "sgd", "augment": "flip_rotate"}))
+    self.assertIn("num_devices", config_lib.unread_fields({"opt": "sgd"}))
+    self.assertNotIn("num_devices", config_lib.unread_fields(
+        {"opt": "sgd", "strategy": "mirrored"}))
+    self.assertIn("sam_eta", config_lib.unread_fields({"opt": "sam"}))
+    self.assertNotIn("sam_eta", config_lib.unread_fields(
+        {"opt": "sam", "sam_adaptive": True}))
 
   def test_one_rotation_default(self):
     from entropy_sgd.workloads import data  # pylint: disable=g-import-not-at-top

@@ -39,6 +39,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
 from entropy_sgd.analysis import hessian
+from entropy_sgd.core import chrono
 from entropy_sgd.core import distribution
 from entropy_sgd.core import noise as noise_lib
 from entropy_sgd.core import optimizers
@@ -454,11 +455,6 @@ def _config_record(config, run_dir: str, resume_step: Optional[int],
   return record
 
 
-def _format_duration(seconds):
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class Trainer:
   """Everything one run needs, built (and restored) from a TrainConfig."""
 
@@ -711,7 +707,7 @@ class Trainer:
         " (written by the chief only; this worker saves nothing)")
     results = {}
     window_start, window_steps = time.perf_counter(), 0
-    run_start, timed_steps = time.perf_counter(), 0
+    eta = chrono.Eta(total=self.total_steps)
     hinted = False
     while step < self.total_steps:
       epoch = step // self.steps_per_epoch
@@ -720,11 +716,9 @@ class Trainer:
       num_steps = self._steps_in_next_call(step)
       metrics = self.train_step(iterator, num_steps)
       loss = float(metrics["loss"])
-      if step == start_step:  # The first call includes tracing.
-        run_start = time.perf_counter()
-      else:
-        timed_steps += num_steps
       step += num_steps
+      if not eta.started:  # The first call includes tracing: not timed.
+        eta.start(done=step)
       window_steps += num_steps
       if not math.isfinite(loss) and not self._all_updates_skipped(
           metrics, num_steps):
@@ -733,11 +727,8 @@ class Trainer:
         elapsed = time.perf_counter() - window_start
         images_per_second = (window_steps * self.evaluations_per_step *
                              config.batch_size / elapsed)
-        if timed_steps:
-          remaining = ((time.perf_counter() - run_start) / timed_steps *
-                       (self.total_steps - step))
-        else:
-          remaining = elapsed / window_steps * (self.total_steps - step)
+        remaining = eta.remaining(
+            step, fallback_seconds_per_unit=elapsed / window_steps)
         scalars = {
             "train/loss": loss,
             "train/accuracy": float(metrics["accuracy"]),
@@ -762,8 +753,8 @@ class Trainer:
             "%.4f, %.0f images/s, ETA %s", epoch + 1, config.epochs,
             self.effective_epoch(step), step, self.total_steps, loss,
             float(metrics["accuracy"]), images_per_second,
-            _format_duration(remaining))
-        if not hinted and timed_steps:
+            chrono.format_duration(remaining))
+        if not hinted and eta.seconds_per_unit(step) is not None:
           hinted = True
           _hint_if_cpu_run_is_long(config, remaining)
         window_start, window_steps = time.perf_counter(), 0
@@ -909,7 +900,7 @@ def _hint_if_cpu_run_is_long(config, remaining_seconds: float):
       "--model=%s is sized for accelerators. For a CPU-sized run pass e.g. "
       "--model=wrn-16-1 --epochs=%d (or --max_steps=N), or train MNIST with "
       "//launch:mnist (README: 'Quick start', 'Results').",
-      _format_duration(remaining_seconds), config.opt, config.model,
+      chrono.format_duration(remaining_seconds), config.opt, config.model,
       max(1, config.epochs // 10))
 
 

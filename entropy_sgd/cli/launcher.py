@@ -9,11 +9,11 @@ seeds, one after another; finished runs are skipped and a killed one resumes.
 
 import dataclasses
 import sys
-import typing
 
 from absl import flags
 from absl import logging
 
+from entropy_sgd.cli import dataclass_flags
 from entropy_sgd.core import onednn
 from entropy_sgd.train import config as config_lib
 from entropy_sgd.train import run_dir as run_dir_lib
@@ -56,42 +56,27 @@ def define_flags(dataset: str = "cifar10"):
       "seeds", None, "Run these seeds one after another (each its own run "
       "directory, named by its seed); finished runs are skipped, a killed "
       "one resumes. Overrides --seed.")
-  hints = typing.get_type_hints(config_lib.TrainConfig)
-  for field in dataclasses.fields(config_lib.TrainConfig):
-    name, hint = field.name, hints[field.name]
-    if name == "dataset":
-      continue
-    help_text = field.metadata[config_lib.HELP] + _preset_note(
-        name, dataset)
-    if name == "opt":
-      flags.DEFINE_enum(name, "nesterov", config_lib.OPTIMIZERS, help_text)
-    elif hint is bool:
-      flags.DEFINE_bool(name, None, help_text)
-    elif hint is int or hint == typing.Optional[int]:
-      flags.DEFINE_integer(name, None, help_text)
-    elif hint is float or hint == typing.Optional[float]:
-      flags.DEFINE_float(name, None, help_text)
-    elif hint == typing.Tuple[float, ...]:
-      flags.DEFINE_list(name, None, help_text)
-    else:
-      flags.DEFINE_string(name, None, help_text)
+  flags.DEFINE_enum("opt", "nesterov", config_lib.OPTIMIZERS,
+                    _help_of("opt") + _preset_note("opt", dataset))
+  dataclass_flags.define(
+      config_lib.TrainConfig, use_field_defaults=False,
+      skip=("dataset", "opt"),
+      extra_help=lambda name: _preset_note(name, dataset))
+
+
+def _help_of(name):
+  return next(f.metadata[config_lib.HELP]
+              for f in dataclasses.fields(config_lib.TrainConfig)
+              if f.name == name)
 
 
 def config_from_flags(dataset: str) -> config_lib.TrainConfig:
   """The preset of --opt with every flag given on the command line."""
-  values = flags.FLAGS.flag_values_dict()
-  overrides = {}
-  for field in dataclasses.fields(config_lib.TrainConfig):
-    if field.name in values and values[field.name] is not None:
-      overrides[field.name] = values[field.name]
-  if "lr_decay_epochs" in overrides:
-    try:
-      overrides["lr_decay_epochs"] = tuple(
-          _int_or_float(e) for e in overrides["lr_decay_epochs"])
-    except ValueError:
-      raise config_lib.ConfigError(
-          f"--lr_decay_epochs must be numbers; got "
-          f"{','.join(overrides['lr_decay_epochs'])}.") from None
+  try:
+    overrides = dataclass_flags.values(
+        config_lib.TrainConfig, skip=("dataset",), number=_int_or_float)
+  except dataclass_flags.FlagError as e:
+    raise config_lib.ConfigError(str(e)) from None
   opt = overrides.pop("opt")
   return config_lib.from_preset(opt, dataset=dataset, **overrides)
 

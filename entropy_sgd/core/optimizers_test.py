@@ -166,7 +166,8 @@ class Float64Test(tf.test.TestCase, parameterized.TestCase):
   """Python-float hyperparameters reach float64 parameters exactly."""
 
   def test_python_floats_are_not_rounded_to_float32(self):
-    self.assertEqual(float(optimizers._as_dtype(0.1, tf.float64)), 0.1)  # pylint: disable=protected-access
+    like = tf.zeros([], tf.float64)
+    self.assertEqual(float(optimizers.TF_OPS.cast(0.1, like)), 0.1)
     self.assertNotEqual(float(tf.cast(0.1, tf.float64)), 0.1)  # The trap.
 
   def test_sgd_step(self):
@@ -497,10 +498,10 @@ class EntropySGDTest(OptimizerTestBase):
       optimizer.begin_outer_step([x])
       optimizer.apply([tf.ones([3])], [x])
 
-    graph = step.get_concrete_function().graph
-    op_types = {op.type for op in graph.get_operations()}
-    for function in graph._functions.values():  # pylint: disable=protected-access
-      op_types |= {op.type for op in function.graph.get_operations()}
+    graph_def = step.get_concrete_function().graph.as_graph_def()
+    op_types = {node.op for node in graph_def.node}
+    for function in graph_def.library.function:
+      op_types |= {node.op for node in function.node_def}
     self.assertFalse({t for t in op_types if "Random" in t}, op_types)
 
 

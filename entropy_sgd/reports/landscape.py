@@ -376,45 +376,138 @@ class Progress:
 # ------------------------------------------------------------------- Runs.
 
 
+def _setting(default, help_text: str, flag: Optional[str] = None):
+  """A Settings field; its help (and flag name) make //launch:landscape's
+  flag."""
+  metadata = {config_lib.HELP: help_text}
+  if flag:
+    metadata[config_lib.FLAG] = flag
+  return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What `analyse` measures and how; see `//launch:landscape --help`."""
-  run_dir: str
-  output_dir: str
-  compare_dir: Optional[str] = None
-  data_dir: Optional[str] = None
-  batches: int = 10  # 0: every full batch of the training set.
-  batch_size: Optional[int] = None  # None: the run's.
-  measures: Tuple[str, ...] = MEASURES
-  top_k: int = 5
-  lanczos_iterations: int = 30
-  probes: int = 20
-  density_probes: int = 3
-  density_iterations: int = 40
-  density_sigma_fraction: float = 0.01
-  density_log_scale: bool = True
-  entropy_gammas: Tuple[float, ...] = (1.0,)
-  entropy_temperature: float = 1e-4
-  entropy_betas: int = 6
-  entropy_steps: int = 40
-  entropy_burn_in: int = 20
-  entropy_chains: int = 2
-  entropy_step_fraction: float = 0.05
-  epsilon: float = 1e-3
-  sharpness_steps: int = 20
-  adaptive_rho: float = 0.05
-  adaptive_steps: int = 10
-  adaptive_samples: int = 8
-  pac_bayes_max_error_increase: float = 0.1
-  pac_bayes_epsilon: float = 1e-3
-  pac_bayes_samples: int = 8
-  pac_bayes_bisections: int = 10
-  direction_points: int = 21
-  direction_range: float = 1.0
-  plane_points: int = 11
-  interpolation_points: int = 21
-  hvp_method: str = "forward_over_backward"
-  seed: int = 0
+  run_dir: str = _setting(
+      dataclasses.MISSING,
+      "Run directory to analyse (holds config.json and "
+      "checkpoints/); required.")
+  output_dir: str = _setting(
+      dataclasses.MISSING,
+      "Directory for landscape.json, landscape.md and the "
+      "plots; required.")
+  compare_dir: Optional[str] = _setting(
+      None,
+      "A second run directory of the same model: adds the "
+      "loss along the line from --run_dir's weights (a=0) to its weights "
+      "(a=1), a in [-0.5, 1.5].", flag="compare")
+  data_dir: Optional[str] = _setting(
+      None,
+      "Data directory; unset: the run's --data_dir.")
+  batches: int = _setting(
+      10,  # 0: every full batch of the training set.
+      "Training batches f is averaged over; 0: "
+      "every full batch of the training set.")
+  batch_size: Optional[int] = _setting(
+      None,  # None: the run's.
+      "Global batch size; unset: the run's.")
+  measures: Tuple[str, ...] = _setting(
+      MEASURES,
+      "Measures to compute, from " + ",".join(MEASURES) +
+      " (interpolation needs --compare).")
+  top_k: int = _setting(
+      5,
+      "Top Hessian eigenvalues (Lanczos; 1: power "
+      "iteration).")
+  lanczos_iterations: int = _setting(
+      30,
+      "Lanczos steps (Hessian-vector products) for the top eigenvalues.")
+  probes: int = _setting(
+      20,
+      "Rademacher probes of Hutchinson's trace "
+      "estimate.")
+  density_probes: int = _setting(
+      3,
+      "Probes of stochastic Lanczos quadrature (spectral density).")
+  density_iterations: int = _setting(
+      40,
+      "Lanczos steps per density probe.")
+  density_sigma_fraction: float = _setting(
+      0.01,
+      "Gaussian broadening of the density, as a fraction of the spectrum's "
+      "range.")
+  density_log_scale: bool = _setting(
+      True,
+      "Plot the density on a log scale.")
+  entropy_gammas: Tuple[float, ...] = _setting(
+      (1.0,),
+      "Scopes gamma of the local entropy (one estimate each).")
+  entropy_temperature: float = _setting(
+      1e-4,
+      "Temperature T of the local entropy: x' spreads by sqrt(T/gamma) per "
+      "weight.")
+  entropy_betas: int = _setting(
+      6,
+      "Gauss-Legendre nodes of the thermodynamic integration.")
+  entropy_steps: int = _setting(
+      40,
+      "SGLD steps averaged per node and chain.")
+  entropy_burn_in: int = _setting(
+      20,
+      "SGLD steps discarded per node and chain.")
+  entropy_chains: int = _setting(
+      2,
+      "Independent SGLD chains (standard error over them).")
+  entropy_step_fraction: float = _setting(
+      0.05,
+      "SGLD step = this / (gamma + beta lambda_max).")
+  epsilon: float = _setting(
+      1e-3,
+      "Box size of epsilon-sharpness: "
+      "|y_i| <= epsilon (|x_i| + 1).")
+  sharpness_steps: int = _setting(
+      20,
+      "Projected gradient-ascent steps of epsilon-sharpness.")
+  adaptive_rho: float = _setting(
+      0.05,
+      "Adaptive sharpness radius: "
+      "|d_i| <= rho |w_i| (worst case), d_i ~ N(0, rho^2 w_i^2) (average).")
+  adaptive_steps: int = _setting(
+      10,
+      "Projected ascent steps of worst-case adaptive sharpness.")
+  adaptive_samples: int = _setting(
+      8,
+      "Gaussian draws of average adaptive sharpness (its standard error).")
+  pac_bayes_max_error_increase: float = _setting(
+      0.1,
+      "PAC-Bayes flatness: allowed mean training-error increase.")
+  pac_bayes_epsilon: float = _setting(
+      1e-3,
+      "PAC-Bayes flatness: eps in u ~ N(0, sigma'^2 w^2 + eps^2).")
+  pac_bayes_samples: int = _setting(
+      8,
+      "PAC-Bayes flatness: draws per bisection step.")
+  pac_bayes_bisections: int = _setting(
+      10,
+      "PAC-Bayes flatness: bisection steps in log sigma'.")
+  direction_points: int = _setting(
+      21,
+      "Points along the 1-D filter-normalised direction.")
+  direction_range: float = _setting(
+      1.0,
+      "Directions are plotted for a (and b) in [-range, range].")
+  plane_points: int = _setting(
+      11,
+      "Points per axis of the 2-D plot.")
+  interpolation_points: int = _setting(
+      21,
+      "Points on the line between --run_dir and --compare.")
+  hvp_method: str = _setting(
+      "forward_over_backward",
+      "Hessian-vector products by forward-over-backward or double backprop.")
+  seed: int = _setting(
+      0,
+      "Seed of probes, directions and SGLD noise.")
 
 
 def check_settings(s: Settings):

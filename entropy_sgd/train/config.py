@@ -54,7 +54,8 @@ class ConfigError(ValueError):
 # whether it tells experiments apart; whether a resume may change it. The
 # flags, --helpfull, the results' grouping and the resume check derive from
 # it.
-HELP = "help"
+HELP = "help"  # Also of other settings dataclasses (landscape.Settings).
+FLAG = "flag"  # Optional: the flag's name, when it is not the field's.
 READ_WHEN = "read_when"
 EXPERIMENT = "experiment"
 RESUME_MAY_CHANGE_KEY = "resume_may_change"

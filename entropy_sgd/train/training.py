@@ -455,6 +455,260 @@ def _config_record(config, run_dir: str, resume_step: Optional[int],
   return record
 
 
+def _build_data(config, statistics_cache) -> data_lib.CifarData:
+  return data_lib.CifarData(data_lib.PipelineConfig(
+      dataset=config.dataset, data_dir=config.data_dir,
+      batch_size=config.batch_size,
+      validation_examples=config.validation_examples,
+      augment=config.augment, rotation_degrees=config.rotation_degrees,
+      preprocess=config.preprocess, seed=config.seed), statistics_cache)
+
+
+def _build_model(config, strategy, image_shape) -> snt.Module:
+  return train_step_lib.build_model(
+      strategy, lambda: models.build(
+          config.model, data_lib.num_classes(config.dataset),
+          dropout=config.dropout,
+          cross_replica_batch_norm=config.sync_batch_norm, seed=config.seed,
+          compute_dtype=precision.compute_dtype(config.precision),
+          init=config.init),
+      image_shape)
+
+
+def _check_batch_splits(batch_size: int, replicas: int):
+  if batch_size % replicas:
+    raise ConfigError(
+        f"--batch_size={batch_size} is not divisible by the {replicas} "
+        f"replicas; use a multiple of {replicas}.")
+
+
+def steps_until_boundary(config, step: int, total_steps: int,
+                         steps_per_epoch: int) -> int:
+  """Outer steps until the next loop boundary (at most --steps_per_loop).
+
+  A call never crosses an epoch end (the learning rate changes there), a
+  logging, evaluation or checkpoint step, or the end of the run.
+  """
+  boundaries = [step + config.steps_per_loop, total_steps,
+                (step // steps_per_epoch + 1) * steps_per_epoch,
+                (step // config.log_every_steps + 1) * config.log_every_steps]
+  for every in (config.eval_every_steps, config.track_flatness_every_steps):
+    if every:
+      boundaries.append((step // every + 1) * every)
+  boundaries += [decay_step for decay_step in (
+      math.ceil(epoch * steps_per_epoch) for epoch in config.lr_decay_epochs)
+                 if decay_step > step]
+  return min(boundaries) - step
+
+
+def _any_worker_stopped(strategy, stop: "_StopRequest") -> bool:
+  """Whether any worker received SIGTERM/SIGINT; all workers agree."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return stop.signal is not None
+  local = tf.constant(0.0 if stop.signal is None else 1.0)
+  total = strategy.reduce(tf.distribute.ReduceOp.SUM,
+                          strategy.run(lambda: tf.identity(local)), axis=None)
+  return float(total) > 0
+
+
+def _all_updates_skipped(loss_scale, optimizer, metrics,
+                         num_steps: int) -> bool:
+  """Whether float16 loss scaling skipped every update of the last call.
+
+  Such a call has no loss (0/0). It is not divergence while the loss
+  scale can still be halved: the overflow is the scale's, and the state
+  is untouched. Once the scale has fallen to its floor of 1 the gradients
+  overflow (nearly) unscaled, and the run has diverged.
+  """
+  if loss_scale is None:
+    return False
+  skipped = int(float(metrics["skipped_updates"]))
+  if skipped < num_steps * optimizer.apply_calls_per_step:
+    return False
+  if loss_scale.at_minimum:
+    return False
+  logging.warning(
+      "All %d updates of the last call overflowed in float16 and were "
+      "skipped; the loss scale is now %g.", skipped,
+      float(metrics["loss_scale"]))
+  return True
+
+
+class _Checkpoints:
+  """A run's checkpoints: the newest intact one restored, only finite state
+  saved, and the last good one named when the run diverges."""
+
+  def __init__(self, trainer: "Trainer"):
+    self._trainer = trainer
+    extra_state = ({} if trainer.loss_scale is None
+                   else {"loss_scale": trainer.loss_scale})
+    self.checkpoint = tf.train.Checkpoint(
+        model=trainer.model, optimizer=trainer.optimizer,
+        best_accuracy=trainer.best_accuracy, **extra_state)
+    self._saved_variables = [
+        v for v in (list(trainer.model.variables) +
+                    list(trainer.optimizer.variables) +
+                    [trainer.best_accuracy])
+        if v.dtype.is_floating]
+    self._finite_flags = tf.function(lambda: tf.stack(  # One call, on device.
+        [tf.reduce_all(tf.math.is_finite(v)) for v in self._saved_variables]))
+    self.directory = run_dir_lib.checkpoint_dir(trainer.run_dir)
+    # The chief's newest intact checkpoint; only the chief moves damaged
+    # ones aside, before the manager reads the state file.
+    self._resume_from = run_dir_lib.newest_intact_checkpoint(
+        self.directory, repair=trainer.is_chief)
+    self._manager = tf.train.CheckpointManager(
+        self.checkpoint, self.directory if trainer.is_chief
+        else _scratch_checkpoint_dir(trainer.strategy),
+        max_to_keep=trainer.config.keep_checkpoints)
+
+  @property
+  def resume_step(self) -> Optional[int]:
+    return (None if self._resume_from is None
+            else run_dir_lib.checkpoint_step(self._resume_from))
+
+  def restore(self):
+    if self._resume_from:
+      self.checkpoint.restore(
+          self._resume_from).assert_existing_objects_matched()
+      logging.info("Resuming from %s (outer step %d).", self._resume_from,
+                   self._trainer.step)
+
+  def latest(self) -> Optional[str]:
+    return tf.train.latest_checkpoint(self.directory)
+
+  def saved_at(self, step: int) -> bool:
+    latest = self.latest()
+    return bool(latest) and latest.endswith(f"ckpt-{step}")
+
+  def save(self, step: int) -> str:
+    """Saves on every worker (collectives); only the chief's copy stays.
+
+    Raises DivergenceError, and writes nothing, unless every variable of the
+    checkpoint is finite: so the latest checkpoint, and every one rotation
+    keeps, holds finite values only.
+    """
+    self._check_finite_state(step)
+    try:
+      path = self._manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as e:
+      raise run_dir_lib.checkpoint_write_error(
+          self.directory, step, e) from None
+    if self._trainer.is_chief:
+      return path
+    if tf.io.gfile.exists(self._manager.directory):
+      tf.io.gfile.rmtree(self._manager.directory)
+    return os.path.join(self.directory, os.path.basename(path))
+
+  def _check_finite_state(self, step: int):
+    finite = self._finite_flags().numpy()
+    if finite.all():
+      return
+    names = [_checkpoint_name(v) for v in self._saved_variables]
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    self.diverged(step, f"{len(bad)} of the {len(names)} variables to be "
+                  f"saved hold NaN or Inf (first: {bad[0]})")
+
+  def diverged(self, step: int, what: str):
+    """Raises DivergenceError naming the last good checkpoint, if any."""
+    config = self._trainer.config
+    kept = self.latest()
+    epoch = max(0, step - 1) // self._trainer.steps_per_epoch + 1
+    lower = "--lr" + (" or --langevin_lr" if config.opt == "entropy_sgd"
+                      else "")
+    if kept:
+      advice = (f"the last good checkpoint ({kept}) is intact. Lower {lower} "
+                f"and rerun with --allow_config_change: the run resumes from "
+                f"that checkpoint.")
+    else:
+      advice = f"no checkpoint was written yet. Lower {lower} and rerun."
+    raise DivergenceError(
+        f"Training diverged at outer step {step} (epoch {epoch}): {what}. "
+        f"Nothing was saved; {advice}")
+
+
+class _RunLog:
+  """A run's TensorBoard events (the hparams summary, scalars on the
+  gradient-evaluation axis) and its progress lines with images/s and ETA."""
+
+  def __init__(self, trainer: "Trainer"):
+    self._trainer = trainer
+    config = trainer.config
+    self._writer = (tf.summary.create_file_writer(trainer.run_dir)
+                    if trainer.is_chief else tf.summary.create_noop_writer())
+    with self._writer.as_default():
+      hparams_api.hparams({k: (v if isinstance(v, (bool, int, float, str))
+                               else str(v))
+                           for k, v in dataclasses.asdict(config).items()})
+    if trainer.is_chief:
+      _write_json(os.path.join(trainer.run_dir, CONFIG_FILE),
+                  trainer.config_record)
+    strategy = trainer.strategy
+    logging.info(
+        "%s: %s on %s with %s, %d replica(s); %d outer steps per epoch, "
+        "%d gradient evaluations per step; steps %d..%d; run dir %s%s",
+        config.opt, config.model, config.dataset, type(strategy).__name__,
+        strategy.num_replicas_in_sync, trainer.steps_per_epoch,
+        trainer.evaluations_per_step, trainer.step, trainer.total_steps,
+        trainer.run_dir, "" if trainer.is_chief else
+        " (written by the chief only; this worker saves nothing)")
+    self._eta = chrono.Eta(total=trainer.total_steps)
+    self._window_start, self._window_steps = time.perf_counter(), 0
+    self._hinted = False
+
+  def scalars(self, values: Dict[str, float], step: int):
+    with self._writer.as_default(
+        step=step * self._trainer.evaluations_per_step):
+      for name, value in values.items():
+        tf.summary.scalar(name, value)
+
+  def flush(self):
+    self._writer.flush()
+
+  def after_call(self, step: int, num_steps: int):
+    if not self._eta.started:  # The first call includes tracing: not timed.
+      self._eta.start(done=step)
+    self._window_steps += num_steps
+
+  def progress(self, step: int, epoch: int, loss: float, metrics):
+    """Scalars and one log line for the steps since the last one."""
+    trainer, config = self._trainer, self._trainer.config
+    elapsed = time.perf_counter() - self._window_start
+    images_per_second = (self._window_steps * trainer.evaluations_per_step *
+                         config.batch_size / elapsed)
+    remaining = self._eta.remaining(
+        step, fallback_seconds_per_unit=elapsed / self._window_steps)
+    scalars = {
+        "train/loss": loss,
+        "train/accuracy": float(metrics["accuracy"]),
+        "optimizer/learning_rate": float(trainer.learning_rate.numpy()),
+        "perf/images_per_second": images_per_second,
+        "progress/effective_epoch": trainer.effective_epoch(step),
+        "progress/outer_epoch": step / trainer.steps_per_epoch,
+    }
+    for name, tag in trainer.optimizer.diagnostics.items():
+      scalars[tag] = float(metrics[name])
+    if config.opt == "entropy_sgd":
+      scalars["optimizer/langevin_learning_rate"] = config.langevin_lr
+    if trainer.loss_scale is not None:
+      scalars["precision/loss_scale"] = float(metrics["loss_scale"])
+      scalars["precision/skipped_updates"] = float(
+          trainer.loss_scale.skipped_updates.numpy())
+      if not math.isfinite(loss):  # Every update of the call skipped.
+        del scalars["train/loss"], scalars["train/accuracy"]
+    self.scalars(scalars, step)
+    logging.info(
+        "epoch %d/%d (effective %.2f) step %d/%d: loss %.4f, accuracy "
+        "%.4f, %.0f images/s, ETA %s", epoch + 1, config.epochs,
+        trainer.effective_epoch(step), step, trainer.total_steps, loss,
+        float(metrics["accuracy"]), images_per_second,
+        chrono.format_duration(remaining))
+    if not self._hinted and self._eta.seconds_per_unit(step) is not None:
+      self._hinted = True
+      hint_if_cpu_run_is_long(config, remaining)
+    self._window_start, self._window_steps = time.perf_counter(), 0
+
+
 class Trainer:
   """Everything one run needs, built (and restored) from a TrainConfig."""
 
@@ -477,21 +731,12 @@ class Trainer:
       logging.info("Langevin noise: %s (%s).",
                    _NOISE_NAMES[self.noise_implementation.name],
                    self.noise_implementation.reason)
-    replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-      raise ConfigError(
-          f"--batch_size={config.batch_size} is not divisible by the "
-          f"{replicas} replicas; use a multiple of {replicas}.")
+    _check_batch_splits(config.batch_size, strategy.num_replicas_in_sync)
     if config.deterministic:
       tf.config.experimental.enable_op_determinism()
     tf.random.set_seed(config.seed)
 
-    self.data = data_lib.CifarData(data_lib.PipelineConfig(
-        dataset=config.dataset, data_dir=config.data_dir,
-        batch_size=config.batch_size,
-        validation_examples=config.validation_examples,
-        augment=config.augment, rotation_degrees=config.rotation_degrees,
-        preprocess=config.preprocess, seed=config.seed), statistics_cache)
+    self.data = _build_data(config, statistics_cache)
     self.train_examples = self.data.num_examples("train")
     self.steps_per_epoch = self.train_examples // config.batch_size
     if self.steps_per_epoch < 1:
@@ -514,15 +759,7 @@ class Trainer:
     if config.max_steps is not None:
       self.total_steps = min(self.total_steps, config.max_steps)
 
-    self.model = train_step_lib.build_model(
-        strategy, lambda: models.build(
-            config.model, data_lib.num_classes(config.dataset),
-            dropout=config.dropout,
-            cross_replica_batch_norm=config.sync_batch_norm,
-            seed=config.seed,
-            compute_dtype=precision.compute_dtype(config.precision),
-            init=config.init),
-        self.data.image_shape)
+    self.model = _build_model(config, strategy, self.data.image_shape)
     with strategy.scope():
       self.learning_rate = tf.Variable(config.lr, trainable=False, name="lr")
       self.best_accuracy = tf.Variable(0.0, trainable=False,
@@ -539,33 +776,11 @@ class Trainer:
     self.train_step = train_step_lib.make_train_step(
         self.model, self.optimizer, strategy, config.batch_size,
         jit_compile=config.jit, loss_scale=self.loss_scale)
-    extra_state = ({} if self.loss_scale is None
-                   else {"loss_scale": self.loss_scale})
-    self.checkpoint = tf.train.Checkpoint(
-        model=self.model, optimizer=self.optimizer,
-        best_accuracy=self.best_accuracy, **extra_state)
-    self._saved_variables = [
-        v for v in (list(self.model.variables) +
-                    list(self.optimizer.variables) + [self.best_accuracy])
-        if v.dtype.is_floating]
-    self._finite_flags = tf.function(lambda: tf.stack(  # One call, on device.
-        [tf.reduce_all(tf.math.is_finite(v)) for v in self._saved_variables]))
-    self.checkpoint_dir = run_dir_lib.checkpoint_dir(self.run_dir)
-    # The chief's newest intact checkpoint; only the chief moves damaged
-    # ones aside, before the manager reads the state file.
-    latest = run_dir_lib.newest_intact_checkpoint(self.checkpoint_dir,
-                                                  repair=self.is_chief)
-    self._config_record = _config_record(
-        config, self.run_dir,
-        None if latest is None else run_dir_lib.checkpoint_step(latest),
+    self.checkpoints = _Checkpoints(self)
+    self.config_record = _config_record(
+        config, self.run_dir, self.checkpoints.resume_step,
         self.noise_implementation)
-    self.checkpoints = tf.train.CheckpointManager(
-        self.checkpoint, self.checkpoint_dir if self.is_chief
-        else _scratch_checkpoint_dir(strategy),
-        max_to_keep=config.keep_checkpoints)
-    if latest:
-      self.checkpoint.restore(latest).assert_existing_objects_matched()
-      logging.info("Resuming from %s (outer step %d).", latest, self.step)
+    self.checkpoints.restore()
     _check_workers_resumed_alike(strategy, self.step)
     self.evaluator = _Evaluator(self.model, strategy, self.data, config)
     self.flatness = (_flatness_tracker(self.model, strategy, self.data,
@@ -579,48 +794,8 @@ class Trainer:
       self._lock = None
 
   def save_checkpoint(self, step: int) -> str:
-    """Saves on every worker (collectives); only the chief's copy stays.
-
-    Raises DivergenceError, and writes nothing, unless every variable of the
-    checkpoint is finite: so the latest checkpoint, and every one rotation
-    keeps, holds finite values only.
-    """
-    self._check_finite_state(step)
-    try:
-      path = self.checkpoints.save(checkpoint_number=step)
-    except (OSError, tf.errors.OpError) as e:
-      raise run_dir_lib.checkpoint_write_error(
-          self.checkpoint_dir, step, e) from None
-    if self.is_chief:
-      return path
-    if tf.io.gfile.exists(self.checkpoints.directory):
-      tf.io.gfile.rmtree(self.checkpoints.directory)
-    return os.path.join(self.checkpoint_dir, os.path.basename(path))
-
-  def _check_finite_state(self, step: int):
-    finite = self._finite_flags().numpy()
-    if finite.all():
-      return
-    names = [_checkpoint_name(v) for v in self._saved_variables]
-    bad = [name for name, ok in zip(names, finite) if not ok]
-    self._diverged(step, f"{len(bad)} of the {len(names)} variables to be "
-                   f"saved hold NaN or Inf (first: {bad[0]})")
-
-  def _diverged(self, step: int, what: str):
-    config = self.config
-    kept = tf.train.latest_checkpoint(self.checkpoint_dir)
-    epoch = max(0, step - 1) // self.steps_per_epoch + 1
-    lower = "--lr" + (" or --langevin_lr" if config.opt == "entropy_sgd"
-                      else "")
-    if kept:
-      advice = (f"the last good checkpoint ({kept}) is intact. Lower {lower} "
-                f"and rerun with --allow_config_change: the run resumes from "
-                f"that checkpoint.")
-    else:
-      advice = f"no checkpoint was written yet. Lower {lower} and rerun."
-    raise DivergenceError(
-        f"Training diverged at outer step {step} (epoch {epoch}): {what}. "
-        f"Nothing was saved; {advice}")
+    """See `_Checkpoints.save`."""
+    return self.checkpoints.save(step)
 
   @property
   def step(self) -> int:
@@ -632,34 +807,10 @@ class Trainer:
     return (step * self.evaluations_per_step * self.config.batch_size /
             self.train_examples)
 
-  def _steps_in_next_call(self, step: int) -> int:
-    """Outer steps until the next loop boundary (at most --steps_per_loop).
-
-    A call never crosses an epoch end (the learning rate changes there), a
-    logging, evaluation or checkpoint step, or the end of the run.
-    """
-    config = self.config
-    boundaries = [step + config.steps_per_loop, self.total_steps,
-                  (step // self.steps_per_epoch + 1) * self.steps_per_epoch,
-                  (step // config.log_every_steps + 1) * config.log_every_steps]
-    for every in (config.eval_every_steps,
-                  config.track_flatness_every_steps):
-      if every:
-        boundaries.append((step // every + 1) * every)
-    boundaries += [decay_step for decay_step in (
-        math.ceil(epoch * self.steps_per_epoch)
-        for epoch in config.lr_decay_epochs) if decay_step > step]
-    return min(boundaries) - step
-
-  def _should_stop(self, stop: "_StopRequest") -> bool:
-    """Whether any worker received SIGTERM/SIGINT; all workers agree."""
-    if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
-      return stop.signal is not None
-    local = tf.constant(0.0 if stop.signal is None else 1.0)
-    total = self.strategy.reduce(
-        tf.distribute.ReduceOp.SUM,
-        self.strategy.run(lambda: tf.identity(local)), axis=None)
-    return float(total) > 0
+  def _evaluate(self, splits, epoch: int) -> Dict[str, Dict[str, float]]:
+    if self.config.opt == "entropy_sgd" and self.config.recalibrate_bn:
+      self.evaluator.recalibrate_batch_norm(epoch)
+    return {split: self.evaluator.evaluate(split) for split in splits}
 
   def run(self) -> Dict[str, float]:
     """Trains from the current step to the end; returns the summary.
@@ -676,107 +827,45 @@ class Trainer:
 
   def _run(self, stop: "_StopRequest") -> Dict[str, float]:
     config, strategy = self.config, self.strategy
-    start_step = step = self.step
-    first_batch = start_step * self.optimizer.batches_per_step  # Global.
+    step = self.step
+    first_batch = step * self.optimizer.batches_per_step  # Global.
     iterator = iter(strategy.distribute_datasets_from_function(
         lambda context: self.data.train_dataset(context, first_batch)))
     eval_splits = ["test"] + (["validation"] if config.validation_examples
                               else [])
-    writer = (tf.summary.create_file_writer(self.run_dir) if self.is_chief
-              else tf.summary.create_noop_writer())
-    with writer.as_default():
-      hparams_api.hparams({k: (v if isinstance(v, (bool, int, float, str))
-                               else str(v))
-                           for k, v in dataclasses.asdict(config).items()})
-    if self.is_chief:
-      _write_json(os.path.join(self.run_dir, CONFIG_FILE),
-                  self._config_record)
-
-    def write_scalars(values, step):
-      with writer.as_default(step=step * self.evaluations_per_step):
-        for name, value in values.items():
-          tf.summary.scalar(name, value)
-
-    logging.info(
-        "%s: %s on %s with %s, %d replica(s); %d outer steps per epoch, "
-        "%d gradient evaluations per step; steps %d..%d; run dir %s%s",
-        config.opt, config.model, config.dataset, type(strategy).__name__,
-        strategy.num_replicas_in_sync, self.steps_per_epoch,
-        self.evaluations_per_step, start_step, self.total_steps,
-        self.run_dir, "" if self.is_chief else
-        " (written by the chief only; this worker saves nothing)")
+    log = _RunLog(self)
     results = {}
-    window_start, window_steps = time.perf_counter(), 0
-    eta = chrono.Eta(total=self.total_steps)
-    hinted = False
     while step < self.total_steps:
       epoch = step // self.steps_per_epoch
       self.learning_rate.assign(config_lib.learning_rate_at(
           config, step / self.steps_per_epoch))
-      num_steps = self._steps_in_next_call(step)
+      num_steps = steps_until_boundary(config, step, self.total_steps,
+                                       self.steps_per_epoch)
       metrics = self.train_step(iterator, num_steps)
       loss = float(metrics["loss"])
       step += num_steps
-      if not eta.started:  # The first call includes tracing: not timed.
-        eta.start(done=step)
-      window_steps += num_steps
-      if not math.isfinite(loss) and not self._all_updates_skipped(
-          metrics, num_steps):
-        self._diverged(step, f"the training loss is {loss}")
+      log.after_call(step, num_steps)
+      if not math.isfinite(loss) and not _all_updates_skipped(
+          self.loss_scale, self.optimizer, metrics, num_steps):
+        self.checkpoints.diverged(step, f"the training loss is {loss}")
       if step % config.log_every_steps == 0 or step == self.total_steps:
-        elapsed = time.perf_counter() - window_start
-        images_per_second = (window_steps * self.evaluations_per_step *
-                             config.batch_size / elapsed)
-        remaining = eta.remaining(
-            step, fallback_seconds_per_unit=elapsed / window_steps)
-        scalars = {
-            "train/loss": loss,
-            "train/accuracy": float(metrics["accuracy"]),
-            "optimizer/learning_rate": float(self.learning_rate.numpy()),
-            "perf/images_per_second": images_per_second,
-            "progress/effective_epoch": self.effective_epoch(step),
-            "progress/outer_epoch": step / self.steps_per_epoch,
-        }
-        for name, tag in self.optimizer.diagnostics.items():
-          scalars[tag] = float(metrics[name])
-        if config.opt == "entropy_sgd":
-          scalars["optimizer/langevin_learning_rate"] = config.langevin_lr
-        if self.loss_scale is not None:
-          scalars["precision/loss_scale"] = float(metrics["loss_scale"])
-          scalars["precision/skipped_updates"] = float(
-              self.loss_scale.skipped_updates.numpy())
-          if not math.isfinite(loss):  # Every update of the call skipped.
-            del scalars["train/loss"], scalars["train/accuracy"]
-        write_scalars(scalars, step)
-        logging.info(
-            "epoch %d/%d (effective %.2f) step %d/%d: loss %.4f, accuracy "
-            "%.4f, %.0f images/s, ETA %s", epoch + 1, config.epochs,
-            self.effective_epoch(step), step, self.total_steps, loss,
-            float(metrics["accuracy"]), images_per_second,
-            chrono.format_duration(remaining))
-        if not hinted and eta.seconds_per_unit(step) is not None:
-          hinted = True
-          _hint_if_cpu_run_is_long(config, remaining)
-        window_start, window_steps = time.perf_counter(), 0
+        log.progress(step, epoch, loss, metrics)
 
       if self.flatness and step % config.track_flatness_every_steps == 0:
         flatness = self.flatness.measure()  # At x; the model is restored.
-        write_scalars(flatness, step)
+        log.scalars(flatness, step)
         logging.info("flatness at step %d: %s", step, ", ".join(
             f"{k} {v:.4g}" for k, v in flatness.items()))
 
       if (step % self.steps_per_epoch == 0 or step == self.total_steps or
           (config.eval_every_steps and step % config.eval_every_steps == 0)):
-        if config.opt == "entropy_sgd" and config.recalibrate_bn:
-          self.evaluator.recalibrate_batch_norm(epoch)
+        results = self._evaluate(eval_splits, epoch)
         for split in eval_splits:
-          results[split] = self.evaluator.evaluate(split)
           if not math.isfinite(results[split]["loss"]):
-            self._diverged(step, f"the {split} loss is "
+            self.checkpoints.diverged(step, f"the {split} loss is "
                            f"{results[split]['loss']}")
-          write_scalars({f"{split}/loss": results[split]["loss"],
-                         f"{split}/accuracy": results[split]["accuracy"]},
-                        step)
+          log.scalars({f"{split}/loss": results[split]["loss"],
+                       f"{split}/accuracy": results[split]["accuracy"]}, step)
         monitored = results.get("validation", results["test"])["accuracy"]
         self.best_accuracy.assign(
             max(float(self.best_accuracy.numpy()), monitored))
@@ -787,22 +876,19 @@ class Trainer:
             ", ".join(f"{s} loss {r['loss']:.4f} accuracy "
                       f"{r['accuracy']:.4f}" for s, r in results.items()),
             path)
-        writer.flush()
-      if step < self.total_steps and self._should_stop(stop):
-        path = (tf.train.latest_checkpoint(self.checkpoint_dir)
-                if self._saved_at(step) else self.save_checkpoint(step))
-        writer.flush()
+        log.flush()
+      if step < self.total_steps and _any_worker_stopped(strategy, stop):
+        path = (self.checkpoints.latest() if self.checkpoints.saved_at(step)
+                else self.save_checkpoint(step))
+        log.flush()
         raise Preempted(
             f"stopped by {stop.name} after outer step {step} of "
             f"{self.total_steps}; checkpoint {path}. Rerun the same command "
             f"to resume.")
 
     if not results:  # Resumed at the end: evaluate what was saved.
-      if config.opt == "entropy_sgd" and config.recalibrate_bn:
-        self.evaluator.recalibrate_batch_norm(
-            max(0, step - 1) // self.steps_per_epoch)
-      results = {split: self.evaluator.evaluate(split)
-                 for split in eval_splits}
+      results = self._evaluate(eval_splits,
+                               max(0, step - 1) // self.steps_per_epoch)
     summary = {
         "outer_steps": step,
         "effective_epochs": self.effective_epoch(step),
@@ -820,31 +906,6 @@ class Trainer:
         f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
         for k, v in summary.items()))
     return summary
-
-  def _all_updates_skipped(self, metrics, num_steps: int) -> bool:
-    """Whether float16 loss scaling skipped every update of the last call.
-
-    Such a call has no loss (0/0). It is not divergence while the loss
-    scale can still be halved: the overflow is the scale's, and the state
-    is untouched. Once the scale has fallen to its floor of 1 the gradients
-    overflow (nearly) unscaled, and the run has diverged.
-    """
-    if self.loss_scale is None:
-      return False
-    skipped = int(float(metrics["skipped_updates"]))
-    if skipped < num_steps * self.optimizer.apply_calls_per_step:
-      return False
-    if self.loss_scale.at_minimum:
-      return False
-    logging.warning(
-        "All %d updates of the last call overflowed in float16 and were "
-        "skipped; the loss scale is now %g.", skipped,
-        float(metrics["loss_scale"]))
-    return True
-
-  def _saved_at(self, step: int) -> bool:
-    latest = tf.train.latest_checkpoint(self.checkpoint_dir)
-    return bool(latest) and latest.endswith(f"ckpt-{step}")
 
 
 class Preempted(RuntimeError):
@@ -889,7 +950,7 @@ class _StopRequest:
       signal.signal(signum, handler)
 
 
-def _hint_if_cpu_run_is_long(config, remaining_seconds: float):
+def hint_if_cpu_run_is_long(config, remaining_seconds: float):
   """Logs once how to size a run for a CPU when one would take over a day."""
   if remaining_seconds < 24 * 3600 or (
       tf.config.list_logical_devices("GPU") or

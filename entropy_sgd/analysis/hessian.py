@@ -47,7 +47,6 @@ import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
-from entropy_sgd.workloads import models
 
 MatVec = Callable[[np.ndarray], np.ndarray]
 HVP_METHODS = ("forward_over_backward", "double_backprop")
@@ -317,7 +316,7 @@ class BatchNormRecalibration:
 
   As `training._Evaluator.recalibrate_batch_norm`: resets the moving
   averages and feeds every cached batch in training mode, without
-  dropout (`use_dropout=False` for the paper's nets) and without
+  dropout (`use_dropout=False`) and without
   updating any weight. With several replicas each replica has then seen
   its own shares; they are replaced by their mean over replicas, so every
   replica normalises alike and the Hessian is one operator. Compiled once,
@@ -328,8 +327,6 @@ class BatchNormRecalibration:
     self._norms = batch_norms(model)
     self._batches = batches
     strategy = batches.strategy
-    extra = ({"use_dropout": False} if isinstance(model, models.PaperNet)
-             else {})
 
     def reset():
       for bn in self._norms:
@@ -338,7 +335,7 @@ class BatchNormRecalibration:
 
     def feed(images, unused_labels):
       def body(i):
-        model(images[i], is_training=True, **extra)
+        model(images[i], is_training=True, use_dropout=False)
         return i + 1
       tf.while_loop(lambda i: i < tf.shape(images)[0], body,
                     (tf.constant(0),), parallel_iterations=1)

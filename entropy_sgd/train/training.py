@@ -305,9 +305,6 @@ class _Evaluator:
 
     self._evaluate = evaluate
     batch_norms = _batch_norms(model)
-    # As the reference's "dry feed": no dropout while recomputing statistics.
-    no_dropout = ({"use_dropout": False}
-                  if isinstance(model, models.PaperNet) else {})
 
     def reset_statistics():
       for bn in batch_norms:
@@ -319,7 +316,8 @@ class _Evaluator:
       strategy.run(reset_statistics)
       for _ in tf.range(num_batches):
         images, _ = next(iterator)
-        strategy.run(lambda x: model(x, is_training=True, **no_dropout),
+        # As the reference's "dry feed": no dropout while recomputing them.
+        strategy.run(lambda x: model(x, is_training=True, use_dropout=False),
                      args=(images,))
 
     self._recalibrate = recalibrate if batch_norms else None

@@ -45,6 +45,7 @@ import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd.core import precision
+from entropy_sgd.workloads import dropout as dropout_lib
 from entropy_sgd.workloads import wide_resnet
 
 Shape = Tuple[int, int, int]
@@ -131,11 +132,8 @@ class PaperNet(snt.Module):
     _check_rate("dropout", dropout)
     self.input_dropout, self.dropout = input_dropout, dropout
     self.seed = seed
-    # Training calls so far; keys the dropout masks.
-    self.dropout_calls = tf.Variable(tf.constant(0, tf.int64),
-                                     trainable=False, name="dropout_calls")
-    self._call_key = None
-    self._layer = 0
+    self.dropout_calls = dropout_lib.call_counter()
+    self._keyed_dropout = dropout_lib.KeyedDropout(seed, self.dropout_calls)
 
   def _begin_call(self, is_training, use_dropout):
     """Starts a forward pass; returns whether dropout is on.
@@ -143,14 +141,7 @@ class PaperNet(snt.Module):
     Cast the images with `precision.to_compute(images, self.compute_dtype)`
     and return `precision.logits_to_float32(logits)`.
     """
-    self._layer = 0
-    on = is_training if use_dropout is None else use_dropout
-    if on:
-      self._call_key = tf.random.experimental.stateless_fold_in(
-          tf.constant([self.seed, 0], tf.int64), self.dropout_calls,
-          alg="philox")
-      self.dropout_calls.assign_add(1)
-    return on
+    return self._keyed_dropout.begin_call(is_training, use_dropout)
 
   def _begin_flat_call(self, images, is_training, use_dropout):
     """`_begin_call` for the perceptrons: (flattened images in the compute
@@ -160,12 +151,7 @@ class PaperNet(snt.Module):
     return tf.reshape(images, [tf.shape(images)[0], -1]), dropout
 
   def _dropout(self, net, rate, on):
-    self._layer += 1
-    if not on or rate == 0:
-      return net
-    key = tf.random.experimental.stateless_fold_in(self._call_key,
-                                                   self._layer, alg="philox")
-    return tf.nn.experimental.stateless_dropout(net, rate=rate, seed=key)
+    return self._keyed_dropout(net, rate, on)
 
   @staticmethod
   def _normalise(bn, net, is_training):
@@ -433,11 +419,11 @@ def spec(name: str) -> ModelSpec:
   return ModelSpec(
       name, _CIFAR_DATASETS,
       lambda classes, dropout, cross_replica_batch_norm=False,
-      compute_dtype=None, **_: (
+      compute_dtype=None, seed=0, **_: (
           wide_resnet.WideResNet(
               depth, width, classes, dropout_rate=dropout,
               cross_replica_batch_norm=cross_replica_batch_norm,
-              compute_dtype=compute_dtype)), 0.0, "wrn")
+              compute_dtype=compute_dtype, seed=seed)), 0.0, "wrn")
 
 
 def models_for(dataset: str) -> List[str]:
@@ -465,8 +451,8 @@ def build(name: str, num_classes: int, dropout: Optional[float] = None,
   """The (unbuilt) module of `--model=name`.
 
   `cross_replica_batch_norm` (synchronised BatchNorm) is supported by the
-  Wide ResNets; the paper's nets refuse it. `seed` keys the paper nets'
-  dropout masks. `compute_dtype` (bfloat16 or float16; None: float32)
+  Wide ResNets; the paper's nets refuse it. `seed` keys the dropout masks
+  of every model. `compute_dtype` (bfloat16 or float16; None: float32)
   runs the forward and backward passes in 16 bits over float32 variables
   (see `precision`). `init` ("he" or "torch", see `INITIALISATIONS`; None:
   the model's own) sets the paper nets' initialisation.
@@ -482,7 +468,7 @@ def build(name: str, num_classes: int, dropout: Optional[float] = None,
                        f"not --model={name}; drop it.")
     return model_spec.build(num_classes, rate,
                             cross_replica_batch_norm=cross_replica_batch_norm,
-                            compute_dtype=compute_dtype)
+                            compute_dtype=compute_dtype, seed=seed)
   return model_spec.build(num_classes, rate, seed=seed,
                           compute_dtype=compute_dtype, init=init)
 

@@ -40,6 +40,7 @@ import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd.core import precision
+from entropy_sgd.workloads import dropout as dropout_lib
 
 _STEM_CHANNELS = 16
 _GROUP_BASE_CHANNELS = (16, 32, 64)
@@ -157,7 +158,9 @@ class PreActBasicBlock(snt.Module):
                stride: int,
                dropout_rate: float,
                bn_config: dict,
+               keyed_dropout: Optional[dropout_lib.KeyedDropout] = None,
                name: Optional[str] = None):
+    """`keyed_dropout`: the network's (needed when `dropout_rate` > 0)."""
     super().__init__(name=name)
     self.in_channels = in_channels
     self.out_channels = out_channels
@@ -165,8 +168,11 @@ class PreActBasicBlock(snt.Module):
     self._bn_in = _batch_norm(bn_config, "bn_in")
     self._conv_in = _conv(out_channels, 3, stride, name="conv_in")
     self._bn_mid = _batch_norm(bn_config, "bn_mid")
-    self._dropout = (
-        snt.Dropout(dropout_rate, name="dropout") if dropout_rate > 0 else None)
+    if dropout_rate > 0 and keyed_dropout is None:
+      raise ValueError("a block with dropout needs the network's "
+                       "keyed_dropout")
+    self._dropout_rate = dropout_rate
+    self._keyed_dropout = keyed_dropout
     self._conv_out = _conv(out_channels, 3, 1, name="conv_out")
     needs_projection = in_channels != out_channels or stride != 1
     self.projection = (
@@ -177,7 +183,9 @@ class PreActBasicBlock(snt.Module):
   def batch_norms(self) -> tuple[snt.BatchNorm, ...]:
     return (self._bn_in, self._bn_mid)
 
-  def __call__(self, inputs: tf.Tensor, is_training: bool) -> tf.Tensor:
+  def __call__(self, inputs: tf.Tensor, is_training: bool,
+               dropout: bool = False) -> tf.Tensor:
+    """`dropout`: whether this pass drops (see `WideResNet.__call__`)."""
     # test_local_stats=False: evaluation normalises with the moving statistics.
     preactivated = tf.nn.relu(
         self._bn_in(inputs, is_training=is_training, test_local_stats=False))
@@ -188,8 +196,8 @@ class PreActBasicBlock(snt.Module):
     net = self._conv_in(preactivated)
     net = tf.nn.relu(
         self._bn_mid(net, is_training=is_training, test_local_stats=False))
-    if self._dropout is not None and is_training:
-      net = self._dropout(net, is_training=True)
+    if self._keyed_dropout is not None:
+      net = self._keyed_dropout(net, self._dropout_rate, dropout)
     net = self._conv_out(net)
     return net + shortcut
 
@@ -199,7 +207,10 @@ class WideResNet(snt.Module):
 
   Variables are created on the first call. `is_training` must be a Python
   bool: True uses batch statistics, updates the BatchNorm moving averages and
-  enables dropout; False uses the moving averages and no dropout. Note that
+  enables dropout; False uses the moving averages and no dropout;
+  `use_dropout` overrides the dropout (as the paper nets'). Dropout is keyed
+  by `seed` and a count of training calls (`dropout.KeyedDropout`), so a
+  resumed run draws the masks an uninterrupted one would. Note that
   Sonnet's moving variance starts at 0, so evaluate only after at least one
   training-mode call. `cross_replica_batch_norm=True` synchronises the batch
   statistics over replicas (see `CrossReplicaBatchNorm`).
@@ -214,6 +225,7 @@ class WideResNet(snt.Module):
                bn_eps: float = 1e-5,
                cross_replica_batch_norm: bool = False,
                compute_dtype: Optional[tf.DType] = None,
+               seed: int = 0,
                name: Optional[str] = None):
     """Builds the modules of a WRN-`depth`-`width` with `num_classes` logits.
 
@@ -245,6 +257,11 @@ class WideResNet(snt.Module):
     self.num_classes = int(num_classes)
     self.dropout_rate = dropout_rate
     self.compute_dtype = compute_dtype
+    # Only with dropout: runs without it keep their checkpoints' layout.
+    self._keyed_dropout = None
+    if dropout_rate > 0:
+      self.dropout_calls = dropout_lib.call_counter()
+      self._keyed_dropout = dropout_lib.KeyedDropout(seed, self.dropout_calls)
     bn_config = dict(
         create_scale=True,
         create_offset=True,
@@ -266,6 +283,7 @@ class WideResNet(snt.Module):
                 stride=group_stride if index == 0 else 1,
                 dropout_rate=dropout_rate,
                 bn_config=bn_config,
+                keyed_dropout=self._keyed_dropout,
                 name=f"group{group}_block{index + 1}"))
         in_channels = out_channels
     self.blocks = tuple(blocks)
@@ -282,15 +300,18 @@ class WideResNet(snt.Module):
     per_block = tuple(bn for block in self.blocks for bn in block.batch_norms)
     return per_block + (self._final_bn,)
 
-  def __call__(self, images: tf.Tensor, is_training: bool) -> tf.Tensor:
+  def __call__(self, images: tf.Tensor, is_training: bool,
+               use_dropout: Optional[bool] = None) -> tf.Tensor:
     """Maps [batch, height, width, channels] images to [batch, classes]."""
     images = tf.convert_to_tensor(images)
     if images.shape.rank != 4:
       raise ValueError(
           f"WideResNet expects NHWC images of rank 4; got shape {images.shape}")
     net = self.stem(precision.to_compute(images, self.compute_dtype))
+    dropout = (self._keyed_dropout is not None and
+               self._keyed_dropout.begin_call(is_training, use_dropout))
     for block in self.blocks:
-      net = block(net, is_training=is_training)
+      net = block(net, is_training=is_training, dropout=dropout)
     net = tf.nn.relu(
         self._final_bn(net, is_training=is_training, test_local_stats=False))
     net = tf.reduce_mean(net, axis=[1, 2])

@@ -203,6 +203,45 @@ class WideResNetTest(tf.test.TestCase, parameterized.TestCase):
         no_dropout(images, is_training=True),
         no_dropout(images, is_training=True))
 
+  def test_dropout_is_keyed_and_resume_exact(self):
+    images = _images(2)
+
+    def build(seed):
+      model = wide_resnet.WideResNet(10, 1, 10, dropout_rate=0.5, seed=seed)
+      model(images, is_training=False)
+      return model
+
+    model, resumed, other_seed = build(0), build(0), build(1)
+    for m in (resumed, other_seed):
+      for mine, theirs in zip(m.variables, model.variables):
+        mine.assign(theirs)  # Same weights; dropout_calls = 0 everywhere.
+    _randomize_logits_layer(model)
+    for m in (resumed, other_seed):
+      m.logits_layer.w.assign(model.logits_layer.w)
+    first = model(images, is_training=True)
+    second = model(images, is_training=True)
+    self.assertEqual(int(model.dropout_calls.numpy()), 2)
+    self.assertNotAllClose(first, second)
+    # A model restored after the first call (its counter included) draws the
+    # masks of the second call, as a stateful dropout would not.
+    resumed.dropout_calls.assign(1)
+    self.assertAllClose(resumed(images, is_training=True), second)
+    self.assertNotAllClose(other_seed(images, is_training=True), first)
+    # use_dropout=False in training mode (BatchNorm recalibration) draws
+    # nothing and does not count.
+    calls = int(model.dropout_calls.numpy())
+    no_drop = model(images, is_training=True, use_dropout=False)
+    self.assertAllClose(no_drop, model(images, is_training=True,
+                                       use_dropout=False))
+    self.assertEqual(int(model.dropout_calls.numpy()), calls)
+
+  def test_no_dropout_keeps_the_checkpoint_layout(self):
+    model = wide_resnet.WideResNet(10, 1, 10, dropout_rate=0.0)
+    model(_images(2), is_training=True)
+    self.assertFalse(hasattr(model, "dropout_calls"))
+    self.assertNotIn("dropout_calls",
+                     " ".join(v.name for v in model.variables))
+
   @parameterized.parameters(
       # width 1: group 1 is 16 -> 16 (identity); groups 2 and 3 project.
       (1, ["group2_block1", "group3_block1"]),

@@ -19,10 +19,15 @@ import tensorflow as tf
 from entropy_sgd.core import distribution
 from entropy_sgd.core import keras_plugin as esgd_keras
 from entropy_sgd.core import optimizers
+from entropy_sgd.core import testing
 from entropy_sgd.core import train_step as train_step_lib
 
 NUM_FEATURES, NUM_HIDDEN, NUM_CLASSES = 6, 5, 3
 BATCH = 8
+make_data = functools.partial(testing.make_data, batch=BATCH,
+                              features=NUM_FEATURES, classes=NUM_CLASSES)
+assert_close_relative = testing.assert_close_relative
+mirrored_strategy = testing.mirrored_strategy
 HYPER = dict(learning_rate=0.7, num_langevin_steps=4,
              langevin_learning_rate=0.05, gamma=0.3, scoping=0.2, noise=0.05,
              alpha=0.75, weight_decay=0.01, seed=7)
@@ -49,13 +54,6 @@ def initial_weights():
   shapes = [[NUM_FEATURES, NUM_HIDDEN], [NUM_HIDDEN],
             [NUM_HIDDEN, NUM_CLASSES], [NUM_CLASSES]]
   return [rng.normal(scale=0.5, size=s).astype(np.float32) for s in shapes]
-
-
-def make_data(num_batches, seed=0):
-  rng = np.random.RandomState(seed)
-  x = rng.normal(size=(num_batches * BATCH, NUM_FEATURES)).astype(np.float32)
-  y = rng.randint(NUM_CLASSES, size=num_batches * BATCH).astype(np.int32)
-  return x, y
 
 
 def batches(x, y):
@@ -125,14 +123,6 @@ def make_batch_norm_model():
                 loss=keras.losses.SparseCategoricalCrossentropy(
                     from_logits=True), metrics=["accuracy"])
   return model
-
-
-def assert_close_relative(test, actual, expected, rtol=1e-5):
-  for i, (a, e) in enumerate(zip(actual, expected)):
-    a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-    scale = max(np.abs(e).max(), 1e-3)
-    test.assertLessEqual(np.abs(a - e).max() / scale, rtol,
-                         f"parameter {i} differs by {np.abs(a - e).max():.3g}")
 
 
 def assert_equal_weights(test, actual, expected):
@@ -395,12 +385,6 @@ class MisuseTest(tf.test.TestCase):
 
 
 @functools.lru_cache(maxsize=None)
-def mirrored_strategy():
-  """One instance per process: TF's collective keys clash across several."""
-  return tf.distribute.MirroredStrategy(
-      [d.name for d in tf.config.list_logical_devices("CPU")])
-
-
 class MirroredStrategyTest(tf.test.TestCase):
 
   def test_two_replicas_follow_one_device_and_sonnet(self):

@@ -16,6 +16,7 @@ x'), a relabelling of an equally distributed draw.
 """
 
 import dataclasses
+import functools
 
 from absl.testing import parameterized
 import numpy as np
@@ -24,9 +25,14 @@ import tensorflow as tf
 
 from entropy_sgd.core import distribution
 from entropy_sgd.core import optimizers
+from entropy_sgd.core import testing
 from entropy_sgd.core import train_step as train_step_lib
 
 FEATURES, HIDDEN, CLASSES, BATCH = 5, 4, 3, 6
+make_data = functools.partial(testing.make_data, batch=BATCH,
+                              features=FEATURES, classes=CLASSES,
+                              dtype=np.float64)
+batches_of = functools.partial(testing.batches_of, batch=BATCH)
 NAMES = ("hidden/w", "hidden/b", "logits/w", "logits/b")
 
 
@@ -180,17 +186,6 @@ def short_name(variable):
 
 
 HYPER = dict(lr=0.5, L=3, weight_decay=0.01, g0=0.3, g1=0.2, momentum=0.9)
-
-
-def make_data(num_batches, seed=0):
-  rng = np.random.RandomState(seed)
-  x = rng.normal(size=(num_batches * BATCH, FEATURES))
-  y = rng.randint(CLASSES, size=num_batches * BATCH).astype(np.int32)
-  return x, y
-
-
-def batches_of(x, y):
-  return [(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, len(y), BATCH)]
 
 
 def conventions_for(nesterov, **changes):

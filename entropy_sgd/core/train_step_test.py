@@ -17,10 +17,17 @@ import tensorflow as tf
 from entropy_sgd.core import distribution
 from entropy_sgd.core import optimizers
 from entropy_sgd.core import precision
+from entropy_sgd.core import testing
 from entropy_sgd.core import train_step as train_step_lib
 
 NUM_FEATURES, NUM_HIDDEN, NUM_CLASSES = 6, 5, 3
 BATCH = 8
+make_data = functools.partial(testing.make_data, batch=BATCH,
+                              features=NUM_FEATURES, classes=NUM_CLASSES)
+batches_of = functools.partial(testing.batches_of, batch=BATCH,
+                               dtype=np.float64)
+assert_close_relative = testing.assert_close_relative
+mirrored_strategy = testing.mirrored_strategy
 
 
 class MLP(snt.Module):
@@ -134,18 +141,6 @@ def np_entropy_sgd(w, batches, noise_of, num_outer, hp, conv):
 # ------------------------------------------------------------ Shared set-up.
 
 
-def make_data(num_batches, seed=0):
-  rng = np.random.RandomState(seed)
-  x = rng.normal(size=(num_batches * BATCH, NUM_FEATURES)).astype(np.float32)
-  y = rng.randint(NUM_CLASSES, size=num_batches * BATCH).astype(np.int32)
-  return x, y
-
-
-def batches_of(x, y):
-  return [(x[i:i + BATCH].astype(np.float64), y[i:i + BATCH])
-          for i in range(0, len(y), BATCH)]
-
-
 def short_name(variable):
   # "mlp/hidden/w:0" -> "hidden/w"
   return "/".join(variable.name.split(":")[0].split("/")[-2:])
@@ -189,16 +184,6 @@ def noise_lookup(model, seed, jit_compile=False, dtype=tf.float32):
     return step_noise(t, l)[names.index(name)]
 
   return noise_of
-
-
-def assert_close_relative(test, actual, expected, rtol=1e-5):
-  for name in expected:
-    a = np.asarray(actual[name], np.float64)
-    e = expected[name]
-    scale = max(np.abs(e).max(), 1e-3)
-    test.assertLessEqual(
-        np.abs(a - e).max() / scale, rtol,
-        f"{name}: TF and NumPy differ by {np.abs(a - e).max():.3g}")
 
 
 HYPER = dict(L=4, lr=0.7, llr=0.05, gamma=0.3, scoping=0.2, eps=0.05,
@@ -549,11 +534,6 @@ def make_esgd(cls=optimizers.EntropySGD, **kwargs):
                   seed=3)
   settings.update(kwargs)
   return cls(**settings)
-
-
-def mirrored_strategy():
-  return tf.distribute.MirroredStrategy(
-      [d.name for d in tf.config.list_logical_devices("CPU")])
 
 
 def run_steps(strategy, optimizer, x, y, batch, num_outer):

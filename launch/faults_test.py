@@ -101,7 +101,7 @@ class PreemptionTest(absltest.TestCase):
 
     resumed = run_launcher("mnist", *args, "--run_name=cut")
     self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
-    self.assertIn(f"Resuming from", resumed.stderr)
+    self.assertIn("Resuming from", resumed.stderr)
     expected = training.checkpoint_model_variables(
         os.path.join(log_dir, "whole"))
     actual = training.checkpoint_model_variables(os.path.join(log_dir, "cut"))

@@ -1,4 +1,4 @@
-"""Flatness of the training loss around a checkpoint: the measures and a report.
+"""Flatness of the training loss around a checkpoint: the driver.
 
 Every measure looks at f, the mean cross-entropy over a fixed set of
 training batches with BatchNorm in inference mode (see `hessian`), around
@@ -19,30 +19,32 @@ the weights x of a checkpoint:
 * `interpolate`: f on the straight line between two checkpoints.
 
 `analyse(settings)` runs the measures a `Settings` asks for on a run
-directory and writes landscape.json, landscape.md and PNG plots.
+directory and writes landscape.json, landscape.md and PNG plots. The
+measures live in the analysis layer (`hessian`, `loss_landscape`,
+`adaptive_flatness`), the report in `landscape_report`.
 """
 
 import dataclasses
 import json
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from absl import logging
-from matplotlib.figure import Figure  # No pyplot: no global backend.
 import numpy as np
 import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd.analysis import adaptive_flatness
 from entropy_sgd.analysis import hessian
+from entropy_sgd.analysis import loss_landscape
 from entropy_sgd.core import chrono
-from entropy_sgd.core import noise as noise_lib
 from entropy_sgd.core import train_step as train_step_lib
 from entropy_sgd.train import config as config_lib
 from entropy_sgd.train import run_dir as run_dir_lib
 from entropy_sgd.workloads import data as data_lib
 from entropy_sgd.workloads import models
+from entropy_sgd.reports import landscape_report
 
 MEASURES = ("eigenvalues", "trace", "density", "local_entropy",
             "sharpness", "adaptive_sharpness", "pac_bayes", "directions",
@@ -51,246 +53,6 @@ MEASURES = ("eigenvalues", "trace", "density", "local_entropy",
 
 class LandscapeError(ValueError):
   """A run cannot be analysed; the message says why and what to do."""
-
-
-# --------------------------------------------------------------- Directions.
-
-
-def excluded_from_directions(model, parameters) -> List[bool]:
-  """Which parameters get a zero direction: BatchNorm scales and offsets
-  and every parameter of rank <= 1 (biases), as Li et al. do."""
-  batch_norm = {v.ref() for bn in hessian.batch_norms(model)
-                for v in bn.trainable_variables}
-  return [p.ref() in batch_norm or len(p.shape) <= 1 for p in parameters]
-
-
-def filter_normalized_direction(weights: Sequence[np.ndarray],
-                                excluded: Sequence[bool],
-                                rng: np.random.Generator) -> List[np.ndarray]:
-  """A Gaussian direction d with every filter rescaled to its weights' norm.
-
-  A filter is one output unit: the slice [..., j] along the last axis (the
-  output axis of Sonnet's Linear [in, out] and Conv2D [h, w, in, out]), so
-  ||d[..., j]|| = ||x[..., j]||. Excluded parameters get zeros.
-  """
-  direction = []
-  for w, skip in zip(weights, excluded):
-    d = rng.standard_normal(w.shape).astype(w.dtype)
-    if skip:
-      direction.append(np.zeros_like(w))
-      continue
-    axes = tuple(range(w.ndim - 1))
-    w_norm = np.sqrt(np.sum(np.square(w), axis=axes, keepdims=True))
-    d_norm = np.sqrt(np.sum(np.square(d), axis=axes, keepdims=True))
-    direction.append(d * w_norm / np.maximum(d_norm, np.finfo(w.dtype).tiny))
-  return direction
-
-
-def _evaluate_at(objective, points, callback=None, recalibrate=None):
-  """(losses, accuracies) at each flat point; x is restored after.
-
-  `recalibrate`, if given, runs at every point before the evaluation.
-  """
-  x = objective.get_flat()
-  losses, accuracies = [], []
-  try:
-    for i, point in enumerate(points):
-      objective.set_flat(point)
-      if recalibrate is not None:
-        recalibrate()
-      loss, accuracy = objective.loss_and_accuracy()
-      losses.append(loss)
-      accuracies.append(accuracy)
-      if callback is not None:
-        callback(i + 1)
-  finally:
-    objective.set_flat(x)
-  return np.array(losses), np.array(accuracies)
-
-
-def loss_along_line(objective: hessian.Objective, direction: np.ndarray,
-                    alphas: np.ndarray, callback=None):
-  """(f(x + a d), accuracy) for each a in `alphas`; d flat."""
-  x = objective.get_flat()
-  return _evaluate_at(objective, (x + a * direction for a in alphas),
-                      callback)
-
-
-def loss_on_plane(objective: hessian.Objective, first: np.ndarray,
-                  second: np.ndarray, alphas: np.ndarray, betas: np.ndarray,
-                  callback=None):
-  """(f, accuracy) at x + a d1 + b d2, as [len(betas), len(alphas)] grids."""
-  x = objective.get_flat()
-  points = (x + a * first + b * second for b in betas for a in alphas)
-  losses, accuracies = _evaluate_at(objective, points, callback)
-  shape = (len(betas), len(alphas))
-  return losses.reshape(shape), accuracies.reshape(shape)
-
-
-def interpolate(objective: hessian.Objective, start: np.ndarray,
-                end: np.ndarray, alphas: np.ndarray,
-                recalibrate: Optional[Callable[[], None]] = None,
-                callback=None):
-  """(f, accuracy) at (1 - a) start + a end, recalibrating BatchNorm at
-  every point (neither end's statistics fit in between). The weights are
-  restored afterwards, the statistics are the last point's: wrap the call
-  in `hessian.preserved_state` to keep them too."""
-  points = ((1 - alpha) * start + alpha * end for alpha in alphas)
-  return _evaluate_at(objective, points, callback, recalibrate)
-
-
-# ----------------------------------------------------------- Epsilon-sharpness.
-
-
-@dataclasses.dataclass
-class Sharpness:
-  epsilon: float
-  value: float  # Percent: 100 (max f - f(x)) / (1 + f(x)).
-  loss_at_x: float
-  max_loss: float  # Largest f seen in the box.
-  steps: int
-
-
-def epsilon_sharpness(objective: hessian.Objective, epsilon: float = 1e-3,
-                      num_steps: int = 20, step_fraction: float = 0.2,
-                      seed: int = 0, callback=None) -> Sharpness:
-  """epsilon-sharpness of Keskar et al. (ICLR 2017), Metric 2.1 with A = I.
-
-      100 (max_{y in C} f(x + y) - f(x)) / (1 + f(x)),
-      C = {y : |y_i| <= epsilon (|x_i| + 1)}.
-
-  The maximum is sought by projected sign-gradient ascent (steepest ascent
-  in the max-norm, the box's own norm): y <- clip(y + step_fraction *
-  b * sign(grad f(x + y)), -b, b), b = epsilon (|x| + 1), from a small
-  random y (so that a stationary x is left). It is a local ascent, so the
-  result is a lower bound of the true maximum, as Keskar et al.'s
-  L-BFGS-B is; it is >= 0 since x itself is in C. For a separable convex
-  f (e.g. a diagonal quadratic) it reaches the exact maximum.
-  """
-  x = objective.get_flat()
-  loss_at_x = objective.loss_and_accuracy()[0]
-  bound = (epsilon * (np.abs(x) + 1)).astype(x.dtype)
-  max_loss = adaptive_flatness.box_maximum(
-      objective, bound, num_steps, step_fraction, np.random.default_rng(seed),
-      start=step_fraction, loss_at_centre=loss_at_x, callback=callback)
-  value = 100.0 * (max_loss - loss_at_x) / (1.0 + loss_at_x)
-  return Sharpness(epsilon, value, loss_at_x, max_loss, num_steps)
-
-
-# ------------------------------------------------------------ Local entropy.
-
-
-@dataclasses.dataclass
-class LocalEntropy:
-  """Estimates of Phi (see `local_entropy`) and how they were made."""
-  gamma: float
-  temperature: float
-  value: float  # Phi(x; gamma, T), in units of f.
-  stderr: float  # Over chains; NaN with one chain.
-  loss_at_x: float
-  deficit: float  # (-f(x) - Phi) / T: nats of volume lost to curvature.
-  deficit_stderr: float
-  betas: np.ndarray  # Gauss-Legendre nodes on [0, 1].
-  beta_weights: np.ndarray
-  mean_losses: np.ndarray  # [chains, betas]: estimates of E_beta[f].
-  step_sizes: np.ndarray  # SGLD step per beta.
-  steps: int
-  burn_in: int
-
-
-def local_entropy(objective: hessian.Objective, gamma: float,
-                  temperature: float = 1.0, num_betas: int = 6,
-                  steps: int = 100, burn_in: int = 50, chains: int = 2,
-                  step_fraction: float = 0.05,
-                  curvature: Optional[float] = None, seed: int = 0,
-                  callback=None) -> LocalEntropy:
-  """Local entropy (Chaudhari et al., 2017, eq. 3) at temperature T, by
-  thermodynamic integration over annealed SGLD chains.
-
-  Estimates, in units of f,
-
-      Phi(x; gamma, T) = T log E_{x' ~ N(x, (T/gamma) I)} exp(-f(x') / T)
-                       = F_T(x; gamma) - (n T / 2) log(2 pi T / gamma),
-
-  where F_T(x; gamma) = T log int exp(-(f(x') + gamma/2 |x - x'|^2) / T) dx'
-  is the paper's local entropy F(x; gamma) for T = 1, less the constant
-  it takes for a flat f = 0. So Phi = -c for f = c constant, and near a
-  minimum with Hessian H (Laplace) Phi ~ -f(x) - (T/2) sum_i log(1 +
-  lambda_i / gamma): the `deficit` (-f(x) - Phi) / T ~ 1/2 sum_i log(1 +
-  lambda_i / gamma) counts the nats of volume a valley lacks against a flat
-  one at scope gamma; wide valleys have a small deficit.
-
-  Estimator: with rho_beta(x') ~ exp(-(beta f(x') + gamma/2 |x - x'|^2)/T),
-  d/dbeta (log Z_beta) = -E_beta[f] / T and rho_0 = N(x, (T/gamma) I), so
-
-      Phi = -int_0^1 E_{rho_beta}[f(x')] dbeta,
-
-  integrated by `num_betas`-point Gauss-Legendre quadrature. Each chain
-  starts from an exact draw of rho_0 and visits the nodes in increasing
-  beta (annealing); at each it runs `burn_in` + `steps` SGLD steps
-
-      x' <- x' - eta (beta grad f(x') + gamma (x' - x)) + sqrt(2 eta T) xi,
-
-  averaging f over the last `steps`, with eta = step_fraction / (gamma +
-  beta curvature) (curvature: lambda_max, estimated by 20 power
-  iterations when not given) and xi from `noise.standard_normal`. The
-  standard error is over chains. Biases: SGLD's O(eta) discretisation (a
-  mode of stiffness k = gamma + beta lambda gets variance T / (k (1 - eta
-  k / 2)) instead of T / k: about step_fraction / 2 relative for the
-  stiffest) and slow mixing: a mode relaxes at rate eta k per step, so
-  modes with k below (gamma + beta curvature) / (step_fraction (burn_in +
-  steps)) keep part of their rho_0 spread. BatchNorm statistics stay those
-  recalibrated at x. Away from a minimum the tilted measure slides
-  downhill and the deficit turns negative (about -|grad f(x)|^2 /
-  (2 gamma T) to first order): it then measures descent, not width.
-  """
-  x = objective.get_flat()
-  loss_at_x = objective.loss_and_accuracy()[0]
-  if curvature is None:
-    start = np.random.default_rng(seed).standard_normal(x.size)
-    curvature = hessian.power_iteration(objective.hvp, start.astype(x.dtype),
-                                        20).eigenvalue
-  curvature = max(float(curvature), 0.0)
-  nodes, weights = np.polynomial.legendre.leggauss(num_betas)
-  betas, beta_weights = (nodes + 1) / 2, weights / 2
-  step_sizes = step_fraction / (gamma + betas * curvature)
-  mean_losses = np.zeros((chains, num_betas))
-
-  def normal(chain, stage, step):
-    key = noise_lib.step_key(seed, stage, step, stream=chain)
-    return noise_lib.standard_normal(key, x.size, tf.as_dtype(
-        x.dtype)).numpy()
-
-  done = 0
-  try:
-    for chain in range(chains):
-      sample = x + np.sqrt(temperature / gamma) * normal(chain, 0, 0)
-      for k, (beta, eta) in enumerate(zip(betas, step_sizes)):
-        total = 0.0
-        for step in range(burn_in + steps):
-          objective.set_flat(sample)
-          loss, gradient = objective.loss_and_gradient()
-          if step >= burn_in:
-            total += loss
-          drift = beta * gradient + gamma * (sample - x)
-          sample = (sample - eta * drift + np.sqrt(2 * eta * temperature) *
-                    normal(chain, k + 1, step)).astype(x.dtype)
-          done += 1
-          if callback is not None:
-            callback(done)
-        mean_losses[chain, k] = total / steps
-  finally:
-    objective.set_flat(x)
-  per_chain = -mean_losses @ beta_weights
-  stderr = (per_chain.std(ddof=1) / np.sqrt(chains) if chains > 1
-            else float("nan"))
-  value = float(per_chain.mean())
-  return LocalEntropy(
-      gamma=gamma, temperature=temperature, value=value, stderr=float(stderr),
-      loss_at_x=loss_at_x, deficit=(-loss_at_x - value) / temperature,
-      deficit_stderr=float(stderr) / temperature, betas=betas,
-      beta_weights=beta_weights, mean_losses=mean_losses,
-      step_sizes=step_sizes, steps=steps, burn_in=burn_in)
 
 
 # ------------------------------------------------------------------ Progress.
@@ -821,7 +583,7 @@ def _density(run: _Run):
       "weights": quadrature.weights, "trace_estimate": mean * n,
       "trace_estimate_stderr": mean_stderr * n, "second_moment": second,
       "second_moment_stderr": second_stderr}
-  run.plots["density"] = plot_density(
+  run.plots["density"] = landscape_report.plot_density(
       density, run.results.get("hessian_top_eigenvalues", ()),
       run.output("hessian_density.png"), log_scale=s.density_log_scale)
 
@@ -833,7 +595,7 @@ def _local_entropy(run: _Run):
   else:
     lambda_max = hessian.power_iteration(objective.hvp, run.start_vector(),
                                          20).eigenvalue
-  estimates = [local_entropy(
+  estimates = [loss_landscape.local_entropy(
       objective, gamma, s.entropy_temperature, s.entropy_betas,
       s.entropy_steps, s.entropy_burn_in, s.entropy_chains,
       s.entropy_step_fraction, curvature=lambda_max, seed=s.seed + i)
@@ -850,7 +612,7 @@ def _local_entropy(run: _Run):
 
 def _sharpness(run: _Run):
   s = run.settings
-  sharpness = epsilon_sharpness(run.objective, s.epsilon, s.sharpness_steps,
+  sharpness = loss_landscape.epsilon_sharpness(run.objective, s.epsilon, s.sharpness_steps,
                                 seed=s.seed)
   run.results.update(epsilon_sharpness=sharpness.value,
                      epsilon_sharpness_epsilon=sharpness.epsilon,
@@ -892,22 +654,22 @@ def _directions(run: _Run):
   s, objective = run.settings, run.objective
   rng = np.random.default_rng(s.seed)
   weights = [p.numpy() for p in objective.parameters]
-  excluded = excluded_from_directions(run.model, objective.parameters)
-  first, second = (objective.flatten(filter_normalized_direction(
+  excluded = loss_landscape.excluded_from_directions(run.model, objective.parameters)
+  first, second = (objective.flatten(loss_landscape.filter_normalized_direction(
       weights, excluded, rng)) for _ in range(2))
   alphas = np.linspace(-s.direction_range, s.direction_range,
                        s.direction_points)
-  loss, accuracy = loss_along_line(objective, first, alphas)
+  loss, accuracy = loss_landscape.loss_along_line(objective, first, alphas)
   run.results["direction_1d"] = {"alphas": alphas, "loss": loss,
                                  "accuracy": accuracy}
   plane = np.linspace(-s.direction_range, s.direction_range, s.plane_points)
-  loss2, accuracy2 = loss_on_plane(objective, first, second, plane, plane)
+  loss2, accuracy2 = loss_landscape.loss_on_plane(objective, first, second, plane, plane)
   run.results["direction_2d"] = {"alphas": plane, "betas": plane,
                                  "loss": loss2, "accuracy": accuracy2}
-  run.plots["direction_1d"] = plot_curve(
+  run.plots["direction_1d"] = landscape_report.plot_curve(
       alphas, loss, accuracy, "filter-normalised direction: x + a d",
       run.output("direction_1d.png"))
-  run.plots["direction_2d"] = plot_plane(plane, plane, loss2,
+  run.plots["direction_2d"] = landscape_report.plot_plane(plane, plane, loss2,
                                          run.output("direction_2d.png"))
 
 
@@ -916,14 +678,14 @@ def _interpolation(run: _Run):
   compare_config, compare_checkpoint, end = run.compare
   alphas = np.linspace(-0.5, 1.5, s.interpolation_points)
   with hessian.preserved_state(run.model, objective.batches.strategy):
-    loss, accuracy = interpolate(objective, objective.get_flat(), end,
+    loss, accuracy = loss_landscape.interpolate(objective, objective.get_flat(), end,
                                  alphas, run.recalibrate)
   run.results["interpolation"] = {
       "compare_run_dir": s.compare_dir,
       "compare_checkpoint": compare_checkpoint,
       "compare_optimizer": compare_config.opt,
       "alphas": alphas, "loss": loss, "accuracy": accuracy}
-  run.plots["interpolation"] = plot_curve(
+  run.plots["interpolation"] = landscape_report.plot_curve(
       alphas, loss, accuracy,
       f"(1 - a) x_A + a x_B   (A: {run.config.opt}, B: {compare_config.opt})",
       run.output("interpolation.png"), marks=(0.0, 1.0))
@@ -967,162 +729,5 @@ def analyse(settings: Settings,
   with open(run.output("landscape.json"), "w") as f:
     json.dump(results, f, indent=1, sort_keys=True)
   with open(run.output("landscape.md"), "w") as f:
-    f.write(markdown_report(results))
+    f.write(landscape_report.markdown_report(results))
   return results
-
-
-# ------------------------------------------------------------------- Report.
-
-
-def plot_density(density: hessian.Density, top_eigenvalues, path: str,
-                 log_scale: bool = True) -> str:
-  figure = Figure(figsize=(6.5, 4.2))
-  axis = figure.subplots()
-  values = np.maximum(density.density, 1e-12) if log_scale else (
-      density.density)
-  axis.plot(density.grid, values, color="C0")
-  for eigenvalue in top_eigenvalues:
-    axis.axvline(eigenvalue, color="C3", alpha=0.4, linewidth=0.8)
-  if log_scale:
-    axis.set_yscale("log")
-    axis.set_ylim(bottom=max(1e-9, values.max() * 1e-9))
-  axis.set_xlabel("Hessian eigenvalue")
-  axis.set_ylabel("density" + (" (log scale)" if log_scale else ""))
-  axis.set_title(f"SLQ spectral density (Gaussian sigma {density.sigma:.3g})"
-                 + ("; red: top eigenvalues" if len(top_eigenvalues) else ""),
-                 fontsize=9)
-  axis.grid(alpha=0.3)
-  return _save(figure, path)
-
-
-def plot_curve(alphas, loss, accuracy, title, path, marks=()) -> str:
-  figure = Figure(figsize=(6.5, 4.2))
-  axis = figure.subplots()
-  axis.plot(alphas, loss, "o-", color="C0", markersize=3, label="loss")
-  axis.set_xlabel("a")
-  axis.set_ylabel("training loss", color="C0")
-  other = axis.twinx()
-  other.plot(alphas, accuracy, "s--", color="C1", markersize=3,
-             label="accuracy")
-  other.set_ylabel("training accuracy", color="C1")
-  for mark in marks:
-    axis.axvline(mark, color="grey", alpha=0.5, linewidth=0.8)
-  axis.set_title(title, fontsize=9)
-  axis.grid(alpha=0.3)
-  return _save(figure, path)
-
-
-def plot_plane(alphas, betas, loss, path) -> str:
-  figure = Figure(figsize=(5.5, 4.6))
-  axis = figure.subplots()
-  contours = axis.contourf(alphas, betas, loss, levels=20, cmap="viridis")
-  axis.contour(alphas, betas, loss, levels=20, colors="k", linewidths=0.3)
-  figure.colorbar(contours, ax=axis, label="training loss")
-  axis.plot([0], [0], "r+", markersize=10)
-  axis.set_xlabel("a (direction 1)")
-  axis.set_ylabel("b (direction 2)")
-  axis.set_title("loss at x + a d1 + b d2 (filter-normalised)", fontsize=9)
-  return _save(figure, path)
-
-
-def _save(figure, path):
-  figure.tight_layout()
-  figure.savefig(path, dpi=110)
-  return path
-
-
-def _number(value, digits=4):
-  if value is None:
-    return "n/a"
-  return f"{value:.{digits}g}"
-
-
-def markdown_report(results: Dict) -> str:
-  """landscape.md: the scalar measures, what they mean, and the plots."""
-  r = results
-  lines = [
-      f"# Loss landscape of {r['run_dir']}", "",
-      f"{r['model']} on {r['dataset']} trained with {r['optimizer']}; "
-      f"checkpoint `{r['checkpoint']}`. f = mean training cross-entropy "
-      f"over {r['examples']} un-augmented training examples ({r['batches']} "
-      f"batches of {r['batch_size']}), BatchNorm in inference mode with "
-      f"statistics recalibrated on them, no weight decay; "
-      f"{r['num_parameters']:,} parameters.", "",
-      "| measure | value | meaning |", "|---|---|---|",
-      f"| loss, accuracy at x | {_number(r['loss'])}, "
-      f"{_number(r['accuracy'])} | on the examples above |"]
-  if "hessian_top_eigenvalues" in r:
-    values = ", ".join(_number(v) for v in r["hessian_top_eigenvalues"])
-    lines.append(f"| top Hessian eigenvalues | {values} | "
-                 f"{r['hessian_eigen_method']}, "
-                 f"{r['hessian_eigen_iterations']} products; curvature of "
-                 f"the sharpest directions |")
-  if "hessian_trace" in r:
-    lines.append(f"| Hessian trace | {_number(r['hessian_trace'])} ± "
-                 f"{_number(r['hessian_trace_stderr'], 2)} | Hutchinson, "
-                 f"{r['hessian_trace_probes']} Rademacher probes (± one "
-                 f"standard error); total curvature |")
-  if "local_entropy" in r:
-    for e in r["local_entropy_by_gamma"]:
-      lines.append(
-          f"| local entropy Phi (gamma {_number(e['gamma'])}, T "
-          f"{_number(e['temperature'])}) | {_number(e['value'], 6)} ± "
-          f"{_number(e['stderr'], 2)}; deficit {_number(e['deficit'])} ± "
-          f"{_number(e['deficit_stderr'], 2)} nats | higher Phi, smaller "
-          f"deficit: a wider valley (deficit ~ 1/2 sum log(1 + "
-          f"lambda/gamma)) |")
-  if "epsilon_sharpness" in r:
-    lines.append(f"| epsilon-sharpness (epsilon "
-                 f"{_number(r['epsilon_sharpness_epsilon'])}) | "
-                 f"{_number(r['epsilon_sharpness'])} % | largest loss "
-                 f"increase in the box epsilon(abs(x) + 1), relative to "
-                 f"1 + f(x) (Keskar et al.) |")
-  if "adaptive_sharpness_worst" in r:
-    lines.append(
-        f"| adaptive sharpness (rho {_number(r['adaptive_sharpness_rho'])}) "
-        f"| worst case {_number(r['adaptive_sharpness_worst'])}; average "
-        f"{_number(r['adaptive_sharpness_average'])} ± "
-        f"{_number(r['adaptive_sharpness_average_stderr'], 2)} | loss "
-        f"increase for perturbations relative to abs(w): the box max by "
-        f"{r['adaptive_sharpness_steps']} ascent steps, the Gaussian mean "
-        f"over {r['adaptive_sharpness_samples']} draws (Andriushchenko et "
-        f"al. 2023); invariant to rescaling into BatchNorm |")
-  if "pac_bayes_sigma" in r:
-    lines.append(
-        f"| PAC-Bayes magnitude flatness | sigma' "
-        f"{_number(r['pac_bayes_sigma'])}; 1/sigma'^2 "
-        f"{_number(r['pac_bayes_flatness'])} | largest sigma' with "
-        f"u ~ N(0, sigma'^2 w^2 + {_number(r['pac_bayes_epsilon'])}^2) "
-        f"raising the training error by <= "
-        f"{_number(r['pac_bayes_max_error_increase'])} on average (Jiang "
-        f"et al. 2020); larger sigma': flatter |")
-  if "interpolation" in r:
-    i = r["interpolation"]
-    barrier = max(i["loss"]) if i["loss"] else None
-    inside = [l for a, l in zip(i["alphas"], i["loss"]) if 0 <= a <= 1]
-    lines.append(f"| interpolation to {i['compare_run_dir']} "
-                 f"({i['compare_optimizer']}) | max loss on [0, 1]: "
-                 f"{_number(max(inside) if inside else barrier)} | a "
-                 f"barrier between the two solutions if above both ends |")
-  if r.get("plots"):
-    lines += ["", "## Plots", ""]
-  captions = {
-      "density": "Hessian eigenvalue density (stochastic Lanczos "
-                 "quadrature, Gaussian-broadened); mass near 0 and few "
-                 "outliers mean a flat minimum.",
-      "direction_1d": "Loss and accuracy along one filter-normalised "
-                      "random direction (Li et al. 2018); a wide, flat "
-                      "basin around a = 0 means a wide valley.",
-      "direction_2d": "Loss on the plane of two filter-normalised random "
-                      "directions; widely spaced contours around the "
-                      "centre mean a flat minimum.",
-      "interpolation": "Loss and accuracy on (1 - a) x_A + a x_B, BatchNorm "
-                       "recalibrated at every point; a = 0 is this run, "
-                       "a = 1 the --compare run.",
-  }
-  for name, file in r.get("plots", {}).items():
-    lines += [f"![{name}]({file})", "", captions[name], ""]
-  if "direction_1d" in r:
-    lines += ["Directions: BatchNorm scales and offsets and biases are zero "
-              "in the directions; BatchNorm statistics stay those at x.", ""]
-  return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
@@ -394,37 +394,9 @@ def _json_ready(value):
 
 
 def _plan(s: Settings, has_compare: bool):
-  plan = [("loss at x", {"loss": 1})]
-  if "eigenvalues" in s.measures:
-    plan.append(("top eigenvalues", {"hvp": 30 if s.top_k == 1 else
-                                     max(s.top_k, s.lanczos_iterations)}))
-  if "trace" in s.measures:
-    plan.append(("trace", {"hvp": s.probes}))
-  if "density" in s.measures:
-    plan.append(("spectral density",
-                 {"hvp": s.density_probes * s.density_iterations}))
-  if "local_entropy" in s.measures:
-    curvature_hvps = 0 if "eigenvalues" in s.measures else 20
-    plan.append(("local entropy", {
-        "hvp": curvature_hvps,
-        "loss": len(s.entropy_gammas),
-        "gradient": len(s.entropy_gammas) * s.entropy_chains *
-                    s.entropy_betas * (s.entropy_steps + s.entropy_burn_in)}))
-  if "sharpness" in s.measures:
-    plan.append(("epsilon-sharpness", {"loss": 2,
-                                       "gradient": s.sharpness_steps}))
-  if "adaptive_sharpness" in s.measures:
-    plan.append(("adaptive sharpness", {
-        "loss": 2 + s.adaptive_samples, "gradient": s.adaptive_steps}))
-  if "pac_bayes" in s.measures:
-    plan.append(("PAC-Bayes flatness", {
-        "loss": 1 + s.pac_bayes_samples * s.pac_bayes_bisections}))
-  if "directions" in s.measures:
-    plan.append(("directions", {"loss": s.direction_points +
-                                s.plane_points**2}))
-  if "interpolation" in s.measures and has_compare:
-    plan.append(("interpolation", {"loss": 2 * s.interpolation_points}))
-  return plan
+  """(stage, {kind of pass: count}) of each stage that will run."""
+  return [(stage.name, stage.passes(s)) for stage in _STAGES
+          if stage.runs(s, has_compare)]
 
 
 @dataclasses.dataclass
@@ -692,17 +664,51 @@ def _interpolation(run: _Run):
 
 
 # (stage name as in `_plan`, measure that asks for it, function).
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+  """One stage of `analyse`: its measure (None: always), what it does, and
+  the passes over the batches it makes (by kind: loss, gradient, hvp),
+  which price the ETA."""
+  name: str
+  measure: Optional[str]
+  run: Callable[[_Run], None]
+  passes: Callable[[Settings], Dict[str, int]]
+
+  def runs(self, s: Settings, has_compare: bool) -> bool:
+    if self.measure == "interpolation" and not has_compare:
+      return False
+    return self.measure is None or self.measure in s.measures
+
+
+def _local_entropy_passes(s: Settings) -> Dict[str, int]:
+  curvature_hvps = 0 if "eigenvalues" in s.measures else 20
+  return {"hvp": curvature_hvps, "loss": len(s.entropy_gammas),
+          "gradient": len(s.entropy_gammas) * s.entropy_chains *
+                      s.entropy_betas * (s.entropy_steps + s.entropy_burn_in)}
+
+
 _STAGES = (
-    ("loss at x", None, _loss_at_x),
-    ("top eigenvalues", "eigenvalues", _top_eigenvalues),
-    ("trace", "trace", _trace),
-    ("spectral density", "density", _density),
-    ("local entropy", "local_entropy", _local_entropy),
-    ("epsilon-sharpness", "sharpness", _sharpness),
-    ("adaptive sharpness", "adaptive_sharpness", _adaptive_sharpness),
-    ("PAC-Bayes flatness", "pac_bayes", _pac_bayes),
-    ("directions", "directions", _directions),
-    ("interpolation", "interpolation", _interpolation),
+    _Stage("loss at x", None, _loss_at_x, lambda s: {"loss": 1}),
+    _Stage("top eigenvalues", "eigenvalues", _top_eigenvalues,
+           lambda s: {"hvp": 30 if s.top_k == 1 else
+                      max(s.top_k, s.lanczos_iterations)}),
+    _Stage("trace", "trace", _trace, lambda s: {"hvp": s.probes}),
+    _Stage("spectral density", "density", _density,
+           lambda s: {"hvp": s.density_probes * s.density_iterations}),
+    _Stage("local entropy", "local_entropy", _local_entropy,
+           _local_entropy_passes),
+    _Stage("epsilon-sharpness", "sharpness", _sharpness,
+           lambda s: {"loss": 2, "gradient": s.sharpness_steps}),
+    _Stage("adaptive sharpness", "adaptive_sharpness", _adaptive_sharpness,
+           lambda s: {"loss": 2 + s.adaptive_samples,
+                      "gradient": s.adaptive_steps}),
+    _Stage("PAC-Bayes flatness", "pac_bayes", _pac_bayes,
+           lambda s: {"loss": 1 + s.pac_bayes_samples *
+                      s.pac_bayes_bisections}),
+    _Stage("directions", "directions", _directions,
+           lambda s: {"loss": s.direction_points + s.plane_points**2}),
+    _Stage("interpolation", "interpolation", _interpolation,
+           lambda s: {"loss": 2 * s.interpolation_points}),
 )
 
 
@@ -714,14 +720,11 @@ def analyse(settings: Settings,
   (and data.DataError) with one-line messages.
   """
   run = _load(settings, strategy or tf.distribute.get_strategy())
-  for stage, measure, measure_fn in _STAGES:
-    if measure is not None and measure not in settings.measures:
-      continue
-    if measure == "interpolation" and run.compare is None:
-      continue
-    run.progress.start(stage)
-    measure_fn(run)
-    run.progress.finish()
+  for stage in _STAGES:
+    if stage.runs(settings, run.compare is not None):
+      run.progress.start(stage.name)
+      stage.run(run)
+      run.progress.finish()
   results = dict(run.results)
   results["plots"] = {k: os.path.basename(v) for k, v in run.plots.items()}
   results["seconds"] = dict(run.progress.stage_seconds)

@@ -20,7 +20,6 @@ Sources of the CIFAR Wide ResNet presets (`PRESETS`):
 """
 
 import dataclasses
-import re
 from typing import Optional, Tuple
 
 from entropy_sgd.core import noise as noise_lib
@@ -28,6 +27,7 @@ from entropy_sgd.core import optimizers
 from entropy_sgd.core import precision
 from entropy_sgd.workloads import data as data_lib
 from entropy_sgd.workloads import models
+from entropy_sgd.workloads import wide_resnet
 
 OPTIMIZERS = ("sgd", "nesterov", "adam", "sam", "entropy_sgd")
 # "reference_code": the public ucla-vision/entropy-sgd code (today's presets);
@@ -37,7 +37,7 @@ RECIPES = ("reference_code", "paper")
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 AUGMENTATIONS = data_lib.AUGMENTATIONS
 NOISE_KERNEL_CHOICES = noise_lib.CHOICES
-DATASETS = ("cifar10", "cifar100", "mnist")
+DATASETS = tuple(data_lib.DATASETS)
 DEFAULT_MODELS = {"cifar10": "wrn-28-10", "cifar100": "wrn-28-10",
                   "mnist": "lenet"}
 PAPER_DEFAULT_MODELS = {"cifar10": "allcnn", "cifar100": "allcnn",
@@ -774,9 +774,9 @@ def validate(config: TrainConfig):
   _require(c.opt != "sam" or c.precision != "mixed_float16",
            "--opt=sam does not support --precision=mixed_float16 yet; use "
            "float32 or mixed_bfloat16.")
-  match = re.fullmatch(r"wrn-(\d+)-(\d+)", c.model.lower())
-  if match is not None:
-    depth, width = int(match.group(1)), int(match.group(2))
+  wrn = wide_resnet.model_name_parts(c.model)
+  if wrn is not None:
+    depth, width = wrn
     _require(depth >= 10 and (depth - 4) % 6 == 0,
              f"--model={c.model}: WRN depth must be 6n+4 (10, 16, 22, 28, "
              f"...); got {depth}.")

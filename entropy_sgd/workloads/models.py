@@ -38,7 +38,6 @@ recomputes the BatchNorm statistics before testing.
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import sonnet as snt
@@ -395,7 +394,6 @@ _PAPER_MODELS = {spec.name: spec for spec in (
     _paper_spec("allcnn", AllCNN, _CIFAR_DATASETS, "allcnn"),
 )}
 MODEL_NAMES = tuple(_PAPER_MODELS) + ("wrn-DEPTH-WIDTH",)
-_WRN_PATTERN = re.compile(r"wrn-\d+-\d+", re.IGNORECASE)
 
 
 def model_family(name: str) -> str:
@@ -412,7 +410,7 @@ def spec(name: str) -> ModelSpec:
   name = name.strip().lower()
   if name in _PAPER_MODELS:
     return _PAPER_MODELS[name]
-  if not _WRN_PATTERN.fullmatch(name):
+  if wide_resnet.model_name_parts(name) is None:
     raise ValueError(f"--model={name!r} is unknown; choose one of "
                      f"{', '.join(MODEL_NAMES)} (e.g. wrn-28-10).")
   depth, width = wide_resnet.parse_model_name(name)  # Checks both.

@@ -60,16 +60,23 @@ def blocks_per_group(depth: int) -> int:
   return (int(depth) - 4) // 6
 
 
-def parse_model_name(name: str) -> tuple[int, int]:
-  """Parses a name such as "wrn-28-10" or "WRN-16-1" into (depth, width)."""
+def model_name_parts(name) -> Optional[tuple[int, int]]:
+  """(depth, width) of a name shaped like "wrn-28-10" (any case), unchecked;
+  None for any other name."""
   match = None
   if isinstance(name, str):
     match = _MODEL_NAME_PATTERN.fullmatch(name.strip())
-  if match is None:
+  return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
+def parse_model_name(name: str) -> tuple[int, int]:
+  """Parses a name such as "wrn-28-10" or "WRN-16-1" into (depth, width)."""
+  parts = model_name_parts(name)
+  if parts is None:
     raise ValueError(
         f"WideResNet name must look like 'wrn-<depth>-<width>' "
         f"(e.g. 'wrn-28-10'); got {name!r}")
-  depth, width = int(match.group(1)), int(match.group(2))
+  depth, width = parts
   blocks_per_group(depth)
   if width < 1:
     raise ValueError(f"WideResNet width must be >= 1; got {width} in {name!r}")

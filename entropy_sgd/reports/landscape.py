@@ -327,7 +327,7 @@ def read_run(run_dir: str, flag: str = "--run_dir"
   """(the run's TrainConfig, its latest checkpoint); LandscapeError else."""
   if not os.path.isdir(run_dir):
     raise LandscapeError(f"{flag}={run_dir}: no such directory.")
-  config_path = os.path.join(run_dir, "config.json")
+  config_path = os.path.join(run_dir, run_dir_lib.CONFIG_FILE)
   if not os.path.exists(config_path):
     raise LandscapeError(
         f"{flag}={run_dir} is not a run directory (no config.json); pass a "

@@ -644,8 +644,9 @@ def _dataset_group(dataset: str) -> str:
 def _model_family(model: str) -> str:
   try:
     return models.model_family(model)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  except ValueError as e:  # Messages name the flag.
+    message = str(e) if str(e).startswith("--model") else f"--model={model}: {e}"
+    raise ConfigError(message) from None
 
 
 def preset(dataset: str, model: str, opt: str,

@@ -231,7 +231,11 @@ class ValidationTest(parameterized.TestCase):
       (dict(lr=-1.0), "--lr must be > 0"),
       (dict(langevin_lr=0.0), "--langevin_lr must be > 0"),
       (dict(model="resnet50"), "--model='resnet50' is unknown"),
-      (dict(model="wrn-27-10"), "depth must be 6n\\+4"),
+      (dict(model="wrn-27-10"), "^--model=wrn-27-10: .*depth must be 6n\\+4"),
+      (dict(model="lenet"), "^--model=lenet is built for mnist, not cifar10; "
+       "choose one of allcnn, wrn-DEPTH-WIDTH"),
+      (dict(precision="bfloat16"), "^--precision='bfloat16' is unknown; choose "
+       "one of float32, mixed_bfloat16, mixed_float16"),
       (dict(dataset="svhn"), "--dataset='svhn' is unknown"),
       (dict(strategy="tpu_pod"), "--strategy='tpu_pod' is unknown"),
       (dict(tpu="my-tpu"), "--tpu='my-tpu' needs --strategy=tpu"),

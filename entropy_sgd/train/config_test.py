@@ -256,6 +256,19 @@ class ValidationTest(parameterized.TestCase):
     with self.assertRaisesRegex(config_lib.ConfigError, message):
       config_lib.from_preset("entropy_sgd", **overrides)
 
+  @parameterized.parameters(
+      (dict(model="wrn-16-1"), "^--model=wrn-16-1 is built for cifar10/"
+       "cifar100, not mnist; choose one of mnistfc, lenet"),
+      (dict(model="allcnn"), "^--model=allcnn is built for"),
+      (dict(sync_batch_norm=True),
+       "^--sync_batch_norm is implemented for the Wide ResNets"),
+      (dict(steps_per_loop=0), "^--steps_per_loop must be >= 1"),
+      (dict(precision="fp16"), "^--precision='fp16' is unknown"),
+  )
+  def test_bad_mnist_values_name_the_flag(self, overrides, message):
+    with self.assertRaisesRegex(config_lib.ConfigError, message):
+      config_lib.from_preset("nesterov", dataset="mnist", **overrides)
+
   def test_parle_needs_entropy_sgd(self):
     with self.assertRaisesRegex(config_lib.ConfigError, "--parle needs"):
       config_lib.from_preset("nesterov", parle=True)

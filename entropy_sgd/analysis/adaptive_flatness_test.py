@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from entropy_sgd.analysis import adaptive_flatness
 from entropy_sgd.analysis import hessian
+from entropy_sgd.analysis import linear_algebra
 
 NUM_FEATURES, NUM_HIDDEN, NUM_CLASSES, BATCH = 6, 8, 3, 64
 
@@ -143,7 +144,7 @@ class RescalingInvarianceTest(tf.test.TestCase):
             mask[offset:offset + size] = 1
           offset += size
       start = np.random.default_rng(1).normal(size=mask.size) * mask
-      return hessian.power_iteration(lambda v: mask * objective.hvp(v * mask),
+      return linear_algebra.power_iteration(lambda v: mask * objective.hvp(v * mask),
                                      start, 300, tolerance=1e-12).eigenvalue
 
     block = (lambda_max(self.rescaled, True) /

@@ -11,16 +11,11 @@ import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd.analysis import hessian
+from entropy_sgd.analysis import testing as analysis_testing
+from entropy_sgd.analysis import linear_algebra
 from entropy_sgd.core import distribution
 from entropy_sgd.core import train_step as train_step_lib
 from entropy_sgd.workloads import models
-
-
-def random_symmetric(spectrum, seed=0):
-  """Q diag(spectrum) Q^T for a random orthogonal Q."""
-  rng = np.random.default_rng(seed)
-  q, _ = np.linalg.qr(rng.standard_normal((len(spectrum), len(spectrum))))
-  return (q * spectrum) @ q.T
 
 
 class Quadratic(snt.Module):
@@ -108,7 +103,7 @@ class ProductTest(parameterized.TestCase):
 
   @parameterized.parameters(*hessian.HVP_METHODS)
   def test_quadratic_hvp_is_a_times_v(self, method):
-    matrix = random_symmetric(np.linspace(-2, 5, 12))
+    matrix = analysis_testing.random_symmetric(np.linspace(-2, 5, 12))
     quadratic = Quadratic(matrix, np.arange(12.0))
     objective = quadratic_objective(quadratic, method=method)
     v = np.random.default_rng(1).standard_normal(12)
@@ -168,96 +163,18 @@ class ProductTest(parameterized.TestCase):
 
 
 class SpectrumTest(parameterized.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    rng = np.random.default_rng(3)
-    self.top = np.array([10.0, 8.0, 6.5, 5.0, 4.2])
-    self.spectrum = np.concatenate([self.top, rng.uniform(-1, 3, 195)])
-    self.matrix = random_symmetric(self.spectrum, seed=4)
-
-  def test_lanczos_recovers_the_top_eigenpairs(self):
-    pairs = hessian.top_eigenpairs(lambda v: self.matrix @ v, 200, 5,
-                                   num_iterations=80, dtype=np.float64)
-    np.testing.assert_allclose(pairs.eigenvalues, self.top, rtol=1e-5)
-    for value, vector, residual in zip(pairs.eigenvalues, pairs.eigenvectors,
-                                       pairs.residuals):
-      true_residual = np.linalg.norm(self.matrix @ vector - value * vector)
-      self.assertLess(true_residual, 1e-4)
-      self.assertLess(abs(true_residual - residual), 1e-6)
-    np.testing.assert_allclose(pairs.eigenvectors @ pairs.eigenvectors.T,
-                               np.eye(5), atol=1e-6)
+  """Lanczos on the objective's H v (the NumPy side: linear_algebra_test)."""
 
   def test_lanczos_through_the_objective(self):
     spectrum = np.array([7.0, 3.0, 1.0, 0.5, 0.0, -0.5, -2.0, 0.25])
-    matrix = random_symmetric(spectrum, seed=5)
+    matrix = analysis_testing.random_symmetric(spectrum, seed=5)
     objective = quadratic_objective(Quadratic(matrix, np.ones(8)))
-    pairs = hessian.top_eigenpairs(objective.hvp, 8, 3, num_iterations=8,
+    pairs = linear_algebra.top_eigenpairs(objective.hvp, 8, 3, num_iterations=8,
                                    dtype=np.float64)
     np.testing.assert_allclose(pairs.eigenvalues, [7.0, 3.0, 1.0], rtol=1e-10)
-    lowest = hessian.top_eigenpairs(lambda v: -objective.hvp(v), 8, 1, 8,
+    lowest = linear_algebra.top_eigenpairs(lambda v: -objective.hvp(v), 8, 1, 8,
                                     dtype=np.float64)
     self.assertAlmostEqual(-lowest.eigenvalues[0], -2.0, places=10)
-
-  def test_lanczos_stops_on_an_invariant_subspace(self):
-    matrix = np.diag([3.0, 3.0, 1.0, 1.0])  # Two distinct eigenvalues.
-    pairs = hessian.top_eigenpairs(lambda v: matrix @ v, 4, 2, 4,
-                                   dtype=np.float64)
-    self.assertEqual(pairs.iterations, 2)
-    np.testing.assert_allclose(pairs.eigenvalues, [3.0, 1.0], rtol=1e-12)
-
-  def test_power_iteration_finds_the_top_eigenvalue(self):
-    start = np.random.default_rng(0).standard_normal(200)
-    result = hessian.power_iteration(lambda v: self.matrix @ v, start, 200,
-                                     tolerance=1e-12)
-    self.assertLess(result.iterations, 200)
-    self.assertAlmostEqual(result.eigenvalue / 10.0, 1.0, delta=1e-5)
-    self.assertLess(result.residual, 1e-3)
-
-  def test_hutchinson_is_within_four_standard_errors(self):
-    estimate = hessian.hutchinson_trace(lambda v: self.matrix @ v, 200, 60,
-                                        seed=1, dtype=np.float64)
-    self.assertGreater(estimate.stderr, 0.0)
-    self.assertLess(abs(estimate.mean - self.spectrum.sum()),
-                    4 * estimate.stderr)
-    # Its standard error is the analytic one, sqrt(2 sum_{i!=j} A_ij^2 / m),
-    # within sampling error.
-    off_diagonal = self.matrix - np.diag(np.diag(self.matrix))
-    analytic = np.sqrt(2 * np.sum(off_diagonal**2) / 60)
-    self.assertAlmostEqual(estimate.stderr / analytic, 1.0, delta=0.3)
-
-  def test_slq_rules_integrate_polynomials_exactly(self):
-    quadrature = hessian.slq(lambda v: self.matrix @ v, 200, num_probes=1,
-                             num_iterations=10, seed=2, dtype=np.float64)
-    z = hessian.rademacher(np.random.default_rng(2), 200, np.float64)
-    v = z / np.linalg.norm(z)
-    power = v
-    for order in range(5):
-      self.assertAlmostEqual(quadrature.moments(order)[0], v @ power,
-                             places=9)
-      power = self.matrix @ power
-
-  def test_slq_density_has_the_spectrum_moments(self):
-    quadrature = hessian.slq(lambda v: self.matrix @ v, 200, num_probes=30,
-                             num_iterations=30, seed=3, dtype=np.float64)
-    np.testing.assert_allclose(quadrature.weights.sum(axis=1), 1.0,
-                               rtol=1e-12)
-    for order, exact in ((1, self.spectrum.mean()),
-                         (2, np.mean(self.spectrum**2))):
-      mean, stderr = quadrature.moments(order)
-      self.assertLess(abs(mean - exact), 4 * stderr, (order, mean, exact))
-    density = hessian.spectral_density(quadrature, num_points=4000)
-    step = density.grid[1] - density.grid[0]
-    mass = density.density.sum() * step
-    self.assertAlmostEqual(mass, 1.0, delta=1e-4)
-    mean = np.sum(density.grid * density.density) * step
-    self.assertAlmostEqual(mean, quadrature.moments(1)[0], delta=1e-4)
-    second = np.sum(density.grid**2 * density.density) * step
-    # Broadening adds sigma^2 to the second moment.
-    self.assertAlmostEqual(second, quadrature.moments(2)[0] +
-                           density.sigma**2, delta=1e-3)
-    self.assertLess(density.grid[0], -1.0)
-    self.assertGreater(density.grid[-1], 10.0)
 
 
 class BatchNormTest(tf.test.TestCase):

@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from entropy_sgd.analysis import adaptive_flatness
 from entropy_sgd.analysis import hessian
+from entropy_sgd.analysis import linear_algebra
 from entropy_sgd.core import noise as noise_lib
 
 
@@ -222,7 +223,7 @@ def local_entropy(objective: hessian.Objective, gamma: float,
   loss_at_x = objective.loss_and_accuracy()[0]
   if curvature is None:
     start = np.random.default_rng(seed).standard_normal(x.size)
-    curvature = hessian.power_iteration(objective.hvp, start.astype(x.dtype),
+    curvature = linear_algebra.power_iteration(objective.hvp, start.astype(x.dtype),
                                         20).eigenvalue
   curvature = max(float(curvature), 0.0)
   nodes, weights = np.polynomial.legendre.leggauss(num_betas)

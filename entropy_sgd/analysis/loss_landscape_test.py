@@ -7,13 +7,8 @@ import tensorflow as tf
 
 from entropy_sgd.analysis import hessian
 from entropy_sgd.analysis import loss_landscape
+from entropy_sgd.analysis import testing as analysis_testing
 from entropy_sgd.core import distribution
-
-
-def random_symmetric(spectrum, seed=0):
-  rng = np.random.default_rng(seed)
-  q, _ = np.linalg.qr(rng.standard_normal((len(spectrum), len(spectrum))))
-  return (q * spectrum) @ q.T
 
 
 class Quadratic(snt.Module):
@@ -81,7 +76,7 @@ class LocalEntropyTest(tf.test.TestCase):
     # while the chains' noise adds up only in quadrature.
     spectrum = np.array([0.2, 0.5, 1.0, 2.0, 4.0])
     copies = 40
-    matrix = np.kron(np.eye(copies), random_symmetric(spectrum, seed=1))
+    matrix = np.kron(np.eye(copies), analysis_testing.random_symmetric(spectrum, seed=1))
     linear = np.tile([0.3, -0.2, 0.1, 0.0, 0.4], copies)
     minimum = -np.linalg.solve(matrix, linear)
     x = minimum + np.tile([0.2, -0.1, 0.0, 0.3, 0.1], copies)
@@ -245,7 +240,7 @@ class LineTest(tf.test.TestCase):
 
   def setUp(self):
     super().setUp()
-    self.matrix = random_symmetric(np.array([1.0, 2.0, -0.5]), seed=2)
+    self.matrix = analysis_testing.random_symmetric(np.array([1.0, 2.0, -0.5]), seed=2)
     self.linear = np.array([0.1, 0.0, -0.3])
     self.x = np.array([0.5, -1.0, 2.0])
     self.objective = quadratic_objective(self.matrix, self.linear, self.x)

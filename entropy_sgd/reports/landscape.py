@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from entropy_sgd.analysis import adaptive_flatness
 from entropy_sgd.analysis import hessian
+from entropy_sgd.analysis import linear_algebra
 from entropy_sgd.analysis import loss_landscape
 from entropy_sgd.core import chrono
 from entropy_sgd.core import train_step as train_step_lib
@@ -514,14 +515,14 @@ def _loss_at_x(run: _Run):
 def _top_eigenvalues(run: _Run):
   s, objective = run.settings, run.objective
   if s.top_k == 1:
-    power = hessian.power_iteration(objective.hvp, run.start_vector(), 30,
+    power = linear_algebra.power_iteration(objective.hvp, run.start_vector(), 30,
                                     tolerance=1e-4)
     run.results.update(hessian_top_eigenvalues=[power.eigenvalue],
                        hessian_top_eigenvalue_residuals=[power.residual],
                        hessian_eigen_method="power_iteration",
                        hessian_eigen_iterations=power.iterations)
     return
-  pairs = hessian.top_eigenpairs(objective.hvp, objective.num_parameters,
+  pairs = linear_algebra.top_eigenpairs(objective.hvp, objective.num_parameters,
                                  s.top_k, s.lanczos_iterations, s.seed,
                                  objective.dtype)
   run.results.update(hessian_top_eigenvalues=pairs.eigenvalues,
@@ -532,7 +533,7 @@ def _top_eigenvalues(run: _Run):
 
 def _trace(run: _Run):
   s, objective = run.settings, run.objective
-  trace = hessian.hutchinson_trace(objective.hvp, objective.num_parameters,
+  trace = linear_algebra.hutchinson_trace(objective.hvp, objective.num_parameters,
                                    s.probes, s.seed, objective.dtype)
   run.results.update(hessian_trace=trace.mean,
                      hessian_trace_stderr=trace.stderr,
@@ -542,9 +543,9 @@ def _trace(run: _Run):
 def _density(run: _Run):
   s, objective = run.settings, run.objective
   n = objective.num_parameters
-  quadrature = hessian.slq(objective.hvp, n, s.density_probes,
+  quadrature = linear_algebra.slq(objective.hvp, n, s.density_probes,
                            s.density_iterations, s.seed + 1, objective.dtype)
-  density = hessian.spectral_density(
+  density = linear_algebra.spectral_density(
       quadrature, sigma_fraction=s.density_sigma_fraction)
   mean, mean_stderr = quadrature.moments(1)
   second, second_stderr = quadrature.moments(2)
@@ -565,7 +566,7 @@ def _local_entropy(run: _Run):
   if "hessian_top_eigenvalues" in run.results:  # SGLD steps need lambda_max.
     lambda_max = run.results["hessian_top_eigenvalues"][0]
   else:
-    lambda_max = hessian.power_iteration(objective.hvp, run.start_vector(),
+    lambda_max = linear_algebra.power_iteration(objective.hvp, run.start_vector(),
                                          20).eigenvalue
   estimates = [loss_landscape.local_entropy(
       objective, gamma, s.entropy_temperature, s.entropy_betas,

@@ -5,13 +5,13 @@ from typing import Dict
 from matplotlib.figure import Figure  # No pyplot: no global backend.
 import numpy as np
 
-from entropy_sgd.analysis import hessian
+from entropy_sgd.analysis import linear_algebra
 
 
 # ------------------------------------------------------------------- Report.
 
 
-def plot_density(density: hessian.Density, top_eigenvalues, path: str,
+def plot_density(density: linear_algebra.Density, top_eigenvalues, path: str,
                  log_scale: bool = True) -> str:
   figure = Figure(figsize=(6.5, 4.2))
   axis = figure.subplots()

@@ -83,18 +83,18 @@ class LayersTest(absltest.TestCase):
                   problems[1])
 
   def test_visibility_admits_exactly_the_higher_layers(self):
+    bzl = open(os.path.join(PACKAGE_DIR, "layers.bzl")).read()
+    listed = re.search(r"^LAYERS = \[(.*?)\]", bzl, re.M | re.S).group(1)
+    self.assertEqual(tuple(re.findall(r'"(\w+)"', listed)),
+                     entropy_sgd.LAYERS)
     for i, layer in enumerate(entropy_sgd.LAYERS):
       build = open(os.path.join(PACKAGE_DIR, layer, "BUILD")).read()
-      match = re.search(r"package\(default_visibility = \[(.*?)\]\)", build,
-                        re.S)
+      match = re.search(r"package\(default_visibility = (.*?)\)\n", build)
       self.assertIsNotNone(match, layer)
-      admitted = set(re.findall(r'"//entropy_sgd/(\w+):__pkg__"',
-                                match.group(1)))
-      if i == 0:
-        self.assertIn('"//visibility:public"', match.group(1))
-      else:
-        self.assertEqual(admitted, set(entropy_sgd.LAYERS[i + 1:]), layer)
-        self.assertNotIn("visibility:public", match.group(1))
+      expected = ('["//visibility:public"]' if i == 0 else
+                  f'visible_above("{layer}")')
+      self.assertEqual(match.group(1), expected, layer)
+      self.assertIn("layer_files()", build, layer)
 
   def test_every_module_has_its_target(self):
     for layer, module, _ in layer_modules():

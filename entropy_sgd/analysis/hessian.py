@@ -43,6 +43,7 @@ import sonnet as snt
 import tensorflow as tf
 
 from entropy_sgd.analysis import linear_algebra
+from entropy_sgd.core import batch_norm
 
 HVP_METHODS = ("forward_over_backward", "double_backprop")
 
@@ -302,14 +303,10 @@ class Objective:
 # ---------------------------------------------------------------- BatchNorm.
 
 
-def batch_norms(model: snt.Module) -> List[snt.BatchNorm]:
-  return [m for m in model.submodules if isinstance(m, snt.BatchNorm)]
-
-
 class BatchNormRecalibration:
   """Recomputes the BatchNorm statistics at the current weights; call it.
 
-  As `training._Evaluator.recalibrate_batch_norm`: resets the moving
+  With `core.batch_norm`, as the training loop's evaluation: resets the moving
   averages and feeds every cached batch in training mode, without
   dropout (`use_dropout=False`) and without
   updating any weight. With several replicas each replica has then seen
@@ -319,25 +316,20 @@ class BatchNormRecalibration:
   """
 
   def __init__(self, model: snt.Module, batches: Batches):
-    self._norms = batch_norms(model)
+    self._norms = batch_norm.batch_norms(model)
     self._batches = batches
     strategy = batches.strategy
 
-    def reset():
-      for bn in self._norms:
-        bn.moving_mean.reset()
-        bn.moving_variance.reset()
-
     def feed(images, unused_labels):
       def body(i):
-        model(images[i], is_training=True, use_dropout=False)
+        batch_norm.feed(model, images[i])
         return i + 1
       tf.while_loop(lambda i: i < tf.shape(images)[0], body,
                     (tf.constant(0),), parallel_iterations=1)
 
     @tf.function
     def recalibrate(images, labels):
-      strategy.run(reset)
+      strategy.run(lambda: batch_norm.reset_statistics(self._norms))
       strategy.run(feed, args=(images, labels))
 
     self._recalibrate = recalibrate

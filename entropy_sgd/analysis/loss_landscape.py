@@ -25,6 +25,7 @@ import tensorflow as tf
 from entropy_sgd.analysis import adaptive_flatness
 from entropy_sgd.analysis import hessian
 from entropy_sgd.analysis import linear_algebra
+from entropy_sgd.core import batch_norm
 from entropy_sgd.core import noise as noise_lib
 
 
@@ -34,9 +35,9 @@ from entropy_sgd.core import noise as noise_lib
 def excluded_from_directions(model, parameters) -> List[bool]:
   """Which parameters get a zero direction: BatchNorm scales and offsets
   and every parameter of rank <= 1 (biases), as Li et al. do."""
-  batch_norm = {v.ref() for bn in hessian.batch_norms(model)
-                for v in bn.trainable_variables}
-  return [p.ref() in batch_norm or len(p.shape) <= 1 for p in parameters]
+  normalisation = {v.ref() for bn in batch_norm.batch_norms(model)
+                   for v in bn.trainable_variables}
+  return [p.ref() in normalisation or len(p.shape) <= 1 for p in parameters]
 
 
 def filter_normalized_direction(weights: Sequence[np.ndarray],

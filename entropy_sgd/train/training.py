@@ -39,6 +39,7 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
 from entropy_sgd.analysis import hessian
+from entropy_sgd.core import batch_norm
 from entropy_sgd.core import chrono
 from entropy_sgd.core import distribution
 from entropy_sgd.core import noise as noise_lib
@@ -271,10 +272,6 @@ def _check_writable(run_dir):
         f"writable --log_dir.") from None
 
 
-def _batch_norms(model):
-  return [m for m in model.submodules if isinstance(m, snt.BatchNorm)]
-
-
 class _Evaluator:
   """Loss and accuracy over a split, with optional BatchNorm recalibration."""
 
@@ -304,23 +301,16 @@ class _Evaluator:
       return totals
 
     self._evaluate = evaluate
-    batch_norms = _batch_norms(model)
-
-    def reset_statistics():
-      for bn in batch_norms:
-        bn.moving_mean.reset()
-        bn.moving_variance.reset()
+    norms = batch_norm.batch_norms(model)
 
     @tf.function
     def recalibrate(iterator, num_batches):
-      strategy.run(reset_statistics)
+      strategy.run(lambda: batch_norm.reset_statistics(norms))
       for _ in tf.range(num_batches):
         images, _ = next(iterator)
-        # As the reference's "dry feed": no dropout while recomputing them.
-        strategy.run(lambda x: model(x, is_training=True, use_dropout=False),
-                     args=(images,))
+        strategy.run(lambda x: batch_norm.feed(model, x), args=(images,))
 
-    self._recalibrate = recalibrate if batch_norms else None
+    self._recalibrate = recalibrate if norms else None
 
   def recalibrate_batch_norm(self, epoch: int):
     """Recomputes BatchNorm statistics at the current weights (x, not x').

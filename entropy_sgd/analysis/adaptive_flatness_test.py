@@ -94,7 +94,7 @@ class BatchNormMLP(snt.Module):
     self.bn = snt.BatchNorm(True, True, eps=1e-12, name="bn")
     self.logits = snt.Linear(NUM_CLASSES, name="logits")
 
-  def __call__(self, x, is_training):
+  def __call__(self, x, is_training, use_dropout=None):  # No dropout.
     return self.logits(tf.tanh(self.bn(self.hidden(x),
                                        is_training=is_training)))
 

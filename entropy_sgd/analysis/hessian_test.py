@@ -59,7 +59,7 @@ class MLP(snt.Module):
     self.norms = [snt.BatchNorm(True, True, decay_rate=0.9) for _ in range(2)]
     self.logits = snt.Linear(classes)
 
-  def __call__(self, images, is_training):
+  def __call__(self, images, is_training, use_dropout=None):  # No dropout
     net = tf.reshape(images, [tf.shape(images)[0], -1])
     for linear, bn, activation in zip(self.hidden, self.norms,
                                       (tf.tanh, tf.nn.relu)):

@@ -149,7 +149,7 @@ class MLP(snt.Module):
     self.norms = [snt.BatchNorm(True, True, decay_rate=0.9) for _ in range(2)]
     self.logits = snt.Linear(3)
 
-  def __call__(self, images, is_training):
+  def __call__(self, images, is_training, use_dropout=None):  # No dropout
     net = images
     for linear, bn in zip(self.hidden, self.norms):
       net = tf.nn.relu(bn(linear(net), is_training=is_training,

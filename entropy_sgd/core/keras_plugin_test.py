@@ -44,7 +44,7 @@ class SonnetMLP(snt.Module):
     self.p2_w = tf.Variable(tf.zeros([NUM_HIDDEN, NUM_CLASSES]))
     self.p3_b = tf.Variable(tf.zeros([NUM_CLASSES]))
 
-  def __call__(self, x, is_training):
+  def __call__(self, x, is_training, use_dropout=None):  # No dropout.
     del is_training
     return tf.tanh(x @ self.p0_w + self.p1_b) @ self.p2_w + self.p3_b
 

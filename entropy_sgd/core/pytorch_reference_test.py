@@ -176,7 +176,7 @@ class MLP(snt.Module):
     self.hidden = snt.Linear(HIDDEN, name="hidden")
     self.logits = snt.Linear(CLASSES, name="logits")
 
-  def __call__(self, x, is_training):
+  def __call__(self, x, is_training, use_dropout=None):  # No dropout.
     del is_training
     return self.logits(tf.tanh(self.hidden(tf.cast(x, tf.float64))))
 

@@ -7,8 +7,8 @@ import numpy as np
 import tensorflow as tf
 
 
-def make_data(num_batches: int, batch: int, features: int, classes: int,
-              seed: int = 0, dtype=np.float32):
+def make_data(num_batches: int, seed: int = 0, *, batch: int, features: int,
+              classes: int, dtype=np.float32):
   """Gaussian features and uniform labels: (x [n, features], y [n])."""
   rng = np.random.RandomState(seed)
   x = rng.normal(size=(num_batches * batch, features)).astype(dtype)
@@ -16,7 +16,7 @@ def make_data(num_batches: int, batch: int, features: int, classes: int,
   return x, y
 
 
-def batches_of(x, y, batch: int, dtype=None):
+def batches_of(x, y, *, batch: int, dtype=None):
   """Consecutive (x, y) batches, x cast to `dtype` if given."""
   return [(x[i:i + batch] if dtype is None else x[i:i + batch].astype(dtype),
            y[i:i + batch]) for i in range(0, len(y), batch)]

@@ -42,7 +42,7 @@ class MLP(snt.Module):
     self.hidden = snt.Linear(NUM_HIDDEN, name="hidden")
     self.logits = snt.Linear(NUM_CLASSES, name="logits")
 
-  def __call__(self, x, is_training):
+  def __call__(self, x, is_training, use_dropout=None):  # No dropout.
     del is_training
     return self.logits(tf.tanh(self.hidden(tf.cast(x, self.dtype))))
 
@@ -337,7 +337,7 @@ class BatchNormMLP(snt.Module):
     self.bn = snt.BatchNorm(True, True, decay_rate=0.5, name="bn")
     self.logits = snt.Linear(NUM_CLASSES, name="logits")
 
-  def __call__(self, x, is_training):
+  def __call__(self, x, is_training, use_dropout=None):  # No dropout.
     return self.logits(tf.tanh(self.bn(self.hidden(x),
                                        is_training=is_training)))
 
@@ -642,7 +642,7 @@ class MixedMLP(snt.Module):
                if batch_norm else None)
     self.logits = precision.Linear(NUM_CLASSES, name="logits")
 
-  def __call__(self, x, is_training):
+  def __call__(self, x, is_training, use_dropout=None):  # No dropout.
     net = self.hidden(precision.to_compute(x, self.compute_dtype))
     if self.bn is not None:
       net = self.bn(net, is_training=is_training)
@@ -885,7 +885,7 @@ class MixedPrecisionTest(tf.test.TestCase, parameterized.TestCase):
           self.bn = batch_norm(True, True, decay_rate=0.9, name="bn")
           self.logits = linear(NUM_CLASSES, name="logits")
 
-        def __call__(self, x, is_training):
+        def __call__(self, x, is_training, use_dropout=None):  # No dropout.
           net = tf.nn.relu(self.bn(self.hidden(x), is_training=is_training))
           return self.logits(net)
 

@@ -1,2 +1,2 @@
-"""Hessian-vector products, linear algebra and flatness measures. Imports
-entropy_sgd.core and entropy_sgd.workloads."""
+"""Hessian-vector products, linear algebra and flatness measures. May import
+entropy_sgd.core and entropy_sgd.workloads (today it needs only core)."""

@@ -8,7 +8,9 @@ floor (every tensor read or written once, the noise drawn in registers):
 * Nesterov SGD: reads x, g, v; writes x, v -> 5 passes;
 * an SGLD step of Entropy-SGD with inner momentum: reads x', g, x, mu, v;
   writes x', mu, v -> 8 passes (without momentum: 6);
-* the outer step: reads x, mu (and the outer buffer); writes x -> 3 passes.
+* the outer step: reads x, mu; writes x -> 3 passes (5 with outer
+  momentum: its buffer is read and written too); it runs once per L SGLD
+  steps.
 
 `stream_bandwidth` measures the bandwidth the way STREAM's "scale" kernel
 does (b = s a over arrays far larger than the caches), in this process, with
@@ -39,6 +41,11 @@ def floor_passes(optimizer) -> int:
   raise ValueError(f"no floor model for {name}")
 
 
+def outer_floor_passes(optimizer) -> int:
+  """Full passes the outer step of Entropy-SGD must make at the floor."""
+  return 5 if optimizer.conventions.outer_momentum > 0 else 3
+
+
 def stream_bandwidth(num_floats: int = 1 << 26, repeats: int = 5) -> float:
   """Bytes per second of b = 3 a on two float32 arrays of `num_floats`."""
   a = tf.Variable(tf.ones([num_floats], tf.float32))
@@ -59,8 +66,9 @@ def stream_bandwidth(num_floats: int = 1 << 26, repeats: int = 5) -> float:
 
 
 def update_seconds(optimizer, parameters, repeats: int = 20,
-                   rounds: int = 3) -> float:
-  """Seconds per `apply` call on fixed gradients (fastest round)."""
+                   rounds: int = 3, outer: bool = False) -> float:
+  """Seconds per `apply` call on fixed gradients (fastest round); with
+  `outer`, per `end_outer_step` call instead."""
   gradients = [tf.random.stateless_normal(p.shape, [7, i]) * 1e-3
                for i, p in enumerate(parameters)]
   optimizer.initialize(parameters)
@@ -69,7 +77,10 @@ def update_seconds(optimizer, parameters, repeats: int = 20,
   def loop():
     optimizer.begin_outer_step(parameters)
     for _ in tf.range(repeats):
-      optimizer.apply(gradients, parameters)
+      if outer:
+        optimizer.end_outer_step(parameters)
+      else:
+        optimizer.apply(gradients, parameters)
     optimizer.end_outer_step(parameters)
     return parameters[0][0]
 
@@ -82,14 +93,23 @@ def update_seconds(optimizer, parameters, repeats: int = 20,
   return best
 
 
-def floor_report(name, optimizer, parameters, bandwidth) -> str:
-  """One line: bytes at the floor, floor time, measured update time."""
-  count = sum(int(np.prod(p.shape)) for p in parameters)
-  passes = floor_passes(optimizer)
+def _line(label, passes, count, bandwidth, measured) -> str:
   floor_bytes = passes * BYTES * count
   floor = floor_bytes / bandwidth
-  measured = update_seconds(optimizer, parameters)
-  return (f"{name}: floor {passes} passes x {count:,} parameters = "
-          f"{floor_bytes / 1e6:.1f} MB per update, {floor * 1e3:.2f} ms at "
-          f"{bandwidth / 1e9:.1f} GB/s; measured update alone "
+  return (f"{label}: floor {passes} passes x {count:,} parameters = "
+          f"{floor_bytes / 1e6:.1f} MB, {floor * 1e3:.2f} ms at "
+          f"{bandwidth / 1e9:.1f} GB/s; measured alone "
           f"{measured * 1e3:.2f} ms ({measured / floor:.2f}x the floor)")
+
+
+def floor_report(name, optimizer, parameters, bandwidth) -> str:
+  """Lines of bytes at the floor, floor time and measured time: of one
+  `apply`, and for Entropy-SGD also of the outer step."""
+  count = sum(int(np.prod(p.shape)) for p in parameters)
+  lines = [_line(f"{name} update", floor_passes(optimizer), count, bandwidth,
+                 update_seconds(optimizer, parameters))]
+  if type(optimizer).__name__ == "EntropySGD":
+    lines.append(_line(f"{name} outer step", outer_floor_passes(optimizer),
+                       count, bandwidth,
+                       update_seconds(optimizer, parameters, outer=True)))
+  return "\n".join(lines)

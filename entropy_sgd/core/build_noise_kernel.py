@@ -35,6 +35,43 @@ COMPILER_FLAGS = ("-shared", "-fPIC", "-O3", "-march=native",
                   "-fno-trapping-math", "-w")
 
 
+# Beside the library: the instruction-set flags of the CPU it was built for
+# (-march=native), so that `noise.load_kernel` refuses it on a CPU that
+# lacks any of them (a copied venv or Bazel cache) instead of crashing.
+CPU_SUFFIX = ".cpu"
+# /proc/cpuinfo flags that name instruction-set extensions.
+ISA_PREFIXES = ("sse", "ssse", "avx", "fma", "f16c", "bmi", "adx", "popcnt",
+                "movbe", "abm", "sha", "aes", "pclmul", "vaes", "vpclmul",
+                "gfni", "amx", "rdrand", "rdseed", "xsave", "lzcnt")
+
+
+def isa_flags(flags) -> List[str]:
+  """The instruction-set extensions among CPU `flags`, sorted."""
+  return sorted(f for f in flags if f.startswith(ISA_PREFIXES))
+
+
+def write_cpu_file(output: str, flags=None) -> None:
+  from entropy_sgd.core import onednn  # pylint: disable=g-import-not-at-top
+  flags = onednn.cpu_flags() if flags is None else flags
+  with open(output + CPU_SUFFIX, "w") as f:
+    f.write(" ".join(isa_flags(flags)) + "\n")
+
+
+def missing_cpu_flags(library: str, flags=None) -> List[str]:
+  """Extensions the library was built for that this CPU lacks ([] if none
+  or if unknown)."""
+  from entropy_sgd.core import onednn  # pylint: disable=g-import-not-at-top
+  try:
+    with open(library + CPU_SUFFIX) as f:
+      built_for = f.read().split()
+  except OSError:
+    return []
+  flags = onednn.cpu_flags() if flags is None else flags
+  if not flags:  # Not Linux: nothing to compare.
+    return []
+  return sorted(set(built_for) - set(flags))
+
+
 class BuildError(RuntimeError):
   """The kernel could not be built; the message says why (one line)."""
 
@@ -77,6 +114,7 @@ def build(output: str = OUTPUT, source: str = SOURCE,
     os.remove(output)
     raise BuildError(f"the library was built but does not load: "
                      f"{' '.join(str(e).split())[:500]}") from None
+  write_cpu_file(output)
   return output
 
 

@@ -21,8 +21,9 @@ With `conventions="pytorch_reference"` (outer momentum started from the
 gradient at x) each outer step is L + 1 calls: the first only records the
 gradient at x, as the reference's extra evaluation does.
 
-The math is `algorithm.py`'s, shared with `optimizers.EntropySGD`; the noise
-is `noise.langevin_noise`. So the Keras and Sonnet paths follow the same
+The SGLD step is `langevin.langevin_update` (`algorithm.py`'s math, fused
+into one memory pass where the CPU kernel applies), shared with
+`optimizers.EntropySGD`. So the Keras and Sonnet paths follow the same
 trajectory (`keras_plugin_test`).
 
 What Keras sees. Between outer steps the weights are x. In the middle of an
@@ -50,17 +51,17 @@ import tensorflow as tf
 
 from entropy_sgd.core import algorithm
 from entropy_sgd.core import distribution
-from entropy_sgd.core import noise as noise_lib
+from entropy_sgd.core import langevin as langevin_lib
+from entropy_sgd.core import onednn
+
+onednn.advise_if_off()  # Keras users import TensorFlow themselves.
 
 _PACKAGE = "entropy_sgd"
 _UNSUPPORTED = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema",
                 "loss_scale_factor", "gradient_accumulation_steps")
 
 # TensorFlow's operations for `algorithm.py`.
-_OPS = algorithm.Ops(
-    sqrt=tf.sqrt, exp=tf.exp, sum=tf.reduce_sum,
-    cast=lambda value, like: (tf.constant(value, like.dtype) if isinstance(
-        value, (int, float)) else tf.cast(value, like.dtype)))
+_OPS = langevin_lib.TF_OPS
 
 
 def _tf(variable):
@@ -254,15 +255,10 @@ class EntropySGD(keras.optimizers.Optimizer):
     hp = self.hyperparameters
     anchor, mean = _tfs(self.anchor), _tfs(self.mean)
     inner_velocities = _tfs(self.inner_velocities)
-    samples = _read(parameters)
-    standard_normals = None
-    if hp.draws_noise:
-      standard_normals = noise_lib.langevin_noise(
-          hp.seed, step, inner, [x.shape for x in samples], samples[0].dtype)
-    samples, means, velocities = algorithm.langevin_update(
-        hp, samples, _read(anchor), _read(mean), gradients,
-        _read(inner_velocities), standard_normals, step=step,
-        langevin_learning_rate=self.langevin_learning_rate, ops=_OPS)
+    samples, means, velocities = langevin_lib.langevin_update(
+        hp, _read(parameters), _read(anchor), _read(mean), gradients,
+        _read(inner_velocities), step=step, inner_step=inner,
+        langevin_learning_rate=self.langevin_learning_rate)
     _assign(parameters, samples)
     _assign(mean, means)
     _assign(inner_velocities, velocities)

@@ -28,6 +28,12 @@ run uses and why (training logs it and records it in config.json):
 the kernel when it loads, no GPU is visible, the strategy is not a TPU one
 and the step is not compiled with XLA.
 
+The library is compiled with -march=native for the machine that builds it;
+beside it, `noise_kernel.so.cpu` lists that CPU's instruction-set
+extensions, and a library built for extensions this CPU lacks (a venv or a
+Bazel cache copied to another machine) is refused with the rebuild command
+instead of being loaded.
+
 The library is loaded from beside this module (`packaged_kernel_path`):
 Bazel compiles it with the host's g++ (third_party/noise_kernel) and puts
 it there in runfiles; pip and source-tree users build it there with
@@ -54,6 +60,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 from tensorflow.python.ops import gen_stateless_random_ops_v2
+
+from entropy_sgd.core import build_noise_kernel
 
 _TWO_PI = 2.0 * math.pi
 
@@ -103,7 +111,7 @@ def random_bits(key: tf.Tensor, num_words: int) -> tf.Tensor:
   return chunks[0] if len(chunks) == 1 else tf.concat(chunks, 0)
 
 
-def _chunk_keys_and_counters(key: tf.Tensor, num_words: int):
+def chunk_keys_and_counters(key: tf.Tensor, num_words: int):
   """Philox (key, counter) of every chunk, as `random_bits` derives them."""
   keys, counters = [], []
   for index in range(-(-num_words // BITS_PER_CHUNK)):
@@ -187,7 +195,14 @@ def load_kernel() -> KernelStatus:
   if path in _statuses:
     return _statuses[path]
   overridden = path != packaged_kernel_path()
-  if os.path.exists(path):
+  missing = build_noise_kernel.missing_cpu_flags(path)
+  if os.path.exists(path) and missing:
+    status = KernelStatus(
+        path, None, f"not loadable: {path} was built (-march=native) for a "
+        f"CPU with {', '.join(missing)}, which this CPU lacks",
+        _build_fix() if not overridden else
+        f"unset {PATH_VARIABLE} or rebuild that library on this machine")
+  elif os.path.exists(path):
     try:
       status = KernelStatus(path, tf.load_op_library(path), f"loaded {path}")
     except (tf.errors.NotFoundError, OSError) as error:
@@ -315,7 +330,7 @@ def standard_normal(key: tf.Tensor, num_values: int, dtype=tf.float32,
     kernel = _load_kernel()  # Not the global: AutoGraph copies globals.
     if kernel is None:
       raise RuntimeError(f"The noise kernel is {kernel_status()}.")
-    keys, counters = _chunk_keys_and_counters(key, 2 * num_pairs)
+    keys, counters = chunk_keys_and_counters(key, 2 * num_pairs)
     normals = kernel.langevin_standard_normal(keys, counters,
                                               num_values=num_values)
     return tf.cast(normals, dtype)
@@ -327,7 +342,7 @@ def philox_words(key: tf.Tensor, num_words: int) -> tf.Tensor:
   kernel = _load_kernel()
   if kernel is None:
     raise RuntimeError(f"The noise kernel is {kernel_status()}.")
-  keys, counters = _chunk_keys_and_counters(key, num_words)
+  keys, counters = chunk_keys_and_counters(key, num_words)
   return kernel.langevin_philox_words(keys, counters, num_words=num_words)
 
 

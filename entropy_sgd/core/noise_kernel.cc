@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -243,6 +244,265 @@ class LangevinStandardNormalOp : public OpKernel {
   int64_t num_values_;
 };
 
+
+// ------------------------------------------------ The fused SGLD step.
+//
+// LangevinFusedStep: one SGLD step and one running-mean step of
+// `algorithm.langevin_step` and `algorithm.running_mean_step` for all N
+// parameters, in one pass over memory: it reads x', x, mu, g (and v) once
+// and writes x', mu (and v) once, drawing the noise in registers. The noise
+// is the one LangevinStandardNormal gives for the concatenation of all
+// parameters: the value at global position j is the cosine part of pair j
+// (j < P) or the sine part of pair j - P, so pair p updates positions p and
+// P + p. Each operation is the one of the unfused TensorFlow graph, in its
+// order, rounded on its own (no contraction into FMAs, see below), so the
+// result equals the unfused math bit for bit.
+
+struct StepConstants {
+  float gamma, learning_rate, noise_std, noise_over_learning_rate,
+      weight_decay, momentum, new_sample_weight;
+};
+
+struct StepTensors {  // Parameter i's flat inputs and outputs.
+  const float* sample;
+  const float* anchor;
+  const float* mean;
+  const float* gradient;
+  const float* velocity;  // Null without inner momentum.
+  float* new_sample;
+  float* new_mean;
+  float* new_velocity;
+};
+
+// TensorFlow's graph rounds every multiply and add on its own; contracting
+// a * b + c into one FMA (g++'s default with -march=native) would not.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <bool kVelocity, bool kNesterov, bool kDecayBefore, bool kAliased,
+          bool kNoise>
+void StepRange(const StepConstants& k, const StepTensors& t, int64_t begin,
+               int64_t end, const float* __restrict normal) {
+  const float* __restrict sample = t.sample;
+  const float* __restrict anchor = t.anchor;
+  const float* __restrict mean = t.mean;
+  const float* __restrict gradient = t.gradient;
+  const float* __restrict velocity = t.velocity;
+  float* __restrict new_sample = t.new_sample;
+  float* __restrict new_mean = t.new_mean;
+  float* __restrict new_velocity = t.new_velocity;
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const float s = sample[i];
+    float d = gradient[i];
+    if (kDecayBefore) d = d + k.weight_decay * s;
+    float v = 0.0f;
+    if (kVelocity) {
+      v = k.momentum * velocity[i] + d;
+      d = kNesterov ? d + k.momentum * v : v;
+    }
+    if (!kDecayBefore) d = d + k.weight_decay * s;
+    d = d - k.gamma * (anchor[i] - s);
+    float z = 0.0f;
+    if (kNoise) z = normal[i - begin];
+    if (kAliased) {
+      if (kNoise) d = d - k.noise_over_learning_rate * z;
+      v = d;
+    }
+    float updated = s - k.learning_rate * d;
+    if (kNoise && !kAliased) updated = updated + k.noise_std * z;
+    new_sample[i] = updated;
+    new_mean[i] = mean[i] + k.new_sample_weight * (updated - mean[i]);
+    if (kVelocity) new_velocity[i] = v;
+  }
+}
+#pragma GCC pop_options
+
+using StepFunction = void (*)(const StepConstants&, const StepTensors&,
+                              int64_t, int64_t, const float*);
+
+template <bool kVelocity, bool kNesterov, bool kDecayBefore, bool kAliased>
+StepFunction PickNoise(bool noise) {
+  return noise ? StepRange<kVelocity, kNesterov, kDecayBefore, kAliased, true>
+               : StepRange<kVelocity, kNesterov, kDecayBefore, kAliased, false>;
+}
+
+template <bool kVelocity, bool kNesterov>
+StepFunction PickDecay(bool decay_before, bool aliased, bool noise) {
+  if (aliased) {
+    return decay_before ? PickNoise<kVelocity, kNesterov, true, true>(noise)
+                        : PickNoise<kVelocity, kNesterov, false, true>(noise);
+  }
+  return decay_before ? PickNoise<kVelocity, kNesterov, true, false>(noise)
+                      : PickNoise<kVelocity, kNesterov, false, false>(noise);
+}
+
+StepFunction PickStep(bool velocity, bool nesterov, bool decay_before,
+                      bool aliased, bool noise) {
+  if (!velocity) return PickDecay<false, false>(decay_before, false, noise);
+  if (nesterov) return PickDecay<true, true>(decay_before, false, noise);
+  return PickDecay<true, false>(decay_before, aliased, noise);
+}
+
+// Philox words [first, last) of the chunked stream of FillWords, into out.
+void WordsRange(const uint64_t* keys, const uint64_t* counters, int64_t first,
+                int64_t last, uint32_t* out) {
+  uint32_t block_words[4 * 64];
+  while (first < last) {
+    const int64_t chunk = first / kWordsPerChunk;
+    const int64_t chunk_first = chunk * kWordsPerChunk;
+    const int64_t stop = std::min(last, chunk_first + kWordsPerChunk);
+    // Whole blocks, at most 64 at a time, copied out word by word.
+    int64_t word = first;
+    while (word < stop) {
+      const int64_t block = (word - chunk_first) / 4;
+      const int64_t block_end = std::min<int64_t>(
+          block + 64, (stop - chunk_first + 3) / 4);
+      PhiloxBlocks(keys[chunk], counters[2 * chunk], counters[2 * chunk + 1],
+                   block, block_end, block_words - 4 * block);
+      const int64_t copy_end = std::min(stop, chunk_first + 4 * block_end);
+      for (int64_t w = word; w < copy_end; ++w) {
+        *out++ = block_words[w - chunk_first - 4 * block];
+      }
+      word = copy_end;
+    }
+    first = stop;
+  }
+}
+
+constexpr int64_t kPairsPerTile = 1024;
+
+class LangevinFusedStepOp : public OpKernel {
+ public:
+  explicit LangevinFusedStepOp(OpKernelConstruction* context)
+      : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("nesterov", &nesterov_));
+    OP_REQUIRES_OK(context, context->GetAttr("decay_before_momentum",
+                                             &decay_before_));
+    OP_REQUIRES_OK(context, context->GetAttr("buffer_takes_direction",
+                                             &buffer_takes_direction_));
+    OP_REQUIRES_OK(context, context->GetAttr("noise", &noise_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    ::tensorflow::OpInputList samples, anchors, means, gradients, velocities;
+    OP_REQUIRES_OK(context, context->input_list("samples", &samples));
+    OP_REQUIRES_OK(context, context->input_list("anchors", &anchors));
+    OP_REQUIRES_OK(context, context->input_list("means", &means));
+    OP_REQUIRES_OK(context, context->input_list("gradients", &gradients));
+    OP_REQUIRES_OK(context, context->input_list("velocities", &velocities));
+    const int n = samples.size();
+    const bool has_velocity = velocities.size() > 0;
+    OP_REQUIRES(context, !has_velocity || velocities.size() == n,
+                ::tensorflow::errors::InvalidArgument(
+                    "velocities must be empty or one per parameter"));
+    const Tensor& constants_tensor = context->input(context->num_inputs() - 3);
+    const Tensor& keys = context->input(context->num_inputs() - 2);
+    const Tensor& counters = context->input(context->num_inputs() - 1);
+    OP_REQUIRES(context, constants_tensor.NumElements() == 7,
+                ::tensorflow::errors::InvalidArgument(
+                    "constants must hold 7 values"));
+    const auto c = constants_tensor.flat<float>();
+    const StepConstants k{c(0), c(1), c(2), c(3), c(4), c(5), c(6)};
+
+    ::tensorflow::OpOutputList new_samples, new_means, new_velocities;
+    OP_REQUIRES_OK(context, context->output_list("new_samples", &new_samples));
+    OP_REQUIRES_OK(context, context->output_list("new_means", &new_means));
+    OP_REQUIRES_OK(context,
+                   context->output_list("new_velocities", &new_velocities));
+    std::vector<StepTensors> tensors(n);
+    std::vector<int64_t> offsets(n + 1, 0);
+    for (int i = 0; i < n; ++i) {
+      const TensorShape& shape = samples[i].shape();
+      for (const auto* other : {&anchors[i], &means[i], &gradients[i]}) {
+        OP_REQUIRES(context, other->shape() == shape,
+                    ::tensorflow::errors::InvalidArgument(
+                        "parameter ", i, ": shapes differ: ",
+                        shape.DebugString(), " and ",
+                        other->shape().DebugString()));
+      }
+      Tensor *sample_out, *mean_out, *velocity_out = nullptr;
+      OP_REQUIRES_OK(context, new_samples.allocate(i, shape, &sample_out));
+      OP_REQUIRES_OK(context, new_means.allocate(i, shape, &mean_out));
+      if (has_velocity) {
+        OP_REQUIRES(context, velocities[i].shape() == shape,
+                    ::tensorflow::errors::InvalidArgument(
+                        "parameter ", i, ": velocity shape differs"));
+        OP_REQUIRES_OK(context,
+                       new_velocities.allocate(i, shape, &velocity_out));
+      }
+      tensors[i] = StepTensors{
+          samples[i].flat<float>().data(), anchors[i].flat<float>().data(),
+          means[i].flat<float>().data(), gradients[i].flat<float>().data(),
+          has_velocity ? velocities[i].flat<float>().data() : nullptr,
+          sample_out->flat<float>().data(), mean_out->flat<float>().data(),
+          has_velocity ? velocity_out->flat<float>().data() : nullptr};
+      offsets[i + 1] = offsets[i] + shape.num_elements();
+    }
+    const int64_t total = offsets[n];
+    if (total == 0) return;
+    const int64_t num_pairs = (total + 1) / 2;
+    const int64_t num_chunks =
+        (2 * num_pairs + kWordsPerChunk - 1) / kWordsPerChunk;
+    if (noise_) {
+      OP_REQUIRES(context,
+                  keys.NumElements() == num_chunks &&
+                      counters.NumElements() == 2 * num_chunks,
+                  ::tensorflow::errors::InvalidArgument(
+                      "Need one Philox key and counter per chunk: ",
+                      num_chunks, "; got ", keys.NumElements(), " keys and ",
+                      counters.NumElements(), " counter words."));
+    }
+    const uint64_t* key_values = noise_ ? keys.flat<uint64_t>().data() : nullptr;
+    const uint64_t* counter_values =
+        noise_ ? counters.flat<uint64_t>().data() : nullptr;
+    const bool aliased = buffer_takes_direction_ && has_velocity && !nesterov_;
+    const StepFunction step =
+        PickStep(has_velocity, nesterov_, decay_before_, aliased, noise_);
+
+    // Positions [first, last) of the concatenation, noise from `normal`.
+    auto update = [&](int64_t first, int64_t last, const float* normal) {
+      int i = static_cast<int>(
+          std::upper_bound(offsets.begin(), offsets.end(), first) -
+          offsets.begin()) - 1;
+      while (first < last) {
+        const int64_t stop = std::min(last, offsets[i + 1]);
+        // StepRange indexes `normal` from its `begin`.
+        step(k, tensors[i], first - offsets[i], stop - offsets[i], normal);
+        if (normal != nullptr) normal += stop - first;
+        first = stop;
+        ++i;
+      }
+    };
+    const int64_t num_tiles = (num_pairs + kPairsPerTile - 1) / kPairsPerTile;
+    const auto* threads = context->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(
+        threads->num_threads, threads->workers, num_tiles,
+        /*cost_per_unit=*/20000, [&](int64_t tile_begin, int64_t tile_end) {
+          uint32_t radius_words[kPairsPerTile], angle_words[kPairsPerTile];
+          float cosines[kPairsPerTile], sines[kPairsPerTile];
+          for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+            const int64_t first = tile * kPairsPerTile;
+            const int64_t last = std::min(num_pairs, first + kPairsPerTile);
+            const int64_t count = last - first;
+            if (noise_) {
+              WordsRange(key_values, counter_values, first, last,
+                         radius_words);
+              WordsRange(key_values, counter_values, num_pairs + first,
+                         num_pairs + last, angle_words);
+              BoxMuller(radius_words, angle_words, 0, count, cosines, sines);
+            }
+            update(first, last, noise_ ? cosines : nullptr);
+            const int64_t sine_last = std::min(total, num_pairs + last);
+            if (num_pairs + first < sine_last) {
+              update(num_pairs + first, sine_last, noise_ ? sines : nullptr);
+            }
+          }
+        });
+  }
+
+ private:
+  bool nesterov_, decay_before_, buffer_takes_direction_, noise_;
+};
 }  // namespace
 
 constexpr char kNumWords[] = "num_words";
@@ -281,5 +541,43 @@ REGISTER_OP("LangevinStandardNormal")
 REGISTER_KERNEL_BUILDER(
     Name("LangevinStandardNormal").Device(::tensorflow::DEVICE_CPU),
     LangevinStandardNormalOp);
+
+REGISTER_OP("LangevinFusedStep")
+    .Input("samples: N * float")
+    .Input("anchors: N * float")
+    .Input("means: N * float")
+    .Input("gradients: N * float")
+    .Input("velocities: M * float")
+    .Input("constants: float")
+    .Input("keys: uint64")
+    .Input("counters: uint64")
+    .Attr("N: int >= 1")
+    .Attr("M: int >= 0")
+    .Attr("nesterov: bool")
+    .Attr("decay_before_momentum: bool")
+    .Attr("buffer_takes_direction: bool")
+    .Attr("noise: bool")
+    .Output("new_samples: N * float")
+    .Output("new_means: N * float")
+    .Output("new_velocities: M * float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+      int64_t n, m;
+      TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+      TF_RETURN_IF_ERROR(c->GetAttr("M", &m));
+      for (int64_t i = 0; i < n; ++i) {
+        c->set_output(i, c->input(i));
+        c->set_output(n + i, c->input(i));
+      }
+      for (int64_t i = 0; i < m; ++i) c->set_output(2 * n + i, c->input(i));
+      return ::tensorflow::OkStatus();
+    })
+    .Doc("One SGLD step and running-mean step of entropy_sgd.core.algorithm "
+         "for all parameters, in one memory pass; constants = [gamma, eta', "
+         "noise_std, noise_std / eta', weight_decay, momentum, "
+         "new_sample_weight].");
+
+REGISTER_KERNEL_BUILDER(
+    Name("LangevinFusedStep").Device(::tensorflow::DEVICE_CPU),
+    LangevinFusedStepOp);
 
 }  // namespace entropy_sgd

@@ -238,6 +238,38 @@ class ResolveTest(absltest.TestCase):
       noise.resolve("on")
     self.assertEqual(noise.resolve("off").name, noise.TENSORFLOW)
 
+  def test_a_library_built_for_another_cpu_is_refused(self):
+    # A copy (venv, Bazel cache) of a library built for extensions this CPU
+    # lacks: refused before loading, with the fix, instead of crashing.
+    library = self.create_tempfile("k.so", content="not loaded").full_path
+    with open(library + build_noise_kernel.CPU_SUFFIX, "w") as f:
+      f.write("avx2 avx512f made_up_extension\n")
+    self.assertEqual(
+        build_noise_kernel.missing_cpu_flags(library, {"avx2", "sse2"}),
+        ["avx512f", "made_up_extension"])
+    self.assertEqual(
+        build_noise_kernel.missing_cpu_flags(library, {"avx2", "avx512f",
+                                                       "made_up_extension"}),
+        [])
+    os.environ[noise.PATH_VARIABLE] = library
+    with self.assertRaises(noise.KernelUnavailableError) as caught:
+      noise.resolve("on")
+    message = str(caught.exception)
+    self.assertNotIn("\n", message)
+    self.assertIn("made_up_extension, which this CPU lacks", message)
+    self.assertIn("rebuild that library on this machine", message)
+    self.assertEqual(noise.resolve("auto").name, noise.TENSORFLOW)
+
+  def test_the_build_records_its_cpu(self):
+    skip_unless_kernel(self)
+    self.assertEqual(
+        build_noise_kernel.missing_cpu_flags(noise.kernel_path()), [])
+    with open(noise.kernel_path() + build_noise_kernel.CPU_SUFFIX) as f:
+      recorded = f.read().split()
+    self.assertEqual(recorded, build_noise_kernel.isa_flags(recorded))
+    if "avx2" in open("/proc/cpuinfo").read():
+      self.assertIn("avx2", recorded)
+
   def test_xla_cannot_run_the_kernel(self):
     with self.assertRaisesRegex(noise.KernelUnavailableError, "XLA"):
       noise.resolve("on", jit_compile=True)

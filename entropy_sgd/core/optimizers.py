@@ -35,6 +35,7 @@ import tensorflow as tf
 
 from entropy_sgd.core import algorithm
 from entropy_sgd.core import distribution
+from entropy_sgd.core import langevin as langevin_lib
 from entropy_sgd.core import noise as noise_lib
 from entropy_sgd.core import updates as update_rules
 
@@ -47,17 +48,7 @@ _check_positive = algorithm.check_positive
 _check_non_negative = algorithm.check_non_negative
 
 
-def _as_dtype(value, dtype) -> tf.Tensor:
-  """`value` as a tensor of `dtype`.
-
-  A Python number becomes a constant of `dtype` directly: `tf.cast(0.1,
-  tf.float64)` would first make it a float32 tensor (0.10000000149...). A
-  tensor or `tf.Variable` is cast, so a float32 learning-rate variable keeps
-  float32 precision; give float64 models a float64 variable.
-  """
-  if isinstance(value, (int, float)):
-    return tf.constant(value, dtype)
-  return tf.cast(value, dtype)
+_as_dtype = langevin_lib.as_dtype
 
 
 # The conventions and their presets live with the math, in `algorithm.py`.
@@ -68,8 +59,7 @@ PYTORCH_REFERENCE = algorithm.PYTORCH_REFERENCE
 PRESETS = algorithm.PRESETS
 
 # TensorFlow's operations for `algorithm.py`.
-TF_OPS = algorithm.Ops(sqrt=tf.sqrt, exp=tf.exp, sum=tf.reduce_sum,
-                       cast=lambda value, like: _as_dtype(value, like.dtype))
+TF_OPS = langevin_lib.TF_OPS
 
 
 # N(0, I) noise of one SGLD step for all parameters, keyed by (seed, stream,
@@ -531,6 +521,9 @@ class EntropySGD(Optimizer):
     # The compiled CPU noise kernel cannot run inside XLA: None lets
     # `noise.standard_normal` decide, False keeps TensorFlow's ops.
     self.use_noise_kernel = False if jit_compile else None
+    # The fused SGLD step (`langevin.py`): None where the kernel is used,
+    # False never (bit-identical either way).
+    self.fused_update = None
     self._langevin_math = _maybe_jit(self._langevin_step_math, jit_compile)
     self._outer_math = _maybe_jit(self._outer_step_math, jit_compile)
 
@@ -610,16 +603,11 @@ class EntropySGD(Optimizer):
 
   def _langevin_step_math(self, samples, anchors, means, gradients,
                           velocities, step, inner_step, noise_stream):
-    hp = self.hyperparameters
-    standard_normals = None
-    if hp.draws_noise:
-      standard_normals = langevin_noise(
-          hp.seed, step, inner_step, [x.shape for x in samples],
-          samples[0].dtype, noise_stream, self.use_noise_kernel)
-    return algorithm.langevin_update(
-        hp, samples, anchors, means, gradients, velocities, standard_normals,
-        step=step, langevin_learning_rate=self.langevin_learning_rate,
-        ops=TF_OPS)
+    return langevin_lib.langevin_update(
+        self.hyperparameters, samples, anchors, means, gradients, velocities,
+        step=step, inner_step=inner_step, stream=noise_stream,
+        langevin_learning_rate=self.langevin_learning_rate,
+        use_kernel=self.use_noise_kernel, fused=self.fused_update)
 
   def _apply_on_device(self, gradients, parameters, noise_stream=0):
     samples, means, velocities = self._langevin_math(

@@ -24,7 +24,7 @@ package(default_visibility = ["//visibility:public"])
 
 filegroup(
     name = "kernel",
-    srcs = glob(["{library}"]) + ["{status}"],
+    srcs = glob(["{library}", "{library}.cpu"]) + ["{status}"],
 )
 """.format(library = LIBRARY, status = STATUS)
 
@@ -57,6 +57,7 @@ def _noise_kernel_impl(rctx):
     )
     if result.return_code != 0:
         rctx.delete(LIBRARY)
+        rctx.delete(LIBRARY + ".cpu")
         # The module's last line is its one-line `error:`.
         last = (result.stderr.strip().split("\n") or [""])[-1]
         reason = last.replace("error: noise kernel not built: ", "")

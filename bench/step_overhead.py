@@ -28,13 +28,18 @@ the float32 update must not show more once the gradient is cheaper).
         --compare_noise_kernel
     bazel run //bench:step_overhead -- --model=wrn-16-1 --jit=off \
         --precision=mixed_bfloat16
+    bazel run //bench:step_overhead -- --model=mnistfc,wrn-16-1 --onednn=both
 """
 
 from entropy_sgd.core import onednn  # First: before anything imports TensorFlow.
 
 onednn.enable_before_tensorflow()
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app
@@ -80,6 +85,12 @@ _MEMORY_MODEL = flags.DEFINE_bool(
 _COMPARE_SAM = flags.DEFINE_bool(
     "compare_sam", True, "Also time SAM (rho 0.05, Nesterov base): its cost "
     "per gradient evaluation against Nesterov's.")
+_ONEDNN = flags.DEFINE_enum(
+    "onednn", "as_launched", ["as_launched", "both"],
+    "as_launched: oneDNN as this process runs it (the launchers' rule). "
+    "both: Nesterov and Entropy-SGD (without XLA) in two child processes, "
+    "one with TF_ENABLE_ONEDNN_OPTS=0 and one with =1, rounds interleaved; "
+    "prints the on/off time ratio of each.")
 _PRECISION = flags.DEFINE_enum(
     "precision", "float32", precision_lib.PRECISIONS,
     "Also measure in this mixed precision, beside float32.")
@@ -276,8 +287,75 @@ def print_memory_model(model_name, bandwidth):
       print(f"{model_name} memory model, {line}", flush=True)
 
 
+_CHILD = "STEP_OVERHEAD_ONEDNN_CHILD"  # Set in the children of --onednn=both.
+
+
+def serve_rounds(model_name):
+  """Child of --onednn=both: times one round per line "round" on stdin and
+  answers with one JSON line of seconds per gradient evaluation."""
+  runners = {name: make_runner(model_name, name, False)
+             for name in ("nesterov", "entropy_sgd")}
+  print("ready", flush=True)
+  for line in sys.stdin:
+    if line.strip() != "round":
+      break
+    print(json.dumps({name: runner() for name, runner in runners.items()}),
+          flush=True)
+
+
+def compare_onednn(model_name):
+  """Both optimizers with oneDNN off and on, in two processes, interleaved."""
+  children = {}
+  for setting in ("0", "1"):
+    arguments = [a for a in sys.argv[1:] if not a.startswith(
+        ("--onednn", "--model"))]
+    children[setting] = subprocess.Popen(
+        [sys.executable, sys.argv[0], f"--model={model_name}", *arguments],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, onednn.ENV: setting, _CHILD: "1"})
+  for setting, child in children.items():
+    if child.stdout.readline().strip() != "ready":
+      raise SystemExit(f"error: the oneDNN={setting} child of "
+                       f"--onednn=both failed; rerun it alone with "
+                       f"TF_ENABLE_ONEDNN_OPTS={setting} to see why")
+  times = {(s, n): [] for s in children for n in ("nesterov", "entropy_sgd")}
+  for round_index in range(_ROUNDS.value):
+    for setting, child in children.items():
+      child.stdin.write("round\n")
+      child.stdin.flush()
+      for name, seconds in json.loads(child.stdout.readline()).items():
+        times[(setting, name)].append(seconds)
+    print(f"  {model_name} oneDNN round {round_index + 1}/{_ROUNDS.value}: "
+          + ", ".join(f"{n} oneDNN={s} {t[-1] * 1e3:.1f} ms"
+                      for (s, n), t in times.items()), flush=True)
+  for child in children.values():
+    child.stdin.close()
+    child.wait()
+  median = {key: statistics.median(t) for key, t in times.items()}
+  for name in ("nesterov", "entropy_sgd"):
+    off, on = median[("0", name)], median[("1", name)]
+    print(f"{model_name} xla=False  {name} per gradient evaluation: oneDNN "
+          f"off {off * 1e3:.1f} ms, on {on * 1e3:.1f} ms; median ratio "
+          f"off/on = {off / on:.3f}", flush=True)
+  for setting in children:
+    print(f"{model_name} xla=False  oneDNN={setting}: median ratio "
+          f"entropy_sgd/nesterov = "
+          f"{median[(setting, 'entropy_sgd')] / median[(setting, 'nesterov')]:.3f}",
+          flush=True)
+
+
 def main(argv):
   del argv
+  if os.environ.get(_CHILD):
+    serve_rounds(_MODELS.value[0])
+    return
+  if _ONEDNN.value == "both":
+    print(f"models {','.join(_MODELS.value)}, batch {_BATCH_SIZE.value}, "
+          f"L={_L.value}, {_ROUNDS.value} rounds, oneDNN off and on in two "
+          f"processes, interleaved; noise kernel {noise_lib.kernel_status()}")
+    for model_name in _MODELS.value:
+      compare_onednn(model_name)
+    return
   jit_modes = {"both": [False, True], "on": [True], "off": [False]}
   print(f"models {','.join(_MODELS.value)}, batch {_BATCH_SIZE.value}, "
         f"L={_L.value}, noise={_NOISE.value}, {_ROUNDS.value} rounds x "

@@ -769,6 +769,9 @@ def validate(config: TrainConfig):
   _require(c.sam_rho is None or c.sam_rho > 0,
            f"--sam_rho must be > 0; got {c.sam_rho}.")
   _require(c.sam_eta >= 0, f"--sam_eta must be >= 0; got {c.sam_eta}.")
+  _require(c.outer_weight_decay in (None, True, False),
+           f"--outer_weight_decay must be true or false; got "
+           f"{c.outer_weight_decay!r}.")
   _require(c.sam_perturbation in optimizers.SAM_PERTURBATIONS,
            f"--sam_perturbation={c.sam_perturbation!r} is unknown; choose "
            f"one of {optimizers.SAM_PERTURBATIONS}.")

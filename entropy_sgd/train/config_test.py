@@ -249,6 +249,9 @@ class ValidationTest(parameterized.TestCase):
       (dict(augment="mixup"), "--augment='mixup' is unknown"),
       (dict(validation_examples=-1), "--validation_examples must be >= 0"),
       (dict(rho=0.0), "--rho must be > 0"),
+      # The launchers once passed --outer_weight_decay=false as a string.
+      (dict(outer_weight_decay="false"),
+       "^--outer_weight_decay must be true or false; got 'false'"),
       (dict(noise_kernel="yes"), "--noise_kernel='yes' is unknown; choose "
        "one of auto, on, off"),
   )

@@ -19,9 +19,10 @@ from entropy_sgd.core import langevin
 from entropy_sgd.core import noise
 from entropy_sgd.core import optimizers
 
-# Odd total (601,087 values: 3 chunks of Philox words), tensors of one value,
-# and boundaries that fall inside the tiles of 1,024 pairs.
-SHAPES = [(1000, 601), (5,), (1,), (3, 3, 2, 4), (7, 1)]
+# Odd totals, tensors of one value, and boundaries that fall inside the
+# tiles of 1,024 pairs; LARGE spans 3 chunks of 2^18 Philox words.
+SHAPES = [(50, 61), (5,), (1,), (3, 3, 2, 4), (7, 1)]
+LARGE = [(1000, 601), (5,), (1,), (3, 3, 2, 4), (7, 1)]
 
 # Every state of the inner loop the conventions allow.
 VARIANTS = [
@@ -64,16 +65,19 @@ class FusedStepTest(parameterized.TestCase):
     skip_unless_fused(self)
 
   @parameterized.parameters(
-      itertools.product(range(len(VARIANTS)), (0.0, 1e-3), (0.0, 5e-4)))
-  def test_bit_identical_to_unfused(self, variant, noise_level, decay):
+      [(v, n, d, SHAPES) for v, n, d in itertools.product(
+          range(len(VARIANTS)), (0.0, 1e-3), (0.0, 5e-4))] +
+      [(v, 1e-3, 5e-4, LARGE) for v in (0, len(VARIANTS) - 1)])
+  def test_bit_identical_to_unfused(self, variant, noise_level, decay,
+                                    shapes):
     conventions = algorithm.Conventions(
         alpha_weights="old_mean", noise_scale="sqrt_2lr",
         **VARIANTS[variant])
     hp = algorithm.Hyperparameters(noise=noise_level, weight_decay=decay,
                                    conventions=conventions, seed=11)
     rng = np.random.default_rng(variant)
-    state = [tensors(rng, SHAPES) for _ in range(4)]
-    state.append(tensors(rng, SHAPES) if conventions.inner_momentum else [])
+    state = [tensors(rng, shapes) for _ in range(4)]
+    state.append(tensors(rng, shapes) if conventions.inner_momentum else [])
     unfused = update(hp, state, fused=False)
     fused = update(hp, state, fused=True)
     for name, expected, actual in zip(("samples", "means", "velocities"),
@@ -86,11 +90,11 @@ class FusedStepTest(parameterized.TestCase):
   def test_noise_is_the_kernels(self):
     # At x' = x = 0, g = 0 and no momentum, x' moves by noise_std * z only.
     hp = algorithm.Hyperparameters(noise=1e-2, seed=5)
-    zeros = [tf.zeros(s) for s in SHAPES]
+    zeros = [tf.zeros(s) for s in LARGE]
     samples, _, _ = update(hp, [zeros] * 4 + [[]], fused=True,
                            stream=2)
     normals = noise.langevin_noise(5, tf.constant(7, tf.int64),
-                                   tf.constant(3, tf.int64), SHAPES,
+                                   tf.constant(3, tf.int64), LARGE,
                                    stream=2, use_kernel=True)
     noise_std = tf.sqrt(tf.constant(0.1)) * tf.constant(1e-2)
     for sample, normal in zip(samples, normals):

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -137,6 +138,21 @@ void BoxMuller(const uint32_t* __restrict radius_bits,
   }
 }
 
+// Runs work(begin, end) over [0, total) on the device's intra-op threads,
+// or inline when this kernel already runs on one of them: a pool thread
+// that waits for its own shards while the pool's other threads do the same
+// would deadlock (seen under load with two devices' steps at once).
+void ParallelFor(OpKernelContext* context, int64_t total, int64_t cost_per_unit,
+                 const std::function<void(int64_t, int64_t)>& work) {
+  const auto* threads = context->device()->tensorflow_cpu_worker_threads();
+  if (threads->workers->CurrentThreadId() >= 0) {
+    work(0, total);
+    return;
+  }
+  ::tensorflow::Shard(threads->num_threads, threads->workers, total,
+                      cost_per_unit, work);
+}
+
 // Checks the chunk keys and fills words[0, 4 * ceil(num_words / 4)) with
 // the Philox words of every chunk, on all of the device's threads.
 bool FillWords(OpKernelContext* context, int64_t num_words, uint32_t* words) {
@@ -154,10 +170,9 @@ bool FillWords(OpKernelContext* context, int64_t num_words, uint32_t* words) {
   }
   const auto key_values = keys.flat<uint64_t>();
   const auto counter_values = counters.flat<uint64_t>();
-  const auto* threads = context->device()->tensorflow_cpu_worker_threads();
   const int64_t num_blocks = (num_words + 3) / 4;
-  ::tensorflow::Shard(
-      threads->num_threads, threads->workers, num_blocks,
+  ParallelFor(
+      context, num_blocks,
       /*cost_per_unit=*/200, [&](int64_t begin, int64_t end) {
         while (begin < end) {
           const int64_t chunk = begin / kBlocksPerChunk;
@@ -227,9 +242,8 @@ class LangevinStandardNormalOp : public OpKernel {
                                   TensorShape({num_words}), &padded));
       values = padded.flat<float>().data();
     }
-    const auto* threads = context->device()->tensorflow_cpu_worker_threads();
-    ::tensorflow::Shard(
-        threads->num_threads, threads->workers, num_pairs,
+    ParallelFor(
+        context, num_pairs,
         /*cost_per_unit=*/100, [&](int64_t begin, int64_t end) {
           BoxMuller(words, words + num_pairs, begin, end, values,
                     values + num_pairs);
@@ -474,9 +488,8 @@ class LangevinFusedStepOp : public OpKernel {
       }
     };
     const int64_t num_tiles = (num_pairs + kPairsPerTile - 1) / kPairsPerTile;
-    const auto* threads = context->device()->tensorflow_cpu_worker_threads();
-    ::tensorflow::Shard(
-        threads->num_threads, threads->workers, num_tiles,
+    ParallelFor(
+        context, num_tiles,
         /*cost_per_unit=*/20000, [&](int64_t tile_begin, int64_t tile_end) {
           uint32_t radius_words[kPairsPerTile], angle_words[kPairsPerTile];
           float cosines[kPairsPerTile], sines[kPairsPerTile];

@@ -205,19 +205,11 @@ def compare_optimizers(model_name, jit_modes, mixed=None):
           f"sam/nesterov = {median[sam] / median[nesterov]:.3f}; per step "
           f"{2 * median[sam] / median[nesterov]:.3f}", flush=True)
   if compare_kernel:
-    tf_noise, nesterov = "entropy_sgd_tf_noise/xla=False", "nesterov/xla=False"
-    print(f"{model_name} xla=False  entropy_sgd with TensorFlow-op noise "
-          f"{median[tf_noise] * 1e3:7.1f} ms; ratio to nesterov "
-          f"{median[tf_noise] / median[nesterov]:.3f}; the kernel saves "
-          f"{(median[tf_noise] - median['entropy_sgd/xla=False']) * 1e3:.1f}"
-          f" ms per gradient evaluation", flush=True)
+    print_variant(model_name, median, "entropy_sgd_tf_noise",
+                  "with TensorFlow-op noise", "the kernel saves")
   if compare_fused:
-    unfused, nesterov = "entropy_sgd_unfused/xla=False", "nesterov/xla=False"
-    print(f"{model_name} xla=False  entropy_sgd with the unfused SGLD step "
-          f"{median[unfused] * 1e3:7.1f} ms; ratio to nesterov "
-          f"{median[unfused] / median[nesterov]:.3f}; fusing saves "
-          f"{(median[unfused] - median['entropy_sgd/xla=False']) * 1e3:.1f}"
-          f" ms per gradient evaluation", flush=True)
+    print_variant(model_name, median, "entropy_sgd_unfused",
+                  "with the unfused SGLD step", "fusing saves")
   for jit in jit_modes if mixed else ():
     print_mixed_precision(model_name, jit, mixed, median, target)
   if len(jit_modes) == 2:
@@ -225,6 +217,17 @@ def compare_optimizers(model_name, jit_modes, mixed=None):
           f"{median['nesterov/xla=True'] / median['nesterov/xla=False']:.3f},"
           f" entropy_sgd {median['entropy_sgd/xla=True'] / median['entropy_sgd/xla=False']:.3f}",
           flush=True)
+
+
+def print_variant(model_name, median, name, description, saving):
+  """One line: an Entropy-SGD variant (without XLA) beside Nesterov and the
+  default Entropy-SGD."""
+  variant, nesterov = f"{name}/xla=False", "nesterov/xla=False"
+  print(f"{model_name} xla=False  entropy_sgd {description} "
+        f"{median[variant] * 1e3:7.1f} ms; ratio to nesterov "
+        f"{median[variant] / median[nesterov]:.3f}; {saving} "
+        f"{(median[variant] - median['entropy_sgd/xla=False']) * 1e3:.1f}"
+        f" ms per gradient evaluation", flush=True)
 
 
 def print_mixed_precision(model_name, jit, mixed, median, target):

@@ -71,7 +71,7 @@ def fuses(samples: Sequence[tf.Tensor], use_kernel: Optional[bool] = None,
       raise ValueError("fused=True needs the noise kernel (use_kernel)")
     return False
   kernel_used = (use_kernel if use_kernel is not None else
-                 noise_lib._kernel_applies(tf.float32))  # pylint: disable=protected-access
+                 noise_lib.kernel_applies(tf.float32))
   can = kernel_used and float32 and fused_op() is not None
   if fused and not can:
     raise noise_lib.KernelUnavailableError(

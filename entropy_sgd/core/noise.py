@@ -309,7 +309,7 @@ def _in_xla_function() -> bool:
 
 
 @tf.autograph.experimental.do_not_convert  # Plain Python.
-def _kernel_applies(dtype) -> bool:
+def kernel_applies(dtype) -> bool:
   """`resolve("auto")`'s verdict for a draw of `dtype` traced here."""
   return (dtype == tf.float32 and not _in_xla_function() and
           resolve("auto").use_kernel)
@@ -325,7 +325,7 @@ def standard_normal(key: tf.Tensor, num_values: int, dtype=tf.float32,
   """
   num_pairs = (num_values + 1) // 2
   if use_kernel is None:
-    use_kernel = _kernel_applies(dtype)
+    use_kernel = kernel_applies(dtype)
   if use_kernel:
     kernel = _load_kernel()  # Not the global: AutoGraph copies globals.
     if kernel is None:

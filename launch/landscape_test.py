@@ -77,6 +77,7 @@ class LandscapeLauncherTest(parameterized.TestCase):
     r = self.report
     self.assertEqual((r["model"], r["dataset"], r["examples"]),
                      ("mnistfc", "mnist", 40))
+    self.assertEqual(r["batch_norm_recalibration"], "un-augmented")
     self.assertEqual(r["checkpoint"],
                      os.path.join(self.sgd, "checkpoints", "ckpt-3"))
     top = r["hessian_top_eigenvalues"]

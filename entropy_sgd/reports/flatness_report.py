@@ -9,13 +9,16 @@ docs/flatness.md write them:
                                            --measures= (the whole training set)
 
 Output (`write_report`): flatness.csv (one row per run), flatness.md and
-one scatter plot per measure. The generalisation gap is test error minus
-training error, in percentage points, both at the final weights. For each
-measure:
+one scatter plot per measure. The generalisation gap is held-out error
+minus training error, in percentage points, both at the final weights. The
+held-out error is the clean validation split's when the run held one out
+(CIFAR-10's local test file is partly JPEG-restored), else the test
+split's. For each measure:
 
-* per experiment (runs that differ only in the seed): mean ± std over seeds;
-* per (dataset, model, recipe): Entropy-SGD minus its baseline, with the
-  Welch standard error of the difference;
+* per experiment (runs that differ only in the seed; the budget in
+  effective epochs tells experiments apart): mean ± std over seeds;
+* per (dataset, model, recipe, init, budget): Entropy-SGD minus its
+  baseline, with the Welch standard error of the difference;
 * per dataset, over all its runs: Kendall's tau-b between the measure and the
   gap, with a percentile bootstrap 95% interval over runs (Jiang et al. 2020
   rank measures this way; Dziugaite et al. 2020 on why a single pair says
@@ -64,19 +67,24 @@ class MeasuredRun:
   model: str
   recipe: str
   init: str  # The model's own when unset.
+  budget: int  # Effective epochs, rounded.
   optimizer: str
   seed: int
   test_error: float  # %
+  heldout_split: str  # "validation" when the run held one out, else "test".
+  heldout_error: float  # %
   train_error: float  # %
+  recalibration: str  # BatchNorm statistics of the training error's pass.
   measures: Dict[str, float]
 
   @property
   def gap(self) -> float:
-    return self.test_error - self.train_error
+    return self.heldout_error - self.train_error
 
   @property
-  def experiment(self) -> Tuple[str, str, str, str, str]:
-    return (self.dataset, self.model, self.recipe, self.init, self.optimizer)
+  def experiment(self) -> Tuple[str, str, str, str, int, str]:
+    return (self.dataset, self.model, self.recipe, self.init, self.budget,
+            self.optimizer)
 
 
 def _read(path: str) -> Dict:
@@ -98,15 +106,22 @@ def load(path: str) -> MeasuredRun:
       measures[name] = float(read(flatness))
     except (KeyError, IndexError, TypeError):
       measures[name] = math.nan
+  test_error = 100.0 * (1.0 - float(summary["final_test_accuracy"]))
+  validation = summary.get("final_validation_accuracy")
   return MeasuredRun(
       path=path, dataset=config["dataset"], model=config["model"],
       recipe=config.get("recipe", "reference_code"),
       init=config.get("init") or models_lib.spec(config["model"]).default_init,
+      budget=int(round(float(summary["effective_epochs"]))),
       optimizer=results_lib.optimizer_label(config),
       seed=int(config["seed"]),
-      test_error=100.0 * (1.0 - float(summary["final_test_accuracy"])),
+      test_error=test_error,
+      heldout_split="test" if validation is None else "validation",
+      heldout_error=(test_error if validation is None else
+                     100.0 * (1.0 - float(validation))),
       # float32 sums of hits can exceed 1 by rounding: no negative error.
       train_error=max(0.0, 100.0 * (1.0 - float(train["accuracy"]))),
+      recalibration=train.get("batch_norm_recalibration", "un-augmented"),
       measures=measures)
 
 
@@ -163,23 +178,29 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
   written = [os.path.join(output_dir, "flatness.csv")]
   with open(written[0], "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["dataset", "model", "recipe", "init", "optimizer", "seed",
-                     "test_error", "train_error", "gap"] +
+    writer.writerow(["dataset", "model", "recipe", "init", "budget",
+                     "optimizer", "seed", "test_error", "heldout_split",
+                     "heldout_error", "train_error", "gap",
+                     "batch_norm_recalibration"] +
                     [name for name, _, _ in MEASURES])
     for r in runs:
-      writer.writerow([r.dataset, r.model, r.recipe, r.init, r.optimizer,
-                       r.seed,
-                       r.test_error, r.train_error, r.gap] +
+      writer.writerow([r.dataset, r.model, r.recipe, r.init, r.budget,
+                       r.optimizer, r.seed, r.test_error, r.heldout_split,
+                       r.heldout_error, r.train_error, r.gap,
+                       r.recalibration] +
                       [r.measures[name] for name, _, _ in MEASURES])
   lines = ["# Flatness against generalisation", "",
-           "Per run: `flatness.csv`. Errors in %, gap = test error − "
-           "training error (whole training set), at the final weights. "
-           "Measures on 10 training batches, BatchNorm in inference mode "
+           "Per run: `flatness.csv`. Errors in %, gap = held-out error − "
+           "training error (whole training set), at the final weights; "
+           "held out: " + _describe(runs, "heldout_split") + " split; "
+           "BatchNorm recalibrated on " + _describe(runs, "recalibration") +
+           " training batches. Budget in effective epochs. Measures on 10 "
+           "training batches, BatchNorm in inference mode "
            "(`docs/flatness.md`).", "", "## Per experiment (mean ± std over "
            "seeds)", "",
-           "| dataset | model | recipe | init | optimizer | seeds | gap | " +
-           " | ".join(name for name, _, _ in MEASURES) + " |",
-           "|" + "---|" * (7 + len(MEASURES))]
+           "| dataset | model | recipe | init | budget | optimizer | seeds | "
+           "gap | " + " | ".join(name for name, _, _ in MEASURES) + " |",
+           "|" + "---|" * (8 + len(MEASURES))]
   experiments: Dict[Tuple, List[MeasuredRun]] = {}
   for r in runs:
     experiments.setdefault(r.experiment, []).append(r)
@@ -189,18 +210,20 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
     for name, _, _ in MEASURES:
       mean, std, _ = _mean_std([m.measures[name] for m in members])
       cells.append(f"{_fmt(mean)} ± {_fmt(std, 2)}")
-    lines.append("| " + " | ".join(list(key) + [str(len(members))] + cells)
+    lines.append("| " + " | ".join([str(k) for k in key] +
+                                   [str(len(members))] + cells)
                  + " |")
   lines += ["", "## Entropy-SGD minus its baseline (difference of means ± "
             "Welch standard error; n/a with one seed on a side)", ""]
-  lines.append("| dataset | model | recipe | init | baseline | " +
+  lines.append("| dataset | model | recipe | init | budget | baseline | " +
                " | ".join(name for name, _, _ in MEASURES) + " |")
-  lines.append("|" + "---|" * (5 + len(MEASURES)))
+  lines.append("|" + "---|" * (6 + len(MEASURES)))
   for key, members in experiments.items():
-    if not key[4].startswith("entropy_sgd"):
+    if not key[-1].startswith("entropy_sgd"):
       continue
     for other_key, others in experiments.items():
-      if other_key[:4] != key[:4] or other_key[4].startswith("entropy_sgd"):
+      if (other_key[:-1] != key[:-1] or
+          other_key[-1].startswith("entropy_sgd")):
         continue
       cells = []
       for name, _, _ in MEASURES:
@@ -209,14 +232,24 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
         error = (math.sqrt(a[1]**2 / a[2] + b[1]**2 / b[2])
                  if a[2] > 1 and b[2] > 1 else math.nan)
         cells.append(f"{_fmt(a[0] - b[0])} ± {_fmt(error, 2)}")
-      lines.append("| " + " | ".join(list(key[:4]) + [other_key[4]] + cells)
-                   + " |")
+      lines.append("| " + " | ".join([str(k) for k in key[:-1]] +
+                                     [other_key[-1]] + cells) + " |")
   lines += ["", "## Rank correlation with the gap, over all runs of a "
             "dataset (Kendall tau-b, bootstrap 95% interval over runs)", "",
             "| dataset | runs | measure | tau | 95% interval | what it is |",
             "|---|---|---|---|---|---|"]
   for dataset in sorted({r.dataset for r in runs}):
     members = [r for r in runs if r.dataset == dataset]
+    for attribute, remedy in (
+        ("heldout_split", "measure runs that hold out a validation split "
+         "apart from runs that do not"),
+        ("recalibration", "re-measure the runs' training error with one "
+         "--recalibration_augment (docs/flatness.md)")):
+      if len({getattr(r, attribute) for r in members}) > 1:
+        raise ReportError(
+            f"{dataset}: the runs' gaps are not comparable, their "
+            f"{attribute} differs ({_describe(members, attribute)}); "
+            f"{remedy}.")
     for name, _, about in MEASURES:
       pairs = [(r.measures[name], r.gap) for r in members
                if math.isfinite(r.measures[name])]
@@ -236,20 +269,26 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
   return [markdown] + written
 
 
+def _describe(runs, attribute) -> str:
+  """The values of `attribute` over `runs`, e.g. "validation" or "a / b"."""
+  return " / ".join(sorted({str(getattr(r, attribute)) for r in runs}))
+
+
 def _scatter(runs, name, about, dataset, output_dir) -> str:
   figure = Figure(figsize=(5.5, 4))
   axis = figure.subplots()
-  labels = sorted({f"{r.model}, {r.optimizer}" for r in runs})
+  label_of = lambda r: f"{r.model}, {r.optimizer}, {r.budget} epochs"
+  labels = sorted({label_of(r) for r in runs})
   for index, label in enumerate(labels):
     points = [(r.measures[name], r.gap) for r in runs
-              if f"{r.model}, {r.optimizer}" == label and
-              math.isfinite(r.measures[name])]
+              if label_of(r) == label and math.isfinite(r.measures[name])]
     if points:
       x, y = zip(*points)
       axis.scatter(x, y, color=f"C{index % 10}", label=label,
                    marker="o" if "entropy_sgd" in label else "s")
   axis.set_xlabel(f"{name}\n({about})", fontsize=8)
-  axis.set_ylabel("test − training error (points)")
+  axis.set_ylabel(f"{_describe(runs, 'heldout_split')} − training error "
+                  "(points)")
   if all(r.measures[name] > 0 for r in runs
          if math.isfinite(r.measures[name])):
     axis.set_xscale("log")

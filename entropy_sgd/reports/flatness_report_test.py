@@ -28,22 +28,29 @@ def brute_force_tau_b(x, y):
 
 
 def write_measured(root, name, opt, seed, test_accuracy, train_accuracy,
-                   trace):
+                   trace, epochs=19.968, validation_accuracy=None,
+                   recalibration=None):
   path = os.path.join(root, name)
   for sub in ("flatness", "train"):
     os.makedirs(os.path.join(path, sub))
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({"dataset": "mnist", "model": "lenet", "opt": opt, "L": 20,
                "seed": seed, "precision": "float32"}, f)
+  summary = {"final_test_accuracy": test_accuracy, "effective_epochs": epochs}
+  if validation_accuracy is not None:
+    summary["final_validation_accuracy"] = validation_accuracy
   with open(os.path.join(path, "summary.json"), "w") as f:
-    json.dump({"final_test_accuracy": test_accuracy}, f)
+    json.dump(summary, f)
   with open(os.path.join(path, "flatness", "landscape.json"), "w") as f:
     json.dump({"hessian_top_eigenvalues": [2 * trace], "hessian_trace": trace,
                "epsilon_sharpness": 1.0, "adaptive_sharpness_worst": trace,
                "adaptive_sharpness_average": -trace,
                "pac_bayes_flatness": 3.0}, f)
+  train = {"accuracy": train_accuracy}
+  if recalibration:
+    train["batch_norm_recalibration"] = recalibration
   with open(os.path.join(path, "train", "landscape.json"), "w") as f:
-    json.dump({"accuracy": train_accuracy}, f)
+    json.dump(train, f)
   return path
 
 
@@ -88,11 +95,53 @@ class ReportTest(absltest.TestCase):
     tau = brute_force_tau_b(traces, gaps)
     self.assertIn(f"| mnist | 4 | hessian_trace | {tau:.3g} |", text)
     # Entropy-SGD minus Nesterov on the trace: 4 - 1.5 = 2.5.
-    self.assertIn("| mnist | lenet | reference_code | he | nesterov | ", text)
+    self.assertIn("| mnist | lenet | reference_code | he | 20 | nesterov | ",
+                  text)
     self.assertIn("| 2.5 ± ", text)
     self.assertTrue(os.path.exists(os.path.join(out, "flatness.csv")))
     self.assertTrue(os.path.exists(os.path.join(out,
                                                 "mnist_hessian_trace.png")))
+
+  def test_budgets_are_experiments_and_validation_is_held_out(self):
+    root = self.create_tempdir().full_path
+    paths = [
+        write_measured(root, "a", "nesterov", 0, 0.70, 0.95, 1.0,
+                       validation_accuracy=0.90),
+        write_measured(root, "b", "nesterov", 1, 0.71, 0.96, 2.0,
+                       epochs=99.84, validation_accuracy=0.92),
+        write_measured(root, "c", "entropy_sgd", 0, 0.72, 0.97, 3.0,
+                       epochs=99.84, validation_accuracy=0.91)]
+    runs = [flatness_report.load(p) for p in paths]
+    # The gap is validation error - training error: 10 - 5 points.
+    self.assertEqual(runs[0].heldout_split, "validation")
+    self.assertAlmostEqual(runs[0].gap, 5.0, places=4)
+    self.assertAlmostEqual(runs[0].test_error, 30.0, places=4)
+    self.assertEqual([r.budget for r in runs], [20, 100, 100])
+    self.assertEqual(runs[0].recalibration, "un-augmented")  # Older JSON.
+    out = os.path.join(root, "out")
+    with open(flatness_report.write_report(paths, out)[0]) as f:
+      text = f.read()
+    self.assertIn("| mnist | lenet | reference_code | he | 20 | nesterov | 1 |",
+                  text)
+    self.assertIn("| mnist | lenet | reference_code | he | 100 | nesterov | 1 |",
+                  text)
+    # Entropy-SGD is compared with the baseline of its own budget only.
+    self.assertEqual(text.count("| he | 100 | nesterov | "), 2)
+    with open(os.path.join(out, "flatness.csv")) as f:
+      header = f.readline()
+    self.assertIn("heldout_error", header)
+
+  def test_gaps_of_different_recalibrations_are_not_ranked_together(self):
+    root = self.create_tempdir().full_path
+    paths = [write_measured(root, str(i), "nesterov", i, 0.9, 0.95, i,
+                            recalibration=mode)
+             for i, mode in enumerate(["augmented", "augmented",
+                                       "un-augmented"])]
+    with self.assertRaisesRegex(
+        flatness_report.ReportError,
+        r"^mnist: the runs' gaps are not comparable, their recalibration "
+        r"differs \(augmented / un-augmented\); re-measure"):
+      flatness_report.write_report(paths, os.path.join(root, "out"))
 
   def test_missing_measures_are_one_line(self):
     with self.assertRaisesRegex(flatness_report.ReportError,

@@ -174,6 +174,11 @@ class Settings:
   batch_size: Optional[int] = _setting(
       None,  # None: the run's.
       "Global batch size; unset: the run's.")
+  recalibration_augment: bool = _setting(
+      True,
+      "Recalibrate BatchNorm at x on --batches training batches augmented "
+      "as the run was trained (its --augment); false: on the un-augmented "
+      "batches f is measured on (the only choice before 2026-12-03).")
   measures: Tuple[str, ...] = _setting(
       MEASURES,
       "Measures to compute, from " + ",".join(MEASURES) +
@@ -461,10 +466,8 @@ def _load(s: Settings, strategy) -> _Run:
   if batch_size % replicas:
     raise LandscapeError(f"--batch_size={batch_size} is not divisible by the "
                          f"{replicas} replicas; use a multiple of {replicas}.")
-  data = data_lib.ImageData(data_lib.PipelineConfig(
-      dataset=config.dataset, data_dir=s.data_dir or config.data_dir,
-      batch_size=batch_size, validation_examples=config.validation_examples,
-      augment="none", seed=config.seed))
+  data = data_lib.ImageData(config_lib.pipeline_config(
+      config, data_dir=s.data_dir or config.data_dir, batch_size=batch_size))
   num_batches = _num_batches(s, data, batch_size)
   try:
     os.makedirs(s.output_dir, exist_ok=True)
@@ -489,7 +492,10 @@ def _load(s: Settings, strategy) -> _Run:
   batches = hessian.Batches(
       strategy, lambda context: data.recalibration_dataset(0, context),
       num_batches)
-  recalibrate = hessian.BatchNormRecalibration(model, batches)
+  augmented = s.recalibration_augment and config.augment != "none"
+  recalibrate = hessian.BatchNormRecalibration(model, hessian.Batches(
+      strategy, lambda context: data.recalibration_dataset(
+          0, context, augment=True), num_batches) if augmented else batches)
   recalibrate()
   progress = Progress(_plan(s, compare is not None))
   objective = hessian.Objective(
@@ -503,6 +509,7 @@ def _load(s: Settings, strategy) -> _Run:
       num_parameters=objective.num_parameters, batches=num_batches,
       batch_size=batch_size, examples=batches.num_examples,
       replicas=replicas, hvp_method=s.hvp_method, seed=s.seed,
+      batch_norm_recalibration="augmented" if augmented else "un-augmented",
       measures=[m for m in MEASURES if m in s.measures])
   return run
 

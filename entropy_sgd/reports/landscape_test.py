@@ -8,6 +8,10 @@ import tensorflow as tf
 from entropy_sgd.reports import landscape
 from entropy_sgd.train import config as config_lib
 from entropy_sgd.train import run_dir as run_dir_lib
+from entropy_sgd.train import training
+
+TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                        "testdata")
 
 
 class ReadRunTest(tf.test.TestCase):
@@ -35,6 +39,29 @@ class ReadRunTest(tf.test.TestCase):
     self.assertIn("newest checkpoint is damaged", logs.output[0])
     self.assertEqual(sorted(os.listdir(run_dir_lib.checkpoint_dir(run))),
                      before)
+
+
+class RecalibrationTest(tf.test.TestCase):
+
+  def test_batch_norm_is_recalibrated_on_batches_augmented_as_in_training(self):
+    root = self.create_tempdir().full_path
+    summary = training.train(config_lib.from_preset(
+        "nesterov", dataset="cifar10", model="wrn-10-1", batch_size=20,
+        data_dir=os.path.join(TESTDATA, "cifar10"), log_dir=root,
+        augment="flip_crop", max_steps=2))
+    results = {}
+    for augment in (True, False):
+      results[augment] = landscape.analyse(landscape.Settings(
+          run_dir=summary["run_dir"], measures=(), batches=2,
+          output_dir=os.path.join(root, f"out_{augment}"),
+          recalibration_augment=augment))
+    self.assertEqual(results[True]["batch_norm_recalibration"], "augmented")
+    self.assertEqual(results[False]["batch_norm_recalibration"],
+                     "un-augmented")
+    # Other statistics, another loss, on the same un-augmented batches.
+    self.assertNotAlmostEqual(results[True]["loss"], results[False]["loss"],
+                              places=4)
+    self.assertEqual(results[True]["examples"], 40)
 
 
 class ProgressTest(tf.test.TestCase):

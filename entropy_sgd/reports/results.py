@@ -112,8 +112,10 @@ def normalize_config(raw: Dict[str, Any], from_hparams: bool) -> Dict[str, Any]:
   """A config dict with TrainConfig's types; missing fields take defaults.
 
   Lists become tuples (JSON has no tuples) so that configs are hashable, and
-  a field an older run did not know takes TrainConfig's default.
+  a field an older run did not know takes the value that run behaved as
+  (`config.complete_record`), else TrainConfig's default.
   """
+  raw = config_lib.complete_record(raw)
   hints = typing.get_type_hints(config_lib.TrainConfig)
   config = {field.name: field.default
             for field in dataclasses.fields(config_lib.TrainConfig)

@@ -231,6 +231,20 @@ class ResultsTest(absltest.TestCase):
     with open(written.markdown) as f:
       self.assertIn(" ± — |", f.read())  # One seed: no std.
 
+  def test_a_record_without_a_new_field_is_the_old_experiment(self):
+    # Entropy-SGD runs recorded before --recalibration_augment existed
+    # recalibrated un-augmented: they group with =False, not the default.
+    new = make_config(opt="entropy_sgd")
+    old = {k: v for k, v in new.items() if k != "recalibration_augment"}
+    for name, config in (("new", new), ("old", old),
+                         ("old_flag", dict(new, recalibration_augment=False))):
+      write_fake_run(os.path.join(self.runs_dir, name), config, [0.3, 0.5])
+    written = results.write_results([self.runs_dir],
+                                    os.path.join(self.root, "out"))
+    with open(written.csv) as f:
+      rows = list(csv.DictReader(f))
+    self.assertEqual(sorted(r["seeds"] for r in rows), ["1", "2"])
+
   def test_config_from_hparams_when_config_json_is_missing(self):
     config = make_config(opt="entropy_sgd", L=2, max_steps=4)
     old = write_fake_run(os.path.join(self.runs_dir, "old"), config,

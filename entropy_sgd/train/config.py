@@ -59,6 +59,9 @@ FLAG = "flag"  # Optional: the flag's name, when it is not the field's.
 READ_WHEN = "read_when"
 EXPERIMENT = "experiment"
 RESUME_MAY_CHANGE_KEY = "resume_may_change"
+# Optional: for a field added after runs were recorded, the value the code
+# behaved as before it existed (a record without the field means it).
+ABSENT_MEANS = "absent_means"
 
 
 def _always(unused_values) -> bool:
@@ -97,12 +100,20 @@ def _rotating(values) -> bool:
   return "rotate" in str(values.get("augment", ""))
 
 
+def _recalibrating_augmented(values) -> bool:
+  return (_entropy_sgd(values) and bool(values.get("recalibrate_bn", True))
+          and values.get("augment") != "none")
+
+
 def _field(default, help_text: str, *, read_when=_always,
-           experiment: bool = True, resume_may_change: bool = False):
+           experiment: bool = True, resume_may_change: bool = False,
+           absent_means=dataclasses.MISSING):
   """A TrainConfig field with its metadata (see HELP, READ_WHEN, ...)."""
-  return dataclasses.field(default=default, metadata={
-      HELP: help_text, READ_WHEN: read_when, EXPERIMENT: experiment,
-      RESUME_MAY_CHANGE_KEY: resume_may_change})
+  metadata = {HELP: help_text, READ_WHEN: read_when, EXPERIMENT: experiment,
+              RESUME_MAY_CHANGE_KEY: resume_may_change}
+  if absent_means is not dataclasses.MISSING:
+    metadata[ABSENT_MEANS] = absent_means
+  return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +356,12 @@ class TrainConfig:
       20,
       "Batches fed to recompute BatchNorm statistics.",
       read_when=_entropy_sgd)
+  recalibration_augment: bool = _field(
+      True,
+      "Entropy-SGD: augment the recalibration batches as the training "
+      "batches (--augment; false: un-augmented, like the reference code's "
+      "dry feed, whose recipe did not augment).",
+      read_when=_recalibrating_augmented, absent_means=False)
   log_every_steps: int = _field(
       50,
       "Log and summarise every N outer steps.",
@@ -409,6 +426,16 @@ class TrainConfig:
     return "_".join(parts)
 
 
+def complete_record(values) -> dict:
+  """A stored config (dict) with each field it lacks that has ABSENT_MEANS
+  set to that value: what the code that wrote it did."""
+  completed = dict(values)
+  for f in dataclasses.fields(TrainConfig):
+    if f.name not in completed and ABSENT_MEANS in f.metadata:
+      completed[f.name] = f.metadata[ABSENT_MEANS]
+  return completed
+
+
 def unread_fields(values) -> frozenset:
   """The fields a run of these settings (a TrainConfig's dict) never reads:
   they cannot tell two experiments apart, nor a resume from its run."""
@@ -448,6 +475,20 @@ FLOAT_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig)
 # with eta = 0.01 (Kwon et al., ICML 2021); not yet checked against the
 # papers' text here.
 SAM_DEFAULT_RHO = {False: 0.05, True: 0.5}
+
+
+def pipeline_config(config: "TrainConfig", **overrides
+                    ) -> data_lib.PipelineConfig:
+  """The input pipeline `config` trains on; `overrides` replace its fields.
+
+  Every PipelineConfig field TrainConfig also has is taken from it, so a tool
+  that re-reads a run's data (//launch:landscape) sees what training saw.
+  """
+  shared = {f.name for f in dataclasses.fields(data_lib.PipelineConfig)} & {
+      f.name for f in dataclasses.fields(TrainConfig)}
+  values = {name: getattr(config, name) for name in shared}
+  values.update(overrides)
+  return data_lib.PipelineConfig(**values)
 
 
 def sam_rho(config: "TrainConfig") -> float:

@@ -333,6 +333,41 @@ class ValidationTest(parameterized.TestCase):
     self.assertNotIn("sam_eta", config_lib.unread_fields(
         {"opt": "sam", "sam_adaptive": True}))
 
+  def test_recalibration_augment_is_read_when_recalibrating_augmented(self):
+    read = lambda **values: "recalibration_augment" not in (
+        config_lib.unread_fields(values))
+    self.assertTrue(read(opt="entropy_sgd", augment="flip_crop"))
+    self.assertFalse(read(opt="entropy_sgd", augment="none"))
+    self.assertFalse(read(opt="entropy_sgd", augment="flip_crop",
+                          recalibrate_bn=False))
+    self.assertFalse(read(opt="nesterov", augment="flip_crop"))
+
+  def test_a_record_without_a_new_field_means_the_old_behaviour(self):
+    # Before recalibration_augment existed, recalibration was un-augmented.
+    self.assertIs(config_lib.TrainConfig.recalibration_augment, True)
+    old = {"opt": "entropy_sgd", "lr": 1.0}
+    completed = config_lib.complete_record(old)
+    self.assertIs(completed["recalibration_augment"], False)
+    self.assertEqual(old, {"opt": "entropy_sgd", "lr": 1.0})  # Not changed.
+    self.assertEqual(completed["lr"], 1.0)
+    self.assertNotIn("gamma", completed)  # Only fields that say so.
+    recorded = config_lib.complete_record({"recalibration_augment": True})
+    self.assertIs(recorded["recalibration_augment"], True)
+
+  def test_pipeline_config_is_what_training_feeds(self):
+    from entropy_sgd.workloads import data  # pylint: disable=g-import-not-at-top
+    config = config_lib.from_preset(
+        "nesterov", dataset="cifar100", batch_size=64, data_dir="/d",
+        validation_examples=500, augment="flip_rotate", rotation_degrees=7.0,
+        preprocess="gcn_zca", seed=3)
+    pipeline = config_lib.pipeline_config(config, batch_size=32)
+    shared = {f.name for f in dataclasses.fields(data.PipelineConfig)} & {
+        f.name for f in dataclasses.fields(config_lib.TrainConfig)}
+    self.assertGreaterEqual(len(shared), 8)
+    for name in shared - {"batch_size"}:
+      self.assertEqual(getattr(pipeline, name), getattr(config, name), name)
+    self.assertEqual(pipeline.batch_size, 32)
+
   def test_one_rotation_default(self):
     from entropy_sgd.workloads import data  # pylint: disable=g-import-not-at-top
     self.assertEqual(config_lib.TrainConfig.rotation_degrees,

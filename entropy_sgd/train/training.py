@@ -316,12 +316,14 @@ class _Evaluator:
     """Recomputes BatchNorm statistics at the current weights (x, not x').
 
     Like the reference code's "dry feed": forward passes in training mode on
-    un-augmented training batches, with no parameter update.
+    training batches (augmented as in training unless
+    `recalibration_augment` is off), with no parameter update.
     """
     if self._recalibrate is None:
       return
     iterator = iter(self._strategy.distribute_datasets_from_function(
-        lambda context: self._dataset.recalibration_dataset(epoch, context)))
+        lambda context: self._dataset.recalibration_dataset(
+            epoch, context, augment=self._config.recalibration_augment)))
     self._recalibrate(iterator,
                       tf.constant(self._config.recalibration_batches))
 
@@ -401,8 +403,8 @@ def _config_record(config, run_dir: str, resume_step: Optional[int],
   if resume_step is None or not os.path.exists(path):
     return record
   try:
-    stored = run_dir_lib.decode_config(run_dir_lib.read_json(path),
-                                       config_lib.FLOAT_FIELDS)
+    stored = config_lib.complete_record(run_dir_lib.decode_config(
+        run_dir_lib.read_json(path), config_lib.FLOAT_FIELDS))
   except (OSError, ValueError) as e:
     raise run_dir_lib.RunDirError(
         f"cannot read {path} ({e}); restore it or move {run_dir} aside to "
@@ -444,12 +446,8 @@ def _config_record(config, run_dir: str, resume_step: Optional[int],
 
 
 def _build_data(config, statistics_cache) -> data_lib.CifarData:
-  return data_lib.CifarData(data_lib.PipelineConfig(
-      dataset=config.dataset, data_dir=config.data_dir,
-      batch_size=config.batch_size,
-      validation_examples=config.validation_examples,
-      augment=config.augment, rotation_degrees=config.rotation_degrees,
-      preprocess=config.preprocess, seed=config.seed), statistics_cache)
+  return data_lib.CifarData(config_lib.pipeline_config(config),
+                            statistics_cache)
 
 
 def _build_model(config, strategy, image_shape) -> snt.Module:

@@ -293,21 +293,47 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
       trainer.loss_scale.scale.assign(1.0)
       trainer.run()
 
-  def test_batch_norm_recalibration_uses_the_current_weights(self):
+  @parameterized.parameters(True, False)
+  def test_batch_norm_recalibration_uses_the_current_weights(self, augment):
     log_dir = self.create_tempdir().full_path
     config = tiny_config("entropy_sgd", log_dir, max_steps=2,
-                         recalibration_batches=1)
+                         recalibration_batches=1,
+                         recalibration_augment=augment)
     summary = training.train(config)
     del summary
     # Recalibrating with one batch makes the (debiased) moving mean of the
-    # first BatchNorm exactly that batch's mean of the stem output.
+    # first BatchNorm exactly that batch's mean of the stem output, the
+    # batch augmented as in training or not, as asked.
     trainer = training.Trainer(config)  # Restores the trained weights.
     trainer.evaluator.recalibrate_batch_norm(epoch=0)
-    images, _ = next(iter(trainer.data.recalibration_dataset(0)))
     first_bn = trainer.model.blocks[0].batch_norms[0]
-    expected = tf.reduce_mean(trainer.model.stem(images), axis=[0, 1, 2])
-    self.assertAllClose(tf.reshape(first_bn.moving_mean.value, [-1]),
-                        expected, atol=1e-5)
+    moving_mean = tf.reshape(first_bn.moving_mean.value, [-1])
+    means = {}
+    for augmented in (True, False):
+      images, _ = next(iter(trainer.data.recalibration_dataset(
+          0, augment=augmented)))
+      means[augmented] = tf.reduce_mean(trainer.model.stem(images),
+                                        axis=[0, 1, 2])
+    self.assertAllClose(moving_mean, means[augment], atol=1e-5)
+    self.assertNotAllClose(moving_mean, means[not augment], atol=1e-3)
+
+  def test_a_run_from_before_augmented_recalibration_resumes_as_it_was(self):
+    log_dir = self.create_tempdir().full_path
+    first = training.train(tiny_config("entropy_sgd", log_dir, run_name="run",
+                                       max_steps=1))
+    record = read_config(first["run_dir"])
+    self.assertIs(record["recalibration_augment"], True)
+    del record["recalibration_augment"]  # As an older version wrote it.
+    write_config(first["run_dir"], record)
+    with self.assertRaisesRegex(
+        run_dir.RunDirError, r"other settings: --recalibration_augment "
+        r"False -> True\. Rerun with the old values"):
+      training.train(tiny_config("entropy_sgd", log_dir, run_name="run",
+                                 max_steps=2))
+    resumed = training.train(tiny_config(
+        "entropy_sgd", log_dir, run_name="run", max_steps=2,
+        recalibration_augment=False))
+    self.assertEqual(resumed["outer_steps"], 2)
 
   def test_static_shapes_and_xla_as_tpus_need(self):
     """What TPUStrategy needs, checked on CPU (no TPU here).

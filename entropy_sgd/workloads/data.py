@@ -57,6 +57,8 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_ROTATION_DEGREES = 15.0
 IMAGE_SIZE = 32  # CIFAR's.
 CROP_PADDING = 4
+# Random-augmentation streams: training, and BatchNorm recalibration batches.
+_TRAINING_STREAM, _RECALIBRATION_STREAM = 0, 1
 _PIXEL_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 _PRETTY_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
                  "mnist": "MNIST"}
@@ -651,48 +653,59 @@ class ImageData:
       if not augment:
         return image, label
       epoch = position // count
-      return image, label, self._random_transform(epoch, index)
-
-    def finish(images, labels, transforms=None):
-      images = tf.cast(images, tf.float32) / 255.0
-      if augment:
-        images = tf.raw_ops.ImageProjectiveTransformV3(
-            images=images, transforms=transforms,
-            output_shape=self.image_shape[:2], fill_value=0.0,
-            interpolation="BILINEAR" if "rotate" in config.augment
-            else "NEAREST", fill_mode="CONSTANT")
-      return self.normalise(images), labels
+      return image, label, self._random_transform(_TRAINING_STREAM, epoch,
+                                                  index)
 
     dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    dataset = dataset.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(self._finish, num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(dataset.prefetch(tf.data.AUTOTUNE))
 
   def recalibration_dataset(
       self, epoch: int,
-      input_context: Optional[tf.distribute.InputContext] = None
+      input_context: Optional[tf.distribute.InputContext] = None,
+      augment: bool = False,
   ) -> tf.data.Dataset:
-    """Endless un-augmented training batches, shuffled anew per `epoch`.
+    """Endless training batches for recomputing BatchNorm statistics.
 
-    For recomputing BatchNorm statistics; does not touch the training stream.
-    With `input_context`, per-replica batches from this pipeline's shard.
+    Shuffled anew per `epoch`; does not touch the training stream. With
+    `augment`, each image passes through `config.augment` as in training,
+    with its own random draws (keyed by epoch and image, apart from the
+    training stream's); without, the images are un-augmented. With
+    `input_context`, per-replica batches from this pipeline's shard.
     """
     config = self.config
+    augment = augment and config.augment != "none"
     examples, count = _shard(self._examples("train"), self._num_train,
                              input_context)
     dataset = examples.shuffle(
         min(config.shuffle_buffer, count),
         seed=config.seed * 1_000_003 + epoch, reshuffle_each_iteration=False)
-    dataset = dataset.map(lambda index, record: self._source.decode(record),
-                          num_parallel_calls=tf.data.AUTOTUNE)
+
+    def prepare(index, record):
+      image, label = self._source.decode(record)
+      if not augment:
+        return image, label
+      return image, label, self._random_transform(_RECALIBRATION_STREAM,
+                                                  epoch, index)
+
+    dataset = dataset.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.repeat().batch(
         _local_batch_size(config.batch_size, input_context),
         drop_remainder=True)
-    dataset = dataset.map(
-        lambda images, labels: (  # pylint: disable=g-long-lambda
-            self.normalise(tf.cast(images, tf.float32) / 255.0), labels),
-        num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = dataset.map(self._finish, num_parallel_calls=tf.data.AUTOTUNE)
     return _with_options(dataset.prefetch(tf.data.AUTOTUNE))
+
+  def _finish(self, images, labels, transforms=None):
+    """A batch of uint8 images (and their transforms) -> network input."""
+    images = tf.cast(images, tf.float32) / 255.0
+    if transforms is not None:
+      images = tf.raw_ops.ImageProjectiveTransformV3(
+          images=images, transforms=transforms,
+          output_shape=self.image_shape[:2], fill_value=0.0,
+          interpolation="BILINEAR" if "rotate" in self.config.augment
+          else "NEAREST", fill_mode="CONSTANT")
+    return self.normalise(images), labels
 
   def eval_dataset(
       self, split: str = "test",
@@ -746,14 +759,16 @@ class ImageData:
       return examples.take(self._num_train)
     return examples.skip(self._num_train)
 
-  def _random_transform(self, epoch, index):
+  def _random_transform(self, stream, epoch, index):
     """Flat [8] projective transform of one augmentation, output -> input.
+
+    Keyed by (seed, stream, epoch, index): each stream draws its own.
 
     Input point = D R (p + t - c) + c for output point p: t the crop shift,
     R a rotation about the centre c, D = diag(+-1, 1) the flip.
     """
     config = self.config
-    key = tf.constant([config.seed, 0], tf.int64)
+    key = tf.constant([config.seed, stream], tf.int64)
     for data in (epoch, index):
       key = tf.random.experimental.stateless_fold_in(key, data, alg="philox")
     uniform = tf.random.stateless_uniform([4], seed=key, alg="philox")

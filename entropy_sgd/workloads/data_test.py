@@ -303,6 +303,31 @@ class AugmentationTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllEqual(again, images[:BATCH])
     self.assertNotAllClose(other, images[:BATCH])
 
+  def test_augmented_recalibration_batches_draw_their_own_augmentations(self):
+    cifar = make_data(augment="flip_crop", seed=4)
+    batches = 200 // BATCH
+    augmented, labels = take(cifar.recalibration_dataset(0, augment=True),
+                             batches)
+    plain, plain_labels = take(cifar.recalibration_dataset(0), batches)
+    # The same images in the same order, nearly every one transformed.
+    self.assertAllEqual(labels, plain_labels)
+    changed = np.abs(augmented - plain).max(axis=(1, 2, 3)) > 1e-3
+    self.assertGreater(changed.mean(), 0.9)
+    # As training draws them (flip and crop of the same images), but not the
+    # training stream's own draws.
+    training, _ = take(cifar.train_dataset(), batches)
+    self.assertNotAllClose(np.sort(augmented.ravel()),
+                           np.sort(training.ravel()))
+    again, _ = take(cifar.recalibration_dataset(0, augment=True), 1)
+    self.assertAllEqual(again, augmented[:BATCH])
+    other, _ = take(cifar.recalibration_dataset(1, augment=True), 1)
+    self.assertNotAllClose(other, augmented[:BATCH])
+    # Without augmentation in training there is none to match.
+    unaugmented = make_data(augment="none", seed=4)
+    self.assertAllEqual(
+        take(unaugmented.recalibration_dataset(0, augment=True), 1)[0],
+        take(unaugmented.recalibration_dataset(0), 1)[0])
+
   def test_each_epoch_draws_new_augmentations(self):
     cifar = make_data(augment="flip_crop_rotate", shuffle_buffer=1)
     images, _ = take(cifar.train_dataset(), 20)  # Two epochs, in order.

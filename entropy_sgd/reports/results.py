@@ -621,6 +621,95 @@ def plot_groups(groups: Sequence[Group], output_dir: str) -> List[str]:
   return paths
 
 
+# Settings that only set a budget and its schedule: a budget plot joins
+# groups that differ in nothing else.
+BUDGET_FIELDS = ("epochs", "lr_decay_epochs", "eval_every_steps", "max_steps")
+
+
+def budget_plot_file_name(dataset: str, model: str) -> str:
+  return plot_file_name(dataset, model)[:-len(".png")] + "_budgets.png"
+
+
+def _family(group: Group) -> str:
+  """The group's label without its budget settings."""
+  kept = [part for part in group.distinguishing.split(", ")
+          if part and part.split("=")[0] not in BUDGET_FIELDS]
+  return ", ".join([group.optimizer] + kept)
+
+
+@dataclasses.dataclass
+class BudgetPoint:
+  """One group's final error at its budget; errors in %."""
+  effective_epochs: float
+  wall_time_hours: float  # Mean per seed.
+  error_mean: float
+  error_std: float  # NaN with one seed.
+  seeds: int
+
+
+def budget_points(groups: Sequence[Group]
+                  ) -> Dict[Tuple[str, str, str], Dict[str, List[BudgetPoint]]]:
+  """(dataset, model, held-out split) -> family -> points by budget, for each
+  (dataset, model) with a family at two budgets or more. The error is the
+  final validation error where any group held one out, else the test
+  error; a family joins groups that differ only in BUDGET_FIELDS."""
+  by_model: Dict[Tuple[str, str], Dict[str, List[Row]]] = {}
+  for group in groups:
+    families = by_model.setdefault((group.dataset, group.model), {})
+    families.setdefault(_family(group), []).append(summarize_group(group))
+  points = {}
+  for (dataset, model), families in sorted(by_model.items()):
+    if not any(len({round(r.effective_epochs) for r in rows}) > 1
+               for rows in families.values()):
+      continue
+    split = ("validation" if any(
+        math.isfinite(r.final_validation_error_mean)
+        for rows in families.values() for r in rows) else "test")
+    points[(dataset, model, split)] = {
+        family: [BudgetPoint(
+            effective_epochs=r.effective_epochs,
+            wall_time_hours=r.wall_time_seconds / 3600.0,
+            error_mean=getattr(r, f"final_{split}_error_mean"),
+            error_std=getattr(r, f"final_{split}_error_std"),
+            seeds=r.seeds)
+                 for r in sorted(rows, key=lambda r: r.effective_epochs)]
+        for family, rows in sorted(families.items())}
+  return points
+
+
+def plot_budgets(groups: Sequence[Group], output_dir: str) -> List[str]:
+  """One PNG per (dataset, model) of `budget_points`: final error against
+  effective epochs and against wall-clock hours per seed, a line per family,
+  mean ± 1 std over seeds. Returns the paths."""
+  paths = []
+  for (dataset, model, split), families in budget_points(groups).items():
+    figure = Figure(figsize=(12, 4.5))
+    axes = figure.subplots(1, 2)
+    for index, (family, points) in enumerate(families.items()):
+      mean = [p.error_mean for p in points]
+      std = [p.error_std if math.isfinite(p.error_std) else 0.0
+             for p in points]
+      seeds = "/".join(str(p.seeds) for p in points)
+      for axis, x in zip(axes, ([p.effective_epochs for p in points],
+                                [p.wall_time_hours for p in points])):
+        axis.errorbar(x, mean, yerr=std, color=f"C{index % 10}", marker="o",
+                      capsize=3, label=f"{family} (seeds {seeds})")
+    for axis, xlabel in zip(axes, ("effective epochs (gradient evaluations "
+                                   "× batch / training examples)",
+                                   "wall-clock hours per seed")):
+      axis.set_xlabel(xlabel)
+      axis.set_ylabel(f"final {split} error (%)")
+      axis.grid(alpha=0.3)
+      axis.legend(fontsize=7)
+    figure.suptitle(f"{dataset}, {model}: final error against budget, "
+                    "mean ± 1 std over seeds")
+    figure.tight_layout()
+    path = os.path.join(output_dir, budget_plot_file_name(dataset, model))
+    figure.savefig(path, dpi=110)
+    paths.append(path)
+  return paths
+
+
 @dataclasses.dataclass
 class WrittenFiles:
   markdown: str
@@ -634,7 +723,7 @@ def write_results(paths: Sequence[str], output_dir: str) -> WrittenFiles:
   groups = group_runs(runs)
   rows = [summarize_group(g) for g in groups]
   os.makedirs(output_dir, exist_ok=True)
-  plots = plot_groups(groups, output_dir)
+  plots = plot_groups(groups, output_dir) + plot_budgets(groups, output_dir)
   return WrittenFiles(
       markdown=write_markdown(rows, os.path.join(output_dir, MARKDOWN_FILE),
                               plots),

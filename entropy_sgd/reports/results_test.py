@@ -209,6 +209,43 @@ class ResultsTest(absltest.TestCase):
     self.assertEqual([os.path.basename(p) for p in written.plots],
                      ["cifar10_wrn-10-1.png", "cifar100_wrn-10-1.png"])
 
+  def test_budgets_join_groups_that_differ_only_in_their_schedule(self):
+    # Nesterov at 2 and 4 epochs (2 seeds at 4), Entropy-SGD at 2 only.
+    for name, epochs, seed, accuracies in (
+        ("n2", 2, 0, [0.6, 0.7]), ("n4a", 4, 0, [0.6, 0.7, 0.8, 0.9]),
+        ("n4b", 4, 1, [0.6, 0.7, 0.8, 0.7])):
+      write_fake_run(os.path.join(self.runs_dir, name),
+                     make_config(opt="nesterov", epochs=epochs, seed=seed,
+                                 lr_decay_epochs=(epochs // 2,)),
+                     accuracies, validation_accuracies=accuracies)
+    write_fake_run(os.path.join(self.runs_dir, "e2"),
+                   make_config(opt="entropy_sgd", epochs=2), [0.5, 0.6],
+                   validation_accuracies=[0.5, 0.6])
+    groups = results.group_runs([results.load_run(d) for d in
+                                 results.expand_run_dirs([self.runs_dir])])
+    points = results.budget_points(groups)
+    self.assertEqual(list(points), [("cifar10", "wrn-10-1", "validation")])
+    families = points[("cifar10", "wrn-10-1", "validation")]
+    self.assertEqual(sorted(families), ["entropy_sgd (L=20)", "nesterov"])
+    nesterov = families["nesterov"]
+    epoch = TRAIN_EXAMPLES // BATCH_SIZE * BATCH_SIZE / TRAIN_EXAMPLES
+    self.assertEqual([p.seeds for p in nesterov], [1, 2])
+    self.assertAlmostEqual(nesterov[0].effective_epochs, 2 * epoch)
+    self.assertAlmostEqual(nesterov[1].effective_epochs, 4 * epoch)
+    self.assertAlmostEqual(nesterov[0].error_mean, 30.0, places=4)
+    self.assertAlmostEqual(nesterov[1].error_mean, 20.0, places=4)
+    self.assertAlmostEqual(nesterov[1].error_std,
+                           float(np.std([10.0, 30.0], ddof=1)), places=4)
+    written = results.write_results([self.runs_dir],
+                                    os.path.join(self.root, "out"))
+    self.assertIn("cifar10_wrn-10-1_budgets.png",
+                  [os.path.basename(p) for p in written.plots])
+    # One budget per family: no budget plot.
+    single = os.path.join(self.root, "single")
+    write_fake_run(os.path.join(single, "a"), make_config(), [0.3, 0.5])
+    self.assertEqual(results.budget_points(results.group_runs(
+        [results.load_run(os.path.join(single, "a"))])), {})
+
   def test_settings_that_matter_and_those_that_do_not(self):
     base = dict(opt="sgd", lr=0.1, max_steps=None)
     variants = {

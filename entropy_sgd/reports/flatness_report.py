@@ -18,7 +18,9 @@ split's. For each measure:
 * per experiment (runs that differ only in the seed; the budget in
   effective epochs tells experiments apart): mean ± std over seeds;
 * per (dataset, model, recipe, init, budget): Entropy-SGD minus its
-  baseline, with the Welch standard error of the difference;
+  baseline, with the Welch standard error of the difference (where the
+  recipe gives the optimizers different budgets, as the paper's does,
+  against the recipe's baselines at theirs);
 * per dataset, over all its runs: Kendall's tau-b between the measure and the
   gap, with a percentile bootstrap 95% interval over runs (Jiang et al. 2020
   rank measures this way; Dziugaite et al. 2020 on why a single pair says
@@ -221,10 +223,13 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
   for key, members in experiments.items():
     if not key[-1].startswith("entropy_sgd"):
       continue
-    for other_key, others in experiments.items():
-      if (other_key[:-1] != key[:-1] or
-          other_key[-1].startswith("entropy_sgd")):
-        continue
+    baselines = [k for k in experiments if k[:4] == key[:4] and
+                 not k[-1].startswith("entropy_sgd")]
+    # The baselines of its own budget; a recipe that gives each optimizer
+    # its own budget (the paper's) has none, so all of the recipe's.
+    baselines = [k for k in baselines if k[4] == key[4]] or baselines
+    for other_key in baselines:
+      others = experiments[other_key]
       cells = []
       for name, _, _ in MEASURES:
         a = _mean_std([m.measures[name] for m in members])
@@ -232,8 +237,10 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
         error = (math.sqrt(a[1]**2 / a[2] + b[1]**2 / b[2])
                  if a[2] > 1 and b[2] > 1 else math.nan)
         cells.append(f"{_fmt(a[0] - b[0])} ± {_fmt(error, 2)}")
-      lines.append("| " + " | ".join([str(k) for k in key[:-1]] +
-                                     [other_key[-1]] + cells) + " |")
+      budget = (str(key[4]) if other_key[4] == key[4] else
+                f"{key[4]} vs {other_key[4]}")
+      lines.append("| " + " | ".join([str(k) for k in key[:4]] +
+                                     [budget, other_key[-1]] + cells) + " |")
   lines += ["", "## Rank correlation with the gap, over all runs of a "
             "dataset (Kendall tau-b, bootstrap 95% interval over runs)", "",
             "| dataset | runs | measure | tau | 95% interval | what it is |",

@@ -127,6 +127,14 @@ class ReportTest(absltest.TestCase):
                   text)
     # Entropy-SGD is compared with the baseline of its own budget only.
     self.assertEqual(text.count("| he | 100 | nesterov | "), 2)
+    # A recipe that trains Entropy-SGD longer (the paper's) still compares.
+    longer = os.path.join(root, "longer")
+    pair = [write_measured(longer, "a", "adam", 0, 0.98, 0.99, 1.0),
+            write_measured(longer, "b", "entropy_sgd", 0, 0.98, 0.99, 2.0,
+                           epochs=199.68)]
+    with open(flatness_report.write_report(pair, os.path.join(longer, "o"))[0]
+              ) as f:
+      self.assertIn("| he | 200 vs 20 | adam | ", f.read())
     with open(os.path.join(out, "flatness.csv")) as f:
       header = f.readline()
     self.assertIn("heldout_error", header)

@@ -463,6 +463,19 @@ def outer_update(hp: Hyperparameters, anchors, means, velocities, *, step,
   return new_anchors, new_velocities if velocities else []
 
 
+def begin_outer_step(hp: Hyperparameters, parameters, inner_velocities,
+                     outer_velocities, anchor_gradients, is_first_step, *,
+                     zeros_like, where):
+  """The state at the start of outer step t: x' and mu <- x, the inner
+  momentum restarts at 0, and the outer momentum is `initial_outer_velocities`
+  (`anchor_gradients` is ignored unless `hp.needs_anchor_gradient`).
+  Returns (anchors, means, inner_velocities, outer_velocities)."""
+  return (list(parameters), list(parameters),
+          [zeros_like(v) for v in inner_velocities],
+          initial_outer_velocities(hp, outer_velocities, anchor_gradients,
+                                   is_first_step, where))
+
+
 def initial_outer_velocities(hp: Hyperparameters, velocities,
                              anchor_gradients, is_first_step, where):
   """The outer momentum buffers at the start of outer step t: at t = 0 the

@@ -134,6 +134,28 @@ class HyperparametersTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "Unknown conventions preset"):
       algorithm.resolve_conventions("torch")
 
+  @parameterized.parameters((True, True), (True, False), (False, True))
+  def test_begin_outer_step(self, needs_anchor_gradient, first):
+    conventions = (algorithm.PYTORCH_REFERENCE if needs_anchor_gradient
+                   else algorithm.LUA_REFERENCE)
+    hp = algorithm.Hyperparameters(conventions=conventions)
+    self.assertEqual(hp.needs_anchor_gradient, needs_anchor_gradient)
+    x = [np.array([1.0, -2.0]), np.array([[3.0]])]
+    inner = [np.array([0.5, 0.5]), np.array([[-1.0]])]
+    outer = [np.array([7.0, 8.0]), np.array([[9.0]])]
+    anchor_gradients = [np.array([0.1, 0.2]), np.array([[0.3]])]
+    anchors, means, new_inner, new_outer = algorithm.begin_outer_step(
+        hp, x, inner, outer, anchor_gradients, first,
+        zeros_like=np.zeros_like, where=np.where)
+    for got, want in zip(anchors + means, x + x):
+      np.testing.assert_array_equal(got, want)
+    for got, like in zip(new_inner, inner):
+      np.testing.assert_array_equal(got, np.zeros_like(like))
+    expected = (anchor_gradients if needs_anchor_gradient and first
+                else outer)
+    for got, want in zip(new_outer, expected):
+      np.testing.assert_array_equal(got, want)
+
   def test_gradient_evaluations(self):
     self.assertEqual(algorithm.Hyperparameters(
         num_langevin_steps=5).gradient_evaluations_per_step, 5)

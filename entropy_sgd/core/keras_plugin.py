@@ -224,21 +224,22 @@ class EntropySGD(keras.optimizers.Optimizer):
     outer_velocities = _tfs(self.outer_velocities)
 
     def begin():  # x', mu <- x; the inner momentum restarts.
-      values = _read(parameters)
-      _assign(anchor, values)
-      _assign(mean, values)
-      for v in inner_velocities:
-        v.assign(tf.zeros_like(v))
+      # With needs_anchor_gradient, call 0's gradient is the one at x: at
+      # t = 0 it starts the outer momentum (Conventions.outer_velocity_init).
+      state = algorithm.begin_outer_step(
+          hp, _read(parameters), _read(inner_velocities),
+          _read(outer_velocities), gradients, tf.equal(step, 0),
+          zeros_like=tf.zeros_like, where=tf.where)
+      targets = (anchor, mean, inner_velocities, outer_velocities)
+      for variables, values in zip(
+          targets[:4 if hp.needs_anchor_gradient else 3], state):
+        _assign(variables, values)
       return tf.constant(0)
 
     tf.cond(tf.equal(position, 0), begin, lambda: tf.constant(0))
     if hp.needs_anchor_gradient:
-      # Call 0 only records the gradient at x: at t = 0 it starts the outer
-      # momentum (Conventions.outer_velocity_init).
+      # Call 0 only records the gradient at x (in `begin`).
       def record():
-        _assign(outer_velocities, algorithm.initial_outer_velocities(
-            hp, _read(outer_velocities), gradients, tf.equal(step, 0),
-            tf.where))
         _tf(self.inner_step).assign(1)
         return tf.constant(0)
 

@@ -588,14 +588,15 @@ class EntropySGD(Optimizer):
       self._check_updates(anchor_gradients, parameters)
 
     def restart(*gradients):
-      _assign(self.anchor, _read(parameters))
-      _assign(self.mean, _read(parameters))
-      for v in self.inner_velocities:
-        v.assign(tf.zeros_like(v))
-      if gradients:
-        first = tf.equal(self.step.read_value(), 0)
-        for v, g in zip(self.outer_velocities, gradients):
-          v.assign(tf.where(first, g, v.read_value()))
+      state = algorithm.begin_outer_step(
+          self.hyperparameters, _read(parameters),
+          _read(self.inner_velocities), _read(self.outer_velocities),
+          gradients, tf.equal(self.step.read_value(), 0),
+          zeros_like=tf.zeros_like, where=tf.where)
+      targets = (self.anchor, self.mean, self.inner_velocities,
+                 self.outer_velocities)
+      for variables, values in zip(targets[:4 if gradients else 3], state):
+        _assign(variables, values)
       self.inner_step.assign(0)
 
     distribution.update_on_each_device(self.step, restart,

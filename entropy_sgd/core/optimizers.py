@@ -595,7 +595,8 @@ class EntropySGD(Optimizer):
           zeros_like=tf.zeros_like, where=tf.where)
       targets = (self.anchor, self.mean, self.inner_velocities,
                  self.outer_velocities)
-      for variables, values in zip(targets[:4 if gradients else 3], state):
+      for variables, values in zip(
+          targets[:4 if self.needs_anchor_gradient else 3], state):
         _assign(variables, values)
       self.inner_step.assign(0)
 

@@ -14,6 +14,7 @@ import keras
 from entropy_sgd.core import keras_plugin as entropy_sgd_keras
 from entropy_sgd.train import run_dir
 from entropy_sgd.workloads import data
+from examples import keras_models
 
 flags.DEFINE_string("data_dir", None, "CIFAR-10 binary layout; relative "
                     "paths are resolved against where `bazel run` ran.")
@@ -31,14 +32,7 @@ def main(argv):
   cifar = data.CifarData(data.PipelineConfig(
       dataset="cifar10", batch_size=FLAGS.batch_size,
       data_dir=run_dir.resolve_user_path(FLAGS.data_dir)))
-  model = keras.Sequential([
-      keras.Input([32, 32, 3]),
-      keras.layers.Conv2D(32, 3, activation="relu"),
-      keras.layers.MaxPooling2D(),
-      keras.layers.Conv2D(64, 3, activation="relu"),
-      keras.layers.GlobalAveragePooling2D(),
-      keras.layers.Dense(10),
-  ])
+  model = keras_models.small_cnn()
   model.compile(
       optimizer=entropy_sgd_keras.EntropySGD(  # Entropy-SGD (was "sgd").
           learning_rate=1.0, num_langevin_steps=FLAGS.L,

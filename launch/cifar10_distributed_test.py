@@ -17,7 +17,7 @@ import subprocess
 from absl.testing import absltest
 import numpy as np
 
-from entropy_sgd.train import training
+from entropy_sgd.train import checkpoints
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
 from launch.launcher_testing import TESTDATA
@@ -56,9 +56,9 @@ class MirroredTest(absltest.TestCase):
       self.assertIn("summary: outer_steps=2", result.stdout)
       checksums[name] = float(CHECKSUM.search(result.stderr).group(1))
     self.assertIn("4 replica(s)", result.stderr)
-    expected = training.checkpoint_model_variables(os.path.join(log_dir, "default"))
+    expected = checkpoints.checkpoint_model_variables(os.path.join(log_dir, "default"))
     for name in ("mirrored2", "mirrored4"):
-      actual = training.checkpoint_model_variables(os.path.join(log_dir, name))
+      actual = checkpoints.checkpoint_model_variables(os.path.join(log_dir, name))
       self.assertSameElements(actual, expected)
       for variable in expected:
         # One device keeps the fused BatchNorm kernel, whose moving variance
@@ -121,7 +121,7 @@ class MultiWorkerTest(absltest.TestCase):
     self.assertIn("ckpt-2.index",
                   os.listdir(os.path.join(run_dir, "checkpoints")))
     saved = sum(np.abs(value).sum(dtype=np.float64)
-                for value in training.checkpoint_model_variables(run_dir).values())
+                for value in checkpoints.checkpoint_model_variables(run_dir).values())
     self.assertAlmostEqual(float(checksums[0]), saved, delta=1e-9 * saved)
     # The other worker's temporary checkpoints are gone.
     for temp_dir in temp_dirs:

@@ -12,7 +12,7 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
-from entropy_sgd.train import training
+from entropy_sgd.train import checkpoints
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
@@ -102,9 +102,9 @@ class PreemptionTest(absltest.TestCase):
     resumed = run_launcher("mnist", *args, "--run_name=cut")
     self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
     self.assertIn("Resuming from", resumed.stderr)
-    expected = training.checkpoint_model_variables(
+    expected = checkpoints.checkpoint_model_variables(
         os.path.join(log_dir, "whole"))
-    actual = training.checkpoint_model_variables(os.path.join(log_dir, "cut"))
+    actual = checkpoints.checkpoint_model_variables(os.path.join(log_dir, "cut"))
     for name in expected:
       np.testing.assert_array_equal(actual[name], expected[name], name)
 

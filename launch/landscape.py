@@ -24,9 +24,9 @@ from absl import logging
 
 from entropy_sgd.cli import dataclass_flags
 from entropy_sgd.reports import landscape
+from entropy_sgd.train import cluster
 from entropy_sgd.train import config as config_lib
 from entropy_sgd.train import run_dir
-from entropy_sgd.train import training
 from entropy_sgd.workloads import data as data_lib
 
 dataclass_flags.define(landscape.Settings, use_field_defaults=True)
@@ -78,7 +78,7 @@ def main(argv):
   del argv
   try:
     settings = _settings()
-    strategy = training.make_strategy(config_lib.TrainConfig(  # TF not up.
+    strategy = cluster.make_strategy(config_lib.TrainConfig(  # TF not up.
         strategy=_STRATEGY.value, num_devices=_NUM_DEVICES.value))
     results = landscape.analyse(settings, strategy)
   except (landscape.LandscapeError, config_lib.ConfigError,

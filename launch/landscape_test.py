@@ -11,7 +11,7 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
-from entropy_sgd.train import training
+from entropy_sgd.train import checkpoints
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
@@ -159,8 +159,8 @@ class LandscapeLauncherTest(parameterized.TestCase):
       self.assertEqual([step for step, _ in series], [2, 4, 6])
       self.assertTrue(np.all(np.isfinite([v for _, v in series])))
     self.assertGreater(scalars["flatness/lambda_max"][-1][1], 0.0)
-    tracked = training.checkpoint_model_variables(self.entropy_sgd)
-    untracked = training.checkpoint_model_variables(self.untracked)
+    tracked = checkpoints.checkpoint_model_variables(self.entropy_sgd)
+    untracked = checkpoints.checkpoint_model_variables(self.untracked)
     self.assertCountEqual(tracked, untracked)
     for name, value in tracked.items():
       np.testing.assert_array_equal(value, untracked[name], err_msg=name)

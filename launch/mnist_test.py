@@ -11,7 +11,7 @@ from absl.testing import parameterized
 import numpy as np
 
 from entropy_sgd.core import noise
-from entropy_sgd.train import training
+from entropy_sgd.train import checkpoints
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import run_launcher
 from launch.launcher_testing import TESTDATA
@@ -126,8 +126,8 @@ class MnistLauncherTest(parameterized.TestCase):
       result = run_launcher("mnist", *common, f"--steps_per_loop={loop}",
                             f"--run_name={name}")
       self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-    one = training.checkpoint_model_variables(os.path.join(log_dir, "one"))
-    seven = training.checkpoint_model_variables(
+    one = checkpoints.checkpoint_model_variables(os.path.join(log_dir, "one"))
+    seven = checkpoints.checkpoint_model_variables(
         os.path.join(log_dir, "seven"))
     for name in one:
       np.testing.assert_allclose(seven[name], one[name], rtol=1e-6,

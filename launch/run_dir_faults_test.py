@@ -14,7 +14,7 @@ import time
 from absl.testing import absltest
 from absl.testing import parameterized
 
-from entropy_sgd.train import training
+from entropy_sgd.train import run_dir as run_dir_lib
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
@@ -199,7 +199,7 @@ class RunDirFaultsTest(parameterized.TestCase):
       self.assertIn("ckpt-30", line)
       self.assertIn("(ENOSPC)", line)
       checkpoints = os.path.join(mount_point, "run", "checkpoints")
-      self.assertEqual(training.run_dir_lib.newest_intact_checkpoint(
+      self.assertEqual(run_dir_lib.newest_intact_checkpoint(
           checkpoints, repair=False), os.path.join(checkpoints, "ckpt-20"))
       subprocess.run(["mount", "-o", "remount,size=64m", mount_point],
                      check=True)

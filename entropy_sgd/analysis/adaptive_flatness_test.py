@@ -8,36 +8,15 @@ import tensorflow as tf
 from entropy_sgd.analysis import adaptive_flatness
 from entropy_sgd.analysis import hessian
 from entropy_sgd.analysis import linear_algebra
+from entropy_sgd.analysis import testing as analysis_testing
 
 NUM_FEATURES, NUM_HIDDEN, NUM_CLASSES, BATCH = 6, 8, 3, 64
 
 
-class Quadratic(snt.Module):
-  """f(x) = 1/2 sum_i a_i x_i^2, float64; accuracy 1 - f (for PAC-Bayes)."""
-
-  def __init__(self, diagonal, x0):
-    super().__init__()
-    self.diagonal = tf.constant(diagonal, tf.float64)
-    self.x = tf.Variable(np.asarray(x0, np.float64), name="x")
-
-  def __call__(self):
-    return 0.5 * tf.reduce_sum(self.diagonal * tf.square(self.x))
-
-
 def quadratic_objective(diagonal, x0, accuracy=None):
-  quadratic = Quadratic(diagonal, x0)
-  dataset = tf.data.Dataset.from_tensors(
-      (tf.zeros([1, 1]), tf.zeros([1], tf.int32))).repeat()
-  batches = hessian.Batches(tf.distribute.get_strategy(),
-                            lambda context: dataset, 1)
-
-  def per_example(images, unused_labels):
-    ones = tf.ones([tf.shape(images)[0]], tf.float64)
-    f = quadratic()
-    hits = accuracy(f) if accuracy else 0.0 * f
-    return f * ones, hits * ones
-
-  return hessian.Objective(per_example, [quadratic.x], batches)
+  """f(x) = 1/2 sum_i a_i x_i^2; accuracy 1 - f for PAC-Bayes."""
+  return analysis_testing.quadratic_objective(
+      analysis_testing.Quadratic(np.diag(diagonal), x0), accuracy=accuracy)
 
 
 class ClosedFormTest(tf.test.TestCase):

@@ -18,37 +18,6 @@ from entropy_sgd.core import train_step as train_step_lib
 from entropy_sgd.workloads import models
 
 
-class Quadratic(snt.Module):
-  """f(x) = 1/2 x^T A x + b^T x, one variable x (float64)."""
-
-  def __init__(self, matrix, x0, linear=None):
-    super().__init__()
-    self.matrix = tf.constant(matrix, tf.float64)
-    self.linear = tf.constant(np.zeros(len(x0)) if linear is None else linear,
-                              tf.float64)
-    self.x = tf.Variable(np.asarray(x0, np.float64), name="x")
-
-  def __call__(self):
-    x = self.x
-    return (0.5 * tf.tensordot(x, tf.linalg.matvec(self.matrix, x), 1) +
-            tf.tensordot(self.linear, x, 1))
-
-
-def dummy_batches(strategy=None, num_batches=1, batch_size=2):
-  strategy = strategy or tf.distribute.get_strategy()
-  dataset = tf.data.Dataset.from_tensors(
-      (tf.zeros([batch_size, 1]), tf.zeros([batch_size], tf.int32))).repeat()
-  return hessian.Batches(strategy, lambda context: dataset, num_batches)
-
-
-def quadratic_objective(quadratic, **kwargs):
-  def per_example(images, unused_labels):
-    ones = tf.ones([tf.shape(images)[0]], tf.float64)
-    return quadratic() * ones, 0 * ones
-  return hessian.Objective(per_example, [quadratic.x], dummy_batches(),
-                           **kwargs)
-
-
 class MLP(snt.Module):
   """Linear -> BatchNorm -> tanh -> Linear -> BatchNorm -> ReLU -> logits."""
 
@@ -104,8 +73,9 @@ class ProductTest(parameterized.TestCase):
   @parameterized.parameters(*hessian.HVP_METHODS)
   def test_quadratic_hvp_is_a_times_v(self, method):
     matrix = analysis_testing.random_symmetric(np.linspace(-2, 5, 12))
-    quadratic = Quadratic(matrix, np.arange(12.0))
-    objective = quadratic_objective(quadratic, method=method)
+    objective = analysis_testing.quadratic_objective(
+        analysis_testing.Quadratic(matrix, np.arange(12.0)), batch_size=2,
+        method=method)
     v = np.random.default_rng(1).standard_normal(12)
     np.testing.assert_allclose(objective.hvp(v), matrix @ v, rtol=1e-12,
                                atol=1e-12)
@@ -168,7 +138,8 @@ class SpectrumTest(parameterized.TestCase):
   def test_lanczos_through_the_objective(self):
     spectrum = np.array([7.0, 3.0, 1.0, 0.5, 0.0, -0.5, -2.0, 0.25])
     matrix = analysis_testing.random_symmetric(spectrum, seed=5)
-    objective = quadratic_objective(Quadratic(matrix, np.ones(8)))
+    objective = analysis_testing.quadratic_objective(
+        analysis_testing.Quadratic(matrix, np.ones(8)), batch_size=2)
     pairs = linear_algebra.top_eigenpairs(objective.hvp, 8, 3, num_iterations=8,
                                    dtype=np.float64)
     np.testing.assert_allclose(pairs.eigenvalues, [7.0, 3.0, 1.0], rtol=1e-10)

@@ -11,33 +11,9 @@ from entropy_sgd.analysis import testing as analysis_testing
 from entropy_sgd.core import distribution
 
 
-class Quadratic(snt.Module):
-  """f(x) = 1/2 x^T A x + b^T x in float64."""
-
-  def __init__(self, matrix, linear, x0):
-    super().__init__()
-    self.matrix = tf.constant(matrix, tf.float64)
-    self.linear = tf.constant(linear, tf.float64)
-    self.x = tf.Variable(np.asarray(x0, np.float64), name="x")
-
-  def __call__(self):
-    x = self.x
-    return (0.5 * tf.tensordot(x, tf.linalg.matvec(self.matrix, x), 1) +
-            tf.tensordot(self.linear, x, 1))
-
-
 def quadratic_objective(matrix, linear, x0):
-  quadratic = Quadratic(matrix, linear, x0)
-  strategy = tf.distribute.get_strategy()
-  dataset = tf.data.Dataset.from_tensors(
-      (tf.zeros([1, 1]), tf.zeros([1], tf.int32))).repeat()
-  batches = hessian.Batches(strategy, lambda context: dataset, 1)
-
-  def per_example(images, unused_labels):
-    ones = tf.ones([tf.shape(images)[0]], tf.float64)
-    return quadratic() * ones, 0 * ones
-
-  return hessian.Objective(per_example, [quadratic.x], batches)
+  return analysis_testing.quadratic_objective(
+      analysis_testing.Quadratic(matrix, x0, linear))
 
 
 def local_entropy_closed_form(matrix, linear, x, gamma, temperature):

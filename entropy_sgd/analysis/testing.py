@@ -1,6 +1,10 @@
 """Helpers the analysis tests share (testonly)."""
 
 import numpy as np
+import sonnet as snt
+import tensorflow as tf
+
+from entropy_sgd.analysis import hessian
 
 
 def random_symmetric(spectrum, seed=0):
@@ -8,3 +12,45 @@ def random_symmetric(spectrum, seed=0):
   rng = np.random.default_rng(seed)
   q, _ = np.linalg.qr(rng.standard_normal((len(spectrum), len(spectrum))))
   return (q * spectrum) @ q.T
+
+
+class Quadratic(snt.Module):
+  """f(x) = 1/2 x^T A x + b^T x of one float64 variable x."""
+
+  def __init__(self, matrix, x0, linear=None):
+    super().__init__()
+    self.matrix = tf.constant(matrix, tf.float64)
+    self.linear = tf.constant(np.zeros(len(x0)) if linear is None else linear,
+                              tf.float64)
+    self.x = tf.Variable(np.asarray(x0, np.float64), name="x")
+
+  def __call__(self):
+    x = self.x
+    return (0.5 * tf.tensordot(x, tf.linalg.matvec(self.matrix, x), 1) +
+            tf.tensordot(self.linear, x, 1))
+
+
+def constant_batches(num_batches=1, batch_size=1, strategy=None):
+  """`hessian.Batches` of zero images, for objectives that ignore them."""
+  strategy = strategy or tf.distribute.get_strategy()
+  dataset = tf.data.Dataset.from_tensors(
+      (tf.zeros([batch_size, 1]), tf.zeros([batch_size], tf.int32))).repeat()
+  return hessian.Batches(strategy, lambda context: dataset, num_batches)
+
+
+def quadratic_objective(quadratic, accuracy=None, batch_size=1,
+                        **objective_kwargs):
+  """The `hessian.Objective` whose every example's loss is `quadratic()`.
+
+  Its accuracy is `accuracy(loss)`, or 0 without one (PAC-Bayes flatness
+  reads it as 1 - error).
+  """
+  def per_example(images, unused_labels):
+    ones = tf.ones([tf.shape(images)[0]], tf.float64)
+    loss = quadratic()
+    hits = accuracy(loss) if accuracy else 0.0 * loss
+    return loss * ones, hits * ones
+
+  return hessian.Objective(per_example, [quadratic.x],
+                           constant_batches(batch_size=batch_size),
+                           **objective_kwargs)

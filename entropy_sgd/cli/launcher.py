@@ -15,7 +15,9 @@ from absl import logging
 
 from entropy_sgd.cli import dataclass_flags
 from entropy_sgd.core import onednn
+from entropy_sgd.train import checkpoints
 from entropy_sgd.train import config as config_lib
+from entropy_sgd.train import preemption
 from entropy_sgd.train import run_dir as run_dir_lib
 from entropy_sgd.train import training
 from entropy_sgd.workloads import data as data_lib
@@ -130,9 +132,9 @@ def run(dataset: str):
   except (config_lib.ConfigError, data_lib.DataError,
           run_dir_lib.RunDirError) as e:
     _exit(EXIT_ERROR, f"error: {e}")
-  except training.DivergenceError as e:
+  except checkpoints.DivergenceError as e:
     _exit(EXIT_DIVERGED, f"error: {e}")
-  except training.Preempted as e:
+  except preemption.Preempted as e:
     _exit(EXIT_PREEMPTED, f"preempted: {e}")
   for summary in summaries:
     print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()),

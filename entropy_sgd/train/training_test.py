@@ -11,6 +11,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from entropy_sgd.core import noise
+from entropy_sgd.train import checkpoints
 from entropy_sgd.train import config as config_lib
 from entropy_sgd.train import run_dir
 from entropy_sgd.train import training
@@ -236,8 +237,8 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     resumed = training.train(tiny_config("entropy_sgd", log_dir,
                                          run_name="split", **common))
     self.assertEqual(resumed["outer_steps"], whole["outer_steps"])
-    expected = training.checkpoint_model_variables(whole["run_dir"])
-    actual = training.checkpoint_model_variables(resumed["run_dir"])
+    expected = checkpoints.checkpoint_model_variables(whole["run_dir"])
+    actual = checkpoints.checkpoint_model_variables(resumed["run_dir"])
     self.assertSameElements(expected, actual)
     for name in expected:
       self.assertAllClose(actual[name], expected[name], rtol=1e-5, atol=1e-6,
@@ -261,7 +262,7 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     checkpoint_dir = os.path.join(good["run_dir"], "checkpoints")
     before = {path: open(path, "rb").read()
               for path in glob.glob(os.path.join(checkpoint_dir, "*"))}
-    with self.assertRaisesRegex(training.DivergenceError,
+    with self.assertRaisesRegex(checkpoints.DivergenceError,
                                 "loss is (nan|inf).*ckpt-10.*is intact"):
       training.train(tiny_config("sgd", log_dir, run_name="run", epochs=2,
                                  lr=1e30, allow_config_change=True))
@@ -286,7 +287,7 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
               for e in accumulator.Tensors("precision/loss_scale")]
     self.assertEqual(scales, [2.0**58, 2.0**56, 2.0**54, 2.0**52])
     # At the scale's floor an overflow is genuine: the run has diverged.
-    with self.assertRaisesRegex(training.DivergenceError, "loss is nan"):
+    with self.assertRaisesRegex(checkpoints.DivergenceError, "loss is nan"):
       trainer = training.Trainer(tiny_config(
           "sgd", log_dir, run_name="floor", precision="mixed_float16",
           lr=1e30))

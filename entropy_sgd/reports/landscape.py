@@ -365,7 +365,12 @@ def read_run(run_dir: str, flag: str = "--run_dir"
   return config, checkpoint
 
 
-def _build_and_restore(config, checkpoint, strategy, data, flag):
+def build_and_restore(config, checkpoint, strategy, data, flag):
+  """The model of a run's `config` (float32) with `checkpoint`'s weights.
+
+  Raises LandscapeError, naming `flag`, when the checkpoint does not hold
+  that model's variables.
+  """
   model = train_step_lib.build_model(
       strategy, lambda: models.build(
           config.model, data_lib.num_classes(config.dataset),
@@ -474,9 +479,9 @@ def _load(s: Settings, strategy) -> _Run:
   except OSError as e:
     raise LandscapeError(f"--output_dir={s.output_dir}: cannot create it "
                          f"({e.strerror}).") from None
-  model = _build_and_restore(config, checkpoint, strategy, data, "--run_dir")
+  model = build_and_restore(config, checkpoint, strategy, data, "--run_dir")
   if compare is not None:
-    other = _build_and_restore(*compare, strategy, data, "--compare")
+    other = build_and_restore(*compare, strategy, data, "--compare")
     if ([tuple(v.shape) for v in model.trainable_variables] !=
         [tuple(v.shape) for v in other.trainable_variables]):
       raise LandscapeError(

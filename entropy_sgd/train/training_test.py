@@ -246,16 +246,6 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(resumed["final_validation_accuracy"],
                         whole["final_validation_accuracy"])
 
-  def test_cpu_hint_only_for_runs_over_a_day(self):
-    config = config_lib.from_preset("entropy_sgd")  # WRN-28-10.
-    with self.assertLogs(level="WARNING") as logs:
-      training.hint_if_cpu_run_is_long(config, 2 * 86400)
-    self.assertLen(logs.output, 1)
-    self.assertRegex(logs.output[0], r"No GPU or TPU found and this run would "
-                     r"take 48:00:00.*--model=wrn-16-1 --epochs=1")
-    with self.assertNoLogs(level="WARNING"):
-      training.hint_if_cpu_run_is_long(config, 3600)
-
   def test_divergence_keeps_the_last_good_checkpoint(self):
     log_dir = self.create_tempdir().full_path
     good = training.train(tiny_config("sgd", log_dir, run_name="run"))

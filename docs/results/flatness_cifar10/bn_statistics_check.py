@@ -22,8 +22,8 @@ config, checkpoint = landscape.read_run(run)
 data = data_lib.ImageData(config_lib.pipeline_config(
     config, data_dir=sys.argv[2] if len(sys.argv) > 2 else config.data_dir))
 strategy = tf.distribute.get_strategy()
-model = landscape._build_and_restore(config, checkpoint, strategy, data,
-                                     "--run_dir")
+model = landscape.build_and_restore(config, checkpoint, strategy, data,
+                                    "--run_dir")
 norms = batch_norm.batch_norms(model)
 
 

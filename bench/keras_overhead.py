@@ -9,11 +9,11 @@ them, so both see the same machine. Each fit step is one gradient evaluation
 for both. A callback stamps the end of every step, and a round's cost per
 gradient evaluation is the time from the first step's end to the last's,
 over the steps between. This leaves out what `fit` spends around its steps:
-making and destroying its dataset iterator took 0-2.5 s per call here, for
-either optimizer, in native code as `fit`'s frame was torn down; timing
-whole `fit` calls measured that instead. Prints one line per model,
-`median ratio entropy_sgd/sgd = X` (over rounds), and `fit`'s cost around
-the steps.
+as `fit` returns, destroying its dataset iterator waited up to 5 s here for
+tf.data's autotuning thread (not with `autotune.enabled = False`), for
+either optimizer, so timing whole `fit` calls measured that wait. Prints
+one line per model, `median ratio entropy_sgd/sgd = X` (over rounds), and
+`fit`'s cost around the steps.
 """
 
 import time

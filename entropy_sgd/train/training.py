@@ -199,8 +199,7 @@ class Trainer:
         config, data_dir=run_dir_lib.resolve_user_path(config.data_dir),
         log_dir=run_dir_lib.resolve_user_path(config.log_dir))
     self.config = config
-    self.run_dir = os.path.join(config.log_dir,
-                                config.run_name or config.default_run_name())
+    self.run_dir = run_directory(config)
     # Before TensorFlow starts up:
     self.strategy = strategy = cluster.make_strategy(config)
     self.is_chief = cluster.is_chief(strategy)
@@ -272,10 +271,6 @@ class Trainer:
     if self._lock is not None:
       self._lock.release()
       self._lock = None
-
-  def save_checkpoint(self, step: int) -> str:
-    """See `checkpoints_lib.Checkpoints.save`."""
-    return self.checkpoints.save(step)
 
   @property
   def step(self) -> int:
@@ -350,7 +345,7 @@ class Trainer:
         monitored = results.get("validation", results["test"])["accuracy"]
         self.best_accuracy.assign(
             max(float(self.best_accuracy.numpy()), monitored))
-        path = self.save_checkpoint(step)
+        path = self.checkpoints.save(step)
         logging.info(
             "evaluated at epoch %.2f (effective epoch %.2f): %s; checkpoint "
             "%s", step / self.steps_per_epoch, self.effective_epoch(step),
@@ -361,7 +356,7 @@ class Trainer:
       if step < self.total_steps and cluster.any_worker_stopped(
           strategy, stop.signal is not None):
         path = (self.checkpoints.latest() if self.checkpoints.saved_at(step)
-                else self.save_checkpoint(step))
+                else self.checkpoints.save(step))
         log.flush()
         raise preemption.Preempted(
             f"stopped by {stop.name} after outer step {step} of "

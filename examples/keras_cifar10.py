@@ -14,7 +14,7 @@ import keras
 from entropy_sgd.core import keras_plugin as entropy_sgd_keras
 from entropy_sgd.train import run_dir
 from entropy_sgd.workloads import data
-from examples import keras_models
+import keras_models  # examples/keras_models.py, beside this file
 
 flags.DEFINE_string("data_dir", None, "CIFAR-10 binary layout; relative "
                     "paths are resolved against where `bazel run` ran.")

@@ -13,7 +13,10 @@ one scatter plot per measure. The generalisation gap is held-out error
 minus training error, in percentage points, both at the final weights. The
 held-out error is the clean validation split's when the run held one out
 (CIFAR-10's local test file is partly JPEG-restored), else the test
-split's. For each measure:
+split's; it is taken from RUN/train/landscape.json, at the BatchNorm
+statistics of the training error, where that holds it (//launch:landscape
+since 2026-12-03), else from the training loop's summary.json. For each
+measure:
 
 * per experiment (runs that differ only in the seed; the budget in
   effective epochs tells experiments apart): mean ± std over seeds;
@@ -75,6 +78,7 @@ class MeasuredRun:
   test_error: float  # %
   heldout_split: str  # "validation" when the run held one out, else "test".
   heldout_error: float  # %
+  heldout_source: str  # "landscape" (train/landscape.json) or "summary".
   train_error: float  # %
   recalibration: str  # BatchNorm statistics of the training error's pass.
   measures: Dict[str, float]
@@ -110,6 +114,14 @@ def load(path: str) -> MeasuredRun:
       measures[name] = math.nan
   test_error = 100.0 * (1.0 - float(summary["final_test_accuracy"]))
   validation = summary.get("final_validation_accuracy")
+  heldout_split = "test" if validation is None else "validation"
+  if train.get("heldout_split") == heldout_split:
+    heldout_source = "landscape"
+    heldout_error = 100.0 * (1.0 - float(train["heldout_accuracy"]))
+  else:
+    heldout_source = "summary"
+    heldout_error = 100.0 * (1.0 - float(
+        summary["final_test_accuracy"] if validation is None else validation))
   return MeasuredRun(
       path=path, dataset=config["dataset"], model=config["model"],
       recipe=config.get("recipe", "reference_code"),
@@ -118,9 +130,8 @@ def load(path: str) -> MeasuredRun:
       optimizer=results_lib.optimizer_label(config),
       seed=int(config["seed"]),
       test_error=test_error,
-      heldout_split="test" if validation is None else "validation",
-      heldout_error=(test_error if validation is None else
-                     100.0 * (1.0 - float(validation))),
+      heldout_split=heldout_split, heldout_error=heldout_error,
+      heldout_source=heldout_source,
       # float32 sums of hits can exceed 1 by rounding: no negative error.
       train_error=max(0.0, 100.0 * (1.0 - float(train["accuracy"]))),
       recalibration=train.get("batch_norm_recalibration", "un-augmented"),
@@ -182,19 +193,20 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
     writer = csv.writer(f)
     writer.writerow(["dataset", "model", "recipe", "init", "budget",
                      "optimizer", "seed", "test_error", "heldout_split",
-                     "heldout_error", "train_error", "gap",
+                     "heldout_error", "heldout_source", "train_error", "gap",
                      "batch_norm_recalibration"] +
                     [name for name, _, _ in MEASURES])
     for r in runs:
       writer.writerow([r.dataset, r.model, r.recipe, r.init, r.budget,
                        r.optimizer, r.seed, r.test_error, r.heldout_split,
-                       r.heldout_error, r.train_error, r.gap,
+                       r.heldout_error, r.heldout_source, r.train_error, r.gap,
                        r.recalibration] +
                       [r.measures[name] for name, _, _ in MEASURES])
   lines = ["# Flatness against generalisation", "",
            "Per run: `flatness.csv`. Errors in %, gap = held-out error − "
            "training error (whole training set), at the final weights; "
-           "held out: " + _describe(runs, "heldout_split") + " split; "
+           "held out: " + _describe(runs, "heldout_split") + " split, "
+           "its error from " + _describe(runs, "heldout_source") + "; "
            "BatchNorm recalibrated on " + _describe(runs, "recalibration") +
            " training batches. Budget in effective epochs. Measures on 10 "
            "training batches, BatchNorm in inference mode "
@@ -251,7 +263,10 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
         ("heldout_split", "measure runs that hold out a validation split "
          "apart from runs that do not"),
         ("recalibration", "re-measure the runs' training error with one "
-         "--recalibration_augment (docs/flatness.md)")):
+         "--recalibration_augment (docs/flatness.md)"),
+        ("heldout_source", "re-measure the runs' train/ with "
+         "//launch:landscape --batches=0 --measures= (docs/flatness.md), "
+         "which also measures the held-out error")):
       if len({getattr(r, attribute) for r in members}) > 1:
         raise ReportError(
             f"{dataset}: the runs' gaps are not comparable, their "

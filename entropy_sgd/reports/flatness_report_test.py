@@ -29,7 +29,7 @@ def brute_force_tau_b(x, y):
 
 def write_measured(root, name, opt, seed, test_accuracy, train_accuracy,
                    trace, epochs=19.968, validation_accuracy=None,
-                   recalibration=None):
+                   recalibration=None, landscape_heldout=None):
   path = os.path.join(root, name)
   for sub in ("flatness", "train"):
     os.makedirs(os.path.join(path, sub))
@@ -49,6 +49,8 @@ def write_measured(root, name, opt, seed, test_accuracy, train_accuracy,
   train = {"accuracy": train_accuracy}
   if recalibration:
     train["batch_norm_recalibration"] = recalibration
+  if landscape_heldout is not None:  # (split, accuracy) as landscape writes.
+    train["heldout_split"], train["heldout_accuracy"] = landscape_heldout
   with open(os.path.join(path, "train", "landscape.json"), "w") as f:
     json.dump(train, f)
   return path
@@ -150,6 +152,29 @@ class ReportTest(absltest.TestCase):
         r"^mnist: the runs' gaps are not comparable, their recalibration "
         r"differs \(augmented / un-augmented\); re-measure"):
       flatness_report.write_report(paths, os.path.join(root, "out"))
+
+  def test_heldout_error_at_the_training_errors_statistics_first(self):
+    root = self.create_tempdir().full_path
+    at_landscape = flatness_report.load(write_measured(
+        root, "a", "nesterov", 0, 0.70, 0.95, 1.0, validation_accuracy=0.90,
+        landscape_heldout=("validation", 0.88)))
+    self.assertEqual(at_landscape.heldout_source, "landscape")
+    self.assertAlmostEqual(at_landscape.gap, 12.0 - 5.0, places=4)
+    # A held-out pass of another split does not stand in for this one.
+    other_split = flatness_report.load(write_measured(
+        root, "b", "nesterov", 1, 0.70, 0.95, 1.0, validation_accuracy=0.90,
+        landscape_heldout=("test", 0.70)))
+    self.assertEqual(other_split.heldout_source, "summary")
+    self.assertAlmostEqual(other_split.gap, 10.0 - 5.0, places=4)
+    third = write_measured(root, "c", "nesterov", 2, 0.70, 0.95, 1.0,
+                           validation_accuracy=0.90)
+    with self.assertRaisesRegex(
+        flatness_report.ReportError,
+        r"^mnist: the runs' gaps are not comparable, their heldout_source "
+        r"differs \(landscape / summary\); re-measure the runs' train/"):
+      flatness_report.write_report(
+          [at_landscape.path, other_split.path, third],
+          os.path.join(root, "out"))
 
   def test_missing_measures_are_one_line(self):
     with self.assertRaisesRegex(flatness_report.ReportError,

@@ -419,6 +419,7 @@ class _Run:
   objective: hessian.Objective
   recalibrate: hessian.BatchNormRecalibration
   progress: Progress
+  data: data_lib.ImageData
   results: Dict = dataclasses.field(default_factory=dict)
   plots: Dict = dataclasses.field(default_factory=dict)
   compare: Optional[Tuple[config_lib.TrainConfig, str, np.ndarray]] = None
@@ -506,7 +507,7 @@ def _load(s: Settings, strategy) -> _Run:
   objective = hessian.Objective(
       hessian.classification_loss(model), model.trainable_variables, batches,
       method=s.hvp_method, on_pass=progress.on_pass)
-  run = _Run(s, config, model, objective, recalibrate, progress,
+  run = _Run(s, config, model, objective, recalibrate, progress, data,
              compare=compare)
   run.results.update(
       run_dir=s.run_dir, checkpoint=checkpoint, dataset=config.dataset,
@@ -522,6 +523,61 @@ def _load(s: Settings, strategy) -> _Run:
 def _loss_at_x(run: _Run):
   run.results["loss"], run.results["accuracy"] = (
       run.objective.loss_and_accuracy())
+
+
+def heldout_split(config: config_lib.TrainConfig) -> str:
+  """The split a run's generalisation is judged on: its clean validation
+  split when it held one out, else the test split."""
+  return "validation" if config.validation_examples else "test"
+
+
+def heldout_batch_size(examples: int, batch_size: int, replicas: int) -> int:
+  """A global batch size for one pass over `examples` held-out images.
+
+  The largest size <= `batch_size`, divisible by `replicas`, that divides
+  `examples`, so every image counts once in batches of one static shape;
+  when that is below a quarter of `batch_size` (say, a prime count), the
+  largest multiple of `replicas` <= min(batch_size, examples), and the
+  tail is left out (the results say how many images counted).
+  """
+  limit = min(batch_size, examples)
+  for size in range(limit - limit % replicas, 0, -replicas):
+    if examples % size == 0:
+      if 4 * size >= limit:
+        return size
+      break
+  return max(replicas, limit - limit % replicas)
+
+
+def _heldout_at_x(run: _Run):
+  """Loss and accuracy over the held-out split at the statistics f sees.
+
+  The BatchNorm statistics are the ones recalibrated for f, so the
+  generalisation gap (held-out error - training error) compares two
+  errors of one model; the summary's held-out accuracy was measured at
+  the training loop's own recalibration.
+  """
+  data, strategy = run.data, run.objective.batches.strategy
+  split = heldout_split(run.config)
+  examples = data.num_examples(split)
+  batch_size = heldout_batch_size(examples, run.objective.batches.num_examples
+                                  // run.objective.batches.num_batches,
+                                  strategy.num_replicas_in_sync)
+  if examples < batch_size:
+    logging.warning("landscape: the %s split's %d images are fewer than the "
+                    "%d replicas; no held-out accuracy.", split, examples,
+                    strategy.num_replicas_in_sync)
+    return
+  batches = hessian.Batches(
+      strategy, lambda context: data.eval_dataset(split, context).unbatch(
+      ).batch(context.get_per_replica_batch_size(batch_size),
+              drop_remainder=True), examples // batch_size)
+  objective = hessian.Objective(hessian.classification_loss(run.model),
+                                run.model.trainable_variables, batches)
+  loss, accuracy = objective.loss_and_accuracy()
+  run.results.update(heldout_split=split, heldout_loss=loss,
+                     heldout_accuracy=accuracy,
+                     heldout_examples=batches.num_examples)
 
 
 def _top_eigenvalues(run: _Run):
@@ -702,6 +758,7 @@ def _local_entropy_passes(s: Settings) -> Dict[str, int]:
 
 _STAGES = (
     _Stage("loss at x", None, _loss_at_x, lambda s: {"loss": 1}),
+    _Stage("held-out loss at x", None, _heldout_at_x, lambda s: {}),
     _Stage("top eigenvalues", "eigenvalues", _top_eigenvalues,
            lambda s: {"hvp": 30 if s.top_k == 1 else
                       max(s.top_k, s.lanczos_iterations)}),

@@ -88,6 +88,12 @@ def markdown_report(results: Dict) -> str:
       "| measure | value | meaning |", "|---|---|---|",
       f"| loss, accuracy at x | {_number(r['loss'])}, "
       f"{_number(r['accuracy'])} | on the examples above |"]
+  if "heldout_accuracy" in r:
+    lines.append(f"| held-out loss, accuracy at x | "
+                 f"{_number(r['heldout_loss'])}, "
+                 f"{_number(r['heldout_accuracy'])} | {r['heldout_split']} "
+                 f"split, {r['heldout_examples']} examples, at the same "
+                 f"BatchNorm statistics |")
   if "hessian_top_eigenvalues" in r:
     values = ", ".join(_number(v) for v in r["hessian_top_eigenvalues"])
     lines.append(f"| top Hessian eigenvalues | {values} | "

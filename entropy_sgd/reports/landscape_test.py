@@ -3,12 +3,14 @@
 import dataclasses
 import os
 
+from absl.testing import absltest
 import tensorflow as tf
 
 from entropy_sgd.reports import landscape
 from entropy_sgd.train import config as config_lib
 from entropy_sgd.train import run_dir as run_dir_lib
 from entropy_sgd.train import training
+from entropy_sgd.workloads import data as data_lib
 
 TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
                         "testdata")
@@ -62,6 +64,35 @@ class RecalibrationTest(tf.test.TestCase):
     self.assertNotAlmostEqual(results[True]["loss"], results[False]["loss"],
                               places=4)
     self.assertEqual(results[True]["examples"], 40)
+    # The held-out split is measured at each run's own statistics too.
+    config, _ = landscape.read_run(summary["run_dir"])
+    test_examples = data_lib.ImageData(config_lib.pipeline_config(
+        config)).num_examples("test")
+    for result in results.values():
+      self.assertEqual(result["heldout_split"], "test")
+      self.assertEqual(result["heldout_examples"], test_examples)
+      self.assertBetween(result["heldout_accuracy"], 0.0, 1.0)
+    self.assertNotAlmostEqual(results[True]["heldout_loss"],
+                              results[False]["heldout_loss"], places=4)
+
+
+class HeldoutBatchSizeTest(absltest.TestCase):
+
+  def test_every_example_once_in_equal_batches_where_possible(self):
+    for examples in range(1, 130):
+      for batch_size in (1, 7, 20, 128):
+        for replicas in (1, 2, 4):
+          size = landscape.heldout_batch_size(examples, batch_size, replicas)
+          self.assertEqual(size % replicas, 0)
+          limit = min(batch_size, examples)
+          divisors = [d for d in range(replicas, limit + 1, replicas)
+                      if examples % d == 0]
+          if divisors and 4 * max(divisors) >= limit:
+            self.assertEqual(size, max(divisors), (examples, batch_size))
+          else:  # No good divisor: the largest batch; the tail is dropped.
+            self.assertEqual(size, max(replicas, limit - limit % replicas))
+    self.assertEqual(landscape.heldout_batch_size(5000, 128, 1), 125)
+    self.assertEqual(landscape.heldout_batch_size(10000, 128, 2), 100)
 
 
 class ProgressTest(tf.test.TestCase):

@@ -18,8 +18,10 @@ statistics of the training error, where that holds it (//launch:landscape
 since 2026-12-03), else from the training loop's summary.json. For each
 measure:
 
-* per experiment (runs that differ only in the seed; the budget in
-  effective epochs tells experiments apart): mean ± std over seeds;
+* per experiment (runs whose weights' settings differ only in the seed:
+  evaluation-only settings are pooled, the budget in effective epochs tells
+  experiments apart, and look-alikes are labelled by the settings in which
+  they differ, as in the results tables): mean ± std over seeds;
 * per (dataset, model, recipe, init, budget): Entropy-SGD minus its
   baseline, with the Welch standard error of the difference (where the
   recipe gives the optimizers different budgets, as the paper's does,
@@ -40,6 +42,7 @@ from matplotlib.figure import Figure  # No pyplot: no global backend.
 import numpy as np
 
 from entropy_sgd.reports import results as results_lib
+from entropy_sgd.train import config as config_lib
 from entropy_sgd.train import run_dir as run_dir_lib
 from entropy_sgd.workloads import models as models_lib
 
@@ -82,15 +85,55 @@ class MeasuredRun:
   train_error: float  # %
   recalibration: str  # BatchNorm statistics of the training error's pass.
   measures: Dict[str, float]
+  # The settings that move the weights, but the seed and the budget's.
+  settings: Dict = dataclasses.field(default_factory=dict)
+  variant: str = ""  # Set by `label_variants`.
 
   @property
   def gap(self) -> float:
     return self.heldout_error - self.train_error
 
   @property
-  def experiment(self) -> Tuple[str, str, str, str, int, str]:
+  def look_alike(self) -> Tuple[str, str, str, str, int, str]:
     return (self.dataset, self.model, self.recipe, self.init, self.budget,
             self.optimizer)
+
+  @property
+  def label(self) -> str:
+    """The optimizer and, among look-alikes, what tells this one apart."""
+    return (f"{self.optimizer}, {self.variant}" if self.variant else
+            self.optimizer)
+
+  @property
+  def experiment(self) -> Tuple[str, str, str, str, int, str]:
+    return self.look_alike[:-1] + (self.label,)
+
+
+def _weights_settings(config: Dict) -> Dict:
+  ignored = (config_lib.EVALUATION_ONLY_FIELDS |
+             set(results_lib.BUDGET_FIELDS))
+  return {k: v for k, v in results_lib.experiment_settings(
+      results_lib.config_from_record(config)).items() if k not in ignored}
+
+
+def _settings_key(settings: Dict) -> Tuple:
+  return tuple(sorted((k, repr(v)) for k, v in settings.items()))
+
+
+def label_variants(runs: Sequence[MeasuredRun]) -> None:
+  """Sets each run's `variant`: among runs of one look-alike key whose
+  settings differ beyond the seed, the settings in which they differ."""
+  by_look_alike: Dict[Tuple, Dict[Tuple, Dict]] = {}
+  for r in runs:
+    by_look_alike.setdefault(r.look_alike, {}).setdefault(
+        _settings_key(r.settings), r.settings)
+  labels = {}
+  for look_alike, distinct in by_look_alike.items():
+    for key, label in zip(distinct, results_lib.distinguishing_labels(
+        list(distinct.values()))):
+      labels[look_alike, key] = label
+  for r in runs:
+    r.variant = labels[r.look_alike, _settings_key(r.settings)]
 
 
 def _read(path: str) -> Dict:
@@ -135,7 +178,7 @@ def load(path: str) -> MeasuredRun:
       # float32 sums of hits can exceed 1 by rounding: no negative error.
       train_error=max(0.0, 100.0 * (1.0 - float(train["accuracy"]))),
       recalibration=train.get("batch_norm_recalibration", "un-augmented"),
-      measures=measures)
+      measures=measures, settings=_weights_settings(config))
 
 
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
@@ -183,10 +226,11 @@ def _fmt(value, digits=4):
 
 def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
   """Writes flatness.csv, flatness.md and the scatter plots; their paths."""
-  runs = sorted((load(p) for p in paths),
-                key=lambda r: (r.experiment, r.seed))
+  runs = [load(p) for p in paths]
   if not runs:
     raise ReportError("no measured runs given.")
+  label_variants(runs)
+  runs.sort(key=lambda r: (r.experiment, r.seed))
   os.makedirs(output_dir, exist_ok=True)
   written = [os.path.join(output_dir, "flatness.csv")]
   with open(written[0], "w", newline="") as f:
@@ -198,7 +242,7 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
                     [name for name, _, _ in MEASURES])
     for r in runs:
       writer.writerow([r.dataset, r.model, r.recipe, r.init, r.budget,
-                       r.optimizer, r.seed, r.test_error, r.heldout_split,
+                       r.label, r.seed, r.test_error, r.heldout_split,
                        r.heldout_error, r.heldout_source, r.train_error, r.gap,
                        r.recalibration] +
                       [r.measures[name] for name, _, _ in MEASURES])
@@ -233,10 +277,10 @@ def write_report(paths: Sequence[str], output_dir: str) -> List[str]:
                " | ".join(name for name, _, _ in MEASURES) + " |")
   lines.append("|" + "---|" * (6 + len(MEASURES)))
   for key, members in experiments.items():
-    if not key[-1].startswith("entropy_sgd"):
+    if not members[0].optimizer.startswith("entropy_sgd"):
       continue
-    baselines = [k for k in experiments if k[:4] == key[:4] and
-                 not k[-1].startswith("entropy_sgd")]
+    baselines = [k for k, others in experiments.items() if k[:4] == key[:4]
+                 and not others[0].optimizer.startswith("entropy_sgd")]
     # The baselines of its own budget; a recipe that gives each optimizer
     # its own budget (the paper's) has none, so all of the recipe's.
     baselines = [k for k in baselines if k[4] == key[4]] or baselines
@@ -299,7 +343,7 @@ def _describe(runs, attribute) -> str:
 def _scatter(runs, name, about, dataset, output_dir) -> str:
   figure = Figure(figsize=(5.5, 4))
   axis = figure.subplots()
-  label_of = lambda r: f"{r.model}, {r.optimizer}, {r.budget} epochs"
+  label_of = lambda r: f"{r.model}, {r.label}, {r.budget} epochs"
   labels = sorted({label_of(r) for r in runs})
   for index, label in enumerate(labels):
     points = [(r.measures[name], r.gap) for r in runs

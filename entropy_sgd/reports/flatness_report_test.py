@@ -29,13 +29,13 @@ def brute_force_tau_b(x, y):
 
 def write_measured(root, name, opt, seed, test_accuracy, train_accuracy,
                    trace, epochs=19.968, validation_accuracy=None,
-                   recalibration=None, landscape_heldout=None):
+                   recalibration=None, landscape_heldout=None, **settings):
   path = os.path.join(root, name)
   for sub in ("flatness", "train"):
     os.makedirs(os.path.join(path, sub))
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({"dataset": "mnist", "model": "lenet", "opt": opt, "L": 20,
-               "seed": seed, "precision": "float32"}, f)
+               "seed": seed, "precision": "float32", **settings}, f)
   summary = {"final_test_accuracy": test_accuracy, "effective_epochs": epochs}
   if validation_accuracy is not None:
     summary["final_validation_accuracy"] = validation_accuracy
@@ -140,6 +140,35 @@ class ReportTest(absltest.TestCase):
     with open(os.path.join(out, "flatness.csv")) as f:
       header = f.readline()
     self.assertIn("heldout_error", header)
+
+  def test_settings_that_move_the_weights_tell_experiments_apart(self):
+    root = self.create_tempdir().full_path
+    paths = [
+        write_measured(root, "n0", "nesterov", 0, 0.99, 1.0, 1.0, lr=0.1),
+        write_measured(root, "n1", "nesterov", 1, 0.99, 1.0, 3.0, lr=0.1),
+        write_measured(root, "h0", "nesterov", 0, 0.99, 1.0, 10.0, lr=0.05),
+        # Evaluation settings only: one experiment of two seeds.
+        write_measured(root, "e0", "entropy_sgd", 0, 0.99, 1.0, 4.0,
+                       recalibration_augment=False),
+        write_measured(root, "e1", "entropy_sgd", 1, 0.99, 1.0, 6.0,
+                       recalibration_augment=True, recalibration_batches=5)]
+    runs = [flatness_report.load(p) for p in paths]
+    flatness_report.label_variants(runs)
+    self.assertEqual([r.label for r in runs],
+                     ["nesterov, lr=0.1", "nesterov, lr=0.1",
+                      "nesterov, lr=0.05", "entropy_sgd (L=20)",
+                      "entropy_sgd (L=20)"])
+    with open(flatness_report.write_report(
+        paths, os.path.join(root, "out"))[0]) as f:
+      text = f.read()
+    # Per experiment: the trace's mean over its own seeds only.
+    self.assertIn("| 20 | nesterov, lr=0.1 | 2 | ", text)
+    self.assertIn("| 20 | nesterov, lr=0.05 | 1 | ", text)
+    self.assertIn("| 20 | entropy_sgd (L=20) | 2 | ", text)
+    self.assertIn(" | 2 ± 1.4 | ", text)  # Traces 1 and 3, not 1, 3, 10.
+    # Entropy-SGD against each baseline: trace 5 - 2 and 5 - 10.
+    self.assertIn("| 20 | nesterov, lr=0.1 | 6 ± ", text)  # lambda_max.
+    self.assertIn("| 20 | nesterov, lr=0.05 | -10 ± n/a | -5 ± n/a |", text)
 
   def test_gaps_of_different_recalibrations_are_not_ranked_together(self):
     root = self.create_tempdir().full_path

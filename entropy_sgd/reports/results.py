@@ -127,6 +127,12 @@ def normalize_config(raw: Dict[str, Any], from_hparams: bool) -> Dict[str, Any]:
   return config
 
 
+def config_from_record(record: Dict[str, Any]) -> Dict[str, Any]:
+  """A run's config.json, as read, normalised (`normalize_config`)."""
+  return normalize_config(run_dir_lib.decode_config(
+      record, config_lib.FLOAT_FIELDS), from_hparams=False)
+
+
 def _read_json(path: str, run_dir: str) -> Dict[str, Any]:
   try:
     with open(path) as f:
@@ -154,9 +160,7 @@ def load_run(run_dir: str) -> Run:
   segments = [events.read_segment(f) for f in files]
   config_path = os.path.join(run_dir, CONFIG_FILE)
   if os.path.exists(config_path):
-    config = normalize_config(run_dir_lib.decode_config(
-        _read_json(config_path, run_dir), config_lib.FLOAT_FIELDS),
-                              from_hparams=False)
+    config = config_from_record(_read_json(config_path, run_dir))
   else:  # Older runs: the hparams summary of the latest segment.
     hparams = [s.hparams for s in segments if s.hparams]
     if not hparams:
@@ -232,6 +236,17 @@ def _format_setting(value: Any) -> str:
   return str(value)
 
 
+def distinguishing_labels(settings: Sequence[Dict[str, Any]]) -> List[str]:
+  """For each of look-alike experiments' settings, those in which they
+  differ, e.g. "lr=0.05, weight_decay=5e-05"; "" for each when alone."""
+  missing = object()
+  names = sorted(set().union(*settings)) if len(settings) > 1 else []
+  differing = [n for n in names
+               if len({repr(s.get(n, missing)) for s in settings}) > 1]
+  return [", ".join(f"{n}={_format_setting(s.get(n))}" for n in differing)
+          for s in settings]
+
+
 @dataclasses.dataclass
 class Group:
   """Runs of one experiment, one per seed."""
@@ -273,17 +288,10 @@ def group_runs(runs: Sequence[Run]) -> List[Group]:
   for group in groups:
     look_alikes.setdefault((group.dataset, group.model, group.optimizer),
                            []).append(group)
-  missing = object()
   for similar in look_alikes.values():
-    if len(similar) < 2:
-      continue
-    names = sorted(set().union(*(g.settings for g in similar)))
-    differing = [n for n in names
-                 if len({repr(g.settings.get(n, missing)) for g in similar})
-                 > 1]
-    for group in similar:
-      group.distinguishing = ", ".join(
-          f"{n}={_format_setting(group.settings.get(n))}" for n in differing)
+    for group, label in zip(similar, distinguishing_labels(
+        [g.settings for g in similar])):
+      group.distinguishing = label
   for group in groups:
     group.runs.sort(key=lambda r: (r.config.get("seed"), r.run_dir))
   return sorted(groups, key=lambda g: (g.dataset, g.model, g.optimizer,

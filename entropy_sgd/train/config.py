@@ -51,13 +51,15 @@ class ConfigError(ValueError):
 
 # What each TrainConfig field says about itself (its dataclasses metadata):
 # the flag's help; when a run reads it (a predicate of the settings dict);
-# whether it tells experiments apart; whether a resume may change it. The
-# flags, --helpfull, the results' grouping and the resume check derive from
-# it.
+# whether it tells experiments apart; whether it moves the weights (an
+# evaluation setting only changes what the run reports); whether a resume
+# may change it. The flags, --helpfull, the results' grouping, the flatness
+# report's and the resume check derive from it.
 HELP = "help"  # Also of other settings dataclasses (landscape.Settings).
 FLAG = "flag"  # Optional: the flag's name, when it is not the field's.
 READ_WHEN = "read_when"
 EXPERIMENT = "experiment"
+MOVES_WEIGHTS = "moves_weights"
 RESUME_MAY_CHANGE_KEY = "resume_may_change"
 # Optional: for a field added after runs were recorded, the value the code
 # behaved as before it existed (a record without the field means it).
@@ -106,10 +108,11 @@ def _recalibrating_augmented(values) -> bool:
 
 
 def _field(default, help_text: str, *, read_when=_always,
-           experiment: bool = True, resume_may_change: bool = False,
-           absent_means=dataclasses.MISSING):
+           experiment: bool = True, moves_weights: bool = True,
+           resume_may_change: bool = False, absent_means=dataclasses.MISSING):
   """A TrainConfig field with its metadata (see HELP, READ_WHEN, ...)."""
   metadata = {HELP: help_text, READ_WHEN: read_when, EXPERIMENT: experiment,
+              MOVES_WEIGHTS: moves_weights,
               RESUME_MAY_CHANGE_KEY: resume_may_change}
   if absent_means is not dataclasses.MISSING:
     metadata[ABSENT_MEANS] = absent_means
@@ -351,17 +354,18 @@ class TrainConfig:
       True,
       "Entropy-SGD: recompute BatchNorm statistics at the anchor "
       "weights before each evaluation.",
-      read_when=_entropy_sgd)
+      read_when=_entropy_sgd, moves_weights=False)
   recalibration_batches: int = _field(
       20,
       "Batches fed to recompute BatchNorm statistics.",
-      read_when=_entropy_sgd)
+      read_when=_entropy_sgd, moves_weights=False)
   recalibration_augment: bool = _field(
       True,
       "Entropy-SGD: augment the recalibration batches as the training "
       "batches (--augment; false: un-augmented, like the reference code's "
       "dry feed, whose recipe did not augment).",
-      read_when=_recalibrating_augmented, absent_means=False)
+      read_when=_recalibrating_augmented, moves_weights=False,
+      absent_means=False)
   log_every_steps: int = _field(
       50,
       "Log and summarise every N outer steps.",
@@ -383,7 +387,7 @@ class TrainConfig:
       "flatness/hessian_trace at x: 10 power and 10 Hutchinson "
       "iterations of the Hessian on 2 fixed training batches "
       "(docs/flatness.md). Unset: off.",
-      resume_may_change=True)
+      moves_weights=False, resume_may_change=True)
   keep_checkpoints: int = _field(
       3,
       "Checkpoints kept in the run directory.",
@@ -449,6 +453,13 @@ def unread_fields(values) -> frozenset:
 NOT_EXPERIMENT_FIELDS = frozenset(
     f.name for f in dataclasses.fields(TrainConfig)
     if not f.metadata[EXPERIMENT])
+
+
+# Experiment fields that change what a run reports, never its weights: runs
+# that differ only in them (and the seed) share their final weights' law.
+EVALUATION_ONLY_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(TrainConfig)
+    if f.metadata[EXPERIMENT] and not f.metadata[MOVES_WEIGHTS])
 
 
 # Fields a resumed run may change: they only extend the run (its budget,

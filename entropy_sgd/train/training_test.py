@@ -246,6 +246,23 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
     self.assertAllClose(resumed["final_validation_accuracy"],
                         whole["final_validation_accuracy"])
 
+  def test_evaluation_only_settings_do_not_move_the_weights(self):
+    log_dir = self.create_tempdir().full_path
+    common = dict(deterministic=True, validation_examples=40,
+                  augment="flip_crop", eval_every_steps=4)
+    changed = dict(recalibrate_bn=False, recalibration_batches=1,
+                   recalibration_augment=False, track_flatness_every_steps=3)
+    self.assertEqual(set(changed), config_lib.EVALUATION_ONLY_FIELDS)
+    runs = [training.train(tiny_config("entropy_sgd", log_dir, run_name=name,
+                                       **common, **settings))
+            for name, settings in (("default", {}), ("changed", changed))]
+    weights = [checkpoints.checkpoint_model_variables(r["run_dir"])
+               for r in runs]
+    trained = [n for n in weights[0] if "moving_" not in n]
+    self.assertNotEmpty(trained)
+    for name in trained:
+      self.assertAllEqual(weights[1][name], weights[0][name], msg=name)
+
   def test_divergence_keeps_the_last_good_checkpoint(self):
     log_dir = self.create_tempdir().full_path
     good = training.train(tiny_config("sgd", log_dir, run_name="run"))

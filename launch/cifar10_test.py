@@ -1,8 +1,9 @@
 """The launchers as a user runs them: help, smoke runs and bad input.
 
-Each case runs the real launcher binary in a subprocess and checks its exit
-code and output: errors are one line, without a Python traceback, and come
-before any training starts.
+Each case checks the real launcher's exit code and output: errors are one
+line, without a Python traceback, and come before any training starts. The
+binary runs in a subprocess, except in the bad-input matrices, whose cases
+run its `run` in process; one case per way out stays in a subprocess.
 """
 
 import json
@@ -14,8 +15,11 @@ from absl.testing import parameterized
 import tensorflow as tf
 
 from launch.launcher_testing import error_lines
+from launch.launcher_testing import run_in_process
 from launch.launcher_testing import run_launcher
 from launch.launcher_testing import TESTDATA
+
+CIFAR10 = os.path.join(TESTDATA, "cifar10")
 
 
 TINY = ["--model=wrn-10-1", "--batch_size=20", "--log_every_steps=1",
@@ -149,11 +153,30 @@ class LauncherTest(parameterized.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertTrue(os.path.isdir(os.path.join(work, "runs")))
 
+  def assert_one_line_and_no_run(self, result, message, log_dir):
+    self.assertNotEqual(result.returncode, 0)
+    self.assertNotIn("Traceback", result.stderr)
+    errors = error_lines(result)
+    self.assertLen(errors, 1, result.stderr[-2000:])
+    self.assertRegex(errors[0], message)
+    self.assertEmpty(os.listdir(log_dir))  # No run directory is left.
+
+  @parameterized.named_parameters(
+      # Both ways out of a launcher: its own `error:` line, absl's flag error.
+      ("config_error", ["--opt=entropy_sgd", "--L=0"], "--L must be >= 1"),
+      ("flag_parsing", ["--opt=rmsprop"], "--opt"),
+  )
+  def test_bad_input_is_one_line_from_the_binary(self, args, message):
+    log_dir = self.create_tempdir().full_path
+    result = run_launcher("cifar10", f"--log_dir={log_dir}",
+                          f"--data_dir={CIFAR10}", *args)
+    self.assertEqual(result.returncode, 1)
+    self.assert_one_line_and_no_run(result, message, log_dir)
+
+  # The rest in process (`run_in_process`: the binary's flags and exit, no
+  # new process); settings config.validate refuses are in config_test.
   @parameterized.named_parameters(
       ("zero_L", ["--opt=entropy_sgd", "--L=0"], "--L must be >= 1"),
-      # Settings refused by config.validate are checked in process
-      # (config_test's ValidationTest); one here proves the one-line exit.
-      ("unknown_opt", ["--opt=rmsprop"], "--opt"),
       ("batch_not_divisible", ["--strategy=mirrored", "--num_devices=2",
                                "--batch_size=7"], "not divisible by the 2"),
       ("missing_data", ["--data_dir=/nonexistent/cifar"], "--data_dir"),
@@ -168,15 +191,11 @@ class LauncherTest(parameterized.TestCase):
   def test_bad_input_is_one_line(self, args, message):
     log_dir = self.create_tempdir().full_path
     data_args = ([] if any(a.startswith("--data_dir") for a in args)
-                 else [f"--data_dir={os.path.join(TESTDATA, 'cifar10')}"])
-    result = run_launcher("cifar10", f"--log_dir={log_dir}", *data_args,
-                          *args)
-    self.assertNotEqual(result.returncode, 0)
-    self.assertNotIn("Traceback", result.stderr)
-    errors = error_lines(result)
-    self.assertLen(errors, 1, result.stderr[-2000:])
-    self.assertRegex(errors[0], message)
-    self.assertEmpty(os.listdir(log_dir))  # No run directory is left.
+                 else [f"--data_dir={CIFAR10}"])
+    result = run_in_process("cifar10", f"--log_dir={log_dir}", *data_args,
+                            *args)
+    self.assertEqual(result.returncode, 1)
+    self.assert_one_line_and_no_run(result, message, log_dir)
 
   @parameterized.named_parameters(
       ("not_json", "{cluster", "invalid TF_CONFIG"),
@@ -187,38 +206,31 @@ class LauncherTest(parameterized.TestCase):
   )
   def test_invalid_tf_config_is_one_line(self, tf_config, message):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher(
+    result = run_in_process(
         "cifar10", "--strategy=multi_worker", f"--log_dir={log_dir}",
-        f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
-        tf_config=tf_config)
-    self.assertNotEqual(result.returncode, 0)
-    self.assertNotIn("Traceback", result.stderr)
-    self.assertLen(error_lines(result), 1, result.stderr[-2000:])
-    self.assertRegex(error_lines(result)[0], message)
-    self.assertEmpty(os.listdir(log_dir))
+        f"--data_dir={CIFAR10}", tf_config=tf_config)
+    self.assertEqual(result.returncode, 1)
+    self.assert_one_line_and_no_run(result, message, log_dir)
 
   def test_truncated_data_file(self):
     data_dir = self.create_tempdir().full_path
-    shutil.copytree(os.path.join(TESTDATA, "cifar10", "cifar-10-batches-bin"),
+    shutil.copytree(os.path.join(CIFAR10, "cifar-10-batches-bin"),
                     os.path.join(data_dir, "cifar-10-batches-bin"))
     victim = os.path.join(data_dir, "cifar-10-batches-bin",
                           "data_batch_3.bin")
     with open(victim, "r+b") as f:
       f.truncate(os.path.getsize(victim) - 100)
-    result = run_launcher("cifar10", f"--data_dir={data_dir}",
-                          f"--log_dir={self.create_tempdir().full_path}")
-    self.assertNotEqual(result.returncode, 0)
-    self.assertNotIn("Traceback", result.stderr)
-    self.assertLen(error_lines(result), 1, result.stderr[-2000:])
-    self.assertIn("data_batch_3.bin", error_lines(result)[0])
+    log_dir = self.create_tempdir().full_path
+    result = run_in_process("cifar10", f"--data_dir={data_dir}",
+                            f"--log_dir={log_dir}")
+    self.assertEqual(result.returncode, 1)
+    self.assert_one_line_and_no_run(result, "data_batch_3.bin", log_dir)
 
   def test_unwritable_log_dir(self):
     blocker = self.create_tempfile().full_path
-    result = run_launcher(
-        "cifar10", f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
-        f"--log_dir={blocker}/runs")
-    self.assertNotEqual(result.returncode, 0)
-    self.assertNotIn("Traceback", result.stderr)
+    result = run_in_process("cifar10", f"--data_dir={CIFAR10}",
+                            f"--log_dir={blocker}/runs")
+    self.assertEqual(result.returncode, 1)
     self.assertRegex(error_lines(result)[0], "--log_dir: cannot write")
 
 

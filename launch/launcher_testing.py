@@ -1,8 +1,11 @@
 """What the launcher tests share: how to start a launcher as a user would."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTDATA = os.path.join(HERE, "..", "testdata")
@@ -36,6 +39,41 @@ def run_launcher(dataset, *args, cwd=None, tf_config=None, timeout=600,
   return subprocess.run(
       launcher_command(dataset) + list(args), capture_output=True, text=True,
       timeout=timeout, env=launcher_env(**overrides), cwd=cwd)
+
+
+def run_in_process(dataset, *args, tf_config=None, env=None):
+  """Runs the launcher's `run` in this process; a CompletedProcess.
+
+  The same flag definitions, parsing and `error:` exit as the binary, on a
+  fresh set of flags, without the seconds a new process spends importing
+  TensorFlow. For the cases that fail before training: bad flags, settings,
+  data, TF_CONFIG. What only a process shows (absl's own flag errors, log
+  lines, exit codes as the shell sees them) stays with `run_launcher`.
+  `returncode` is the SystemExit code (0 without one); stdout and stderr
+  are what `run` printed.
+  """
+  # Here, not at the top: tests that only start processes skip TensorFlow.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from entropy_sgd.cli import launcher  # pylint: disable=g-import-not-at-top
+  flag_values = flags.FlagValues()
+  launcher.define_flags(dataset, flag_values)
+  flag_values([dataset, *args])
+  environ = {"TF_CONFIG": tf_config} if tf_config is not None else {}
+  environ.update(env or {})
+  stdout, stderr = io.StringIO(), io.StringIO()
+  code = 0
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(mock.patch.dict(os.environ, environ))
+    if tf_config is None:
+      os.environ.pop("TF_CONFIG", None)
+    stack.enter_context(contextlib.redirect_stdout(stdout))
+    stack.enter_context(contextlib.redirect_stderr(stderr))
+    try:
+      launcher.run(dataset, flag_values)
+    except SystemExit as e:
+      code = e.code
+  return subprocess.CompletedProcess([dataset, *args], code, stdout.getvalue(),
+                                     stderr.getvalue())
 
 
 def error_lines(result):

@@ -39,31 +39,36 @@ def _preset_note(name, dataset):
   return " [" + ", ".join(f"{key}: {v!r}" for key, v in values.items()) + "]"
 
 
-def define_flags(dataset: str = "cifar10"):
+def define_flags(dataset: str = "cifar10",
+                 flag_values: flags.FlagValues = flags.FLAGS):
   """Defines one flag per TrainConfig field, defaulting to 'from preset'.
 
-  Also `--seeds`, and appends the preset table of `dataset` to the main
-  module's docstring, which `--help` prints.
+  Also `--seeds`. Into the global flags (a launcher's), it also appends the
+  preset table of `dataset` to the main module's docstring, which `--help`
+  prints; tests pass their own `flag_values`.
   """
-  if "log_dir" in flags.FLAGS:  # absl.logging's, for log files we never write.
-    delattr(flags.FLAGS, "log_dir")
-  main = sys.modules["__main__"]
-  main.__doc__ = (main.__doc__ or "") + (
-      f"\nPresets (sources: docs/training.md):\n"
-      f"{config_lib.describe_presets(dataset)}\n"
-      f"\nThe paper's recipe (--recipe=paper), each value with its source "
-      f"(Sec.: the ICLR 2017 text; see config.py):\n"
-      f"{config_lib.describe_paper_recipe(dataset)}\n")
+  if "log_dir" in flag_values:  # absl.logging's, for log files we never write.
+    delattr(flag_values, "log_dir")
+  if flag_values is flags.FLAGS:
+    main = sys.modules["__main__"]
+    main.__doc__ = (main.__doc__ or "") + (
+        f"\nPresets (sources: docs/training.md):\n"
+        f"{config_lib.describe_presets(dataset)}\n"
+        f"\nThe paper's recipe (--recipe=paper), each value with its source "
+        f"(Sec.: the ICLR 2017 text; see config.py):\n"
+        f"{config_lib.describe_paper_recipe(dataset)}\n")
   flags.DEFINE_list(
       "seeds", None, "Run these seeds one after another (each its own run "
       "directory, named by its seed); finished runs are skipped, a killed "
-      "one resumes. Overrides --seed.")
+      "one resumes. Overrides --seed.", flag_values=flag_values)
   flags.DEFINE_enum("opt", "nesterov", config_lib.OPTIMIZERS,
-                    _help_of("opt") + _preset_note("opt", dataset))
+                    _help_of("opt") + _preset_note("opt", dataset),
+                    flag_values=flag_values)
   dataclass_flags.define(
       config_lib.TrainConfig, use_field_defaults=False,
       skip=("dataset", "opt"),
-      extra_help=lambda name: _preset_note(name, dataset))
+      extra_help=lambda name: _preset_note(name, dataset),
+      flag_values=flag_values)
 
 
 def _help_of(name):
@@ -72,11 +77,13 @@ def _help_of(name):
               if f.name == name)
 
 
-def config_from_flags(dataset: str) -> config_lib.TrainConfig:
+def config_from_flags(dataset: str, flag_values: flags.FlagValues = flags.FLAGS
+                      ) -> config_lib.TrainConfig:
   """The preset of --opt with every flag given on the command line."""
   try:
     overrides = dataclass_flags.values(
-        config_lib.TrainConfig, skip=("dataset",), number=_int_or_float)
+        config_lib.TrainConfig, skip=("dataset",), number=_int_or_float,
+        flag_values=flag_values)
   except dataclass_flags.FlagError as e:
     raise config_lib.ConfigError(str(e)) from None
   opt = overrides.pop("opt")
@@ -88,16 +95,16 @@ def _int_or_float(text: str):
   return int(value) if value.is_integer() else value
 
 
-def _seeds():
+def _seeds(flag_values: flags.FlagValues):
   try:
-    seeds = [int(s) for s in flags.FLAGS.seeds or []]
+    seeds = [int(s) for s in flag_values.seeds or []]
   except ValueError:
     raise config_lib.ConfigError(
         f"--seeds must be integers, e.g. --seeds=0,1,2; got "
-        f"{','.join(flags.FLAGS.seeds)}.") from None
+        f"{','.join(flag_values.seeds)}.") from None
   if len(set(seeds)) != len(seeds):
     raise config_lib.ConfigError(f"--seeds repeats a seed: {seeds}.")
-  if seeds and flags.FLAGS.run_name:
+  if seeds and flag_values.run_name:
     raise config_lib.ConfigError(
         "--seeds names each run by its seed; drop --run_name.")
   return seeds
@@ -108,12 +115,12 @@ EXIT_DIVERGED = 3  # NaN/Inf: an `error:` line naming the last good checkpoint.
 EXIT_PREEMPTED = 75  # SIGTERM/SIGINT: checkpoint saved; rerun to resume.
 
 
-def run(dataset: str):
+def run(dataset: str, flag_values: flags.FlagValues = flags.FLAGS):
   """Main of a launcher: train, or exit non-zero with a one-line message."""
   logging.info(onednn.launcher_message())
   try:
-    config = config_from_flags(dataset)
-    seeds = _seeds()
+    config = config_from_flags(dataset, flag_values)
+    seeds = _seeds(flag_values)
     statistics = {}  # The seeds' runs fit the normalisation once.
     if not seeds:
       summaries = [training.train(config)]

@@ -176,7 +176,6 @@ class LauncherTest(parameterized.TestCase):
   # The rest in process (`run_in_process`: the binary's flags and exit, no
   # new process); settings config.validate refuses are in config_test.
   @parameterized.named_parameters(
-      ("zero_L", ["--opt=entropy_sgd", "--L=0"], "--L must be >= 1"),
       ("batch_not_divisible", ["--strategy=mirrored", "--num_devices=2",
                                "--batch_size=7"], "not divisible by the 2"),
       ("missing_data", ["--data_dir=/nonexistent/cifar"], "--data_dir"),

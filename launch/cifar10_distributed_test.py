@@ -1,8 +1,13 @@
 """The CIFAR-10 launcher on several devices and several worker processes.
 
-Every run is a subprocess of the real launcher: logical CPU devices must be
-configured before TensorFlow starts (so 2 and 4 devices need two processes),
-and MultiWorkerMirroredStrategy needs one process per worker. Each run is a
+One device and 2 replicas run the launcher in process, on 2 logical CPUs
+configured before TensorFlow starts (`setUpModule`). 4 replicas run in a
+subprocess: a second MirroredStrategy of another size in one process reuses
+the first's collective group keys, and TensorFlow refuses the synchronised
+BatchNorm's all-reduce ("joining a group with size4, but that group has
+size 2"). MultiWorkerMirroredStrategy needs one process per worker. BUILD
+sets TF_ENABLE_ONEDNN_OPTS=1, as the launchers do, so all compute alike.
+Each run is a
 tiny Entropy-SGD run (WRN-10-1, L = 2, 2 outer steps, then BatchNorm
 recalibration, evaluation and a checkpoint) with synchronised BatchNorm and
 op determinism, on testdata/.
@@ -17,10 +22,14 @@ import subprocess
 from absl.testing import absltest
 import numpy as np
 
+from entropy_sgd.core import distribution
 from entropy_sgd.train import checkpoints
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
+from launch.launcher_testing import run_in_process
+from launch.launcher_testing import run_launcher
 from launch.launcher_testing import TESTDATA
+
 TINY_ENTROPY_SGD = [
     "--opt=entropy_sgd", "--L=2", "--max_steps=2", "--model=wrn-10-1",
     "--batch_size=20", "--lr=0.5", "--langevin_lr=0.05",
@@ -39,6 +48,10 @@ def free_ports(count):
   return ports
 
 
+def setUpModule():
+  distribution.logical_cpus(2)
+
+
 class MirroredTest(absltest.TestCase):
 
   def test_2_and_4_replicas_follow_one_device(self):
@@ -48,10 +61,9 @@ class MirroredTest(absltest.TestCase):
             "mirrored4": ["--strategy=mirrored", "--num_devices=4"]}
     checksums = {}
     for name, args in runs.items():  # One at a time: 2 cores.
-      result = subprocess.run(
-          launcher_command("cifar10") + TINY_ENTROPY_SGD + args +
-          [f"--log_dir={log_dir}", f"--run_name={name}"],
-          capture_output=True, text=True, timeout=900, env=launcher_env())
+      run = run_launcher if name == "mirrored4" else run_in_process
+      result = run("cifar10", *TINY_ENTROPY_SGD, *args,
+                   f"--log_dir={log_dir}", f"--run_name={name}")
       self.assertEqual(result.returncode, 0, result.stderr[-3000:])
       self.assertIn("summary: outer_steps=2", result.stdout)
       checksums[name] = float(CHECKSUM.search(result.stderr).group(1))

@@ -1,9 +1,10 @@
 """The launchers as a user runs them: help, smoke runs and bad input.
 
 Each case checks the real launcher's exit code and output: errors are one
-line, without a Python traceback, and come before any training starts. The
-binary runs in a subprocess, except in the bad-input matrices, whose cases
-run its `run` in process; one case per way out stays in a subprocess.
+line, without a Python traceback, and come before any training starts. Most
+cases run the launcher's `run` in process (`run_in_process`: its flags,
+presets and exit, without a new TensorFlow process); `--help`, a smoke run
+of each binary and one case per way out of it run in a subprocess.
 """
 
 import json
@@ -14,6 +15,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import tensorflow as tf
 
+from entropy_sgd.core import distribution
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import run_in_process
 from launch.launcher_testing import run_launcher
@@ -24,6 +26,12 @@ CIFAR10 = os.path.join(TESTDATA, "cifar10")
 
 TINY = ["--model=wrn-10-1", "--batch_size=20", "--log_every_steps=1",
         "--recalibration_batches=1"]
+
+
+def setUpModule():
+  # Two logical CPUs before TensorFlow starts, for the in-process Parle run
+  # on two devices; one-device runs use the first.
+  distribution.logical_cpus(2)
 
 
 class LauncherTest(parameterized.TestCase):
@@ -42,6 +50,7 @@ class LauncherTest(parameterized.TestCase):
   def test_smoke_run(self, dataset, opt):
     log_dir = self.create_tempdir().full_path
     data_dir = os.path.join(TESTDATA, dataset + "_gz")
+    # A subprocess: the binaries as a user starts them.
     result = run_launcher(dataset, f"--opt={opt}", "--L=2", "--max_steps=2",
                           f"--data_dir={data_dir}", f"--log_dir={log_dir}",
                           *TINY)
@@ -57,7 +66,7 @@ class LauncherTest(parameterized.TestCase):
   @parameterized.parameters("mixed_bfloat16", "mixed_float16")
   def test_mixed_precision_keeps_float32_state(self, precision):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher(
+    result = run_in_process(
         "cifar10", "--opt=entropy_sgd", f"--precision={precision}", "--L=2",
         "--max_steps=2", f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
         f"--log_dir={log_dir}", *TINY)
@@ -78,7 +87,7 @@ class LauncherTest(parameterized.TestCase):
 
   def test_allcnn_smoke_run(self):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher(
+    result = run_in_process(
         "cifar10", "--model=allcnn", "--max_steps=1", "--batch_size=20",
         f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
         f"--log_dir={log_dir}")
@@ -91,7 +100,7 @@ class LauncherTest(parameterized.TestCase):
   @parameterized.parameters("nesterov", "entropy_sgd")
   def test_paper_recipe_whitens_and_does_not_augment(self, opt):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher(
+    result = run_in_process(
         "cifar10", "--recipe=paper", "--model=allcnn", f"--opt={opt}",
         "--L=2", "--max_steps=1", "--batch_size=20",
         f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
@@ -110,7 +119,7 @@ class LauncherTest(parameterized.TestCase):
   @parameterized.parameters(([], "sam"), (["--sam_adaptive"], "asam"))
   def test_sam_smoke_run(self, extra, name):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher(
+    result = run_in_process(
         "cifar10", "--opt=sam", *extra, "--max_steps=3", *TINY,
         f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
         f"--log_dir={log_dir}")
@@ -129,7 +138,7 @@ class LauncherTest(parameterized.TestCase):
 
   def test_parle_on_two_devices(self):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher(
+    result = run_in_process(
         "cifar10", "--opt=entropy_sgd", "--parle", "--rho=1",
         "--strategy=mirrored", "--num_devices=2", "--L=2", "--max_steps=2",
         f"--data_dir={os.path.join(TESTDATA, 'cifar10')}",
@@ -144,12 +153,9 @@ class LauncherTest(parameterized.TestCase):
     work = self.create_tempdir().full_path
     shutil.copytree(os.path.join(TESTDATA, "cifar10"),
                     os.path.join(work, "data"))
-    os.environ["BUILD_WORKING_DIRECTORY"] = work
-    try:
-      result = run_launcher("cifar10", "--opt=sgd", "--max_steps=1",
-                            "--data_dir=data", "--log_dir=runs", *TINY)
-    finally:
-      del os.environ["BUILD_WORKING_DIRECTORY"]
+    result = run_in_process("cifar10", "--opt=sgd", "--max_steps=1",
+                            "--data_dir=data", "--log_dir=runs", *TINY,
+                            env={"BUILD_WORKING_DIRECTORY": work})
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertTrue(os.path.isdir(os.path.join(work, "runs")))
 

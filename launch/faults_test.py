@@ -1,5 +1,9 @@
 """Faults through the real launcher: divergence saves nothing, SIGTERM loses
 nothing.
+
+The launcher runs in process (`run_in_process`), except the run that takes
+SIGTERM, which must be a process; BUILD sets TF_ENABLE_ONEDNN_OPTS, so both
+compute alike.
 """
 
 import glob
@@ -16,7 +20,7 @@ from entropy_sgd.train import checkpoints
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
-from launch.launcher_testing import run_launcher
+from launch.launcher_testing import run_in_process
 from launch.launcher_testing import TESTDATA
 
 MNIST = os.path.join(TESTDATA, "mnist")
@@ -48,15 +52,15 @@ class DivergenceTest(parameterized.TestCase):
               "--batch_size=20", "--log_every_steps=1", "--eval_every_steps=2",
               "--keep_checkpoints=2", "--run_name=run"]
     opt = diverging_args[0]
-    good = run_launcher("mnist", opt, "--L=2", "--max_steps=4", *common)
+    good = run_in_process("mnist", opt, "--L=2", "--max_steps=4", *common)
     self.assertEqual(good.returncode, 0, good.stderr[-3000:])
     checkpoint_dir = os.path.join(log_dir, "run", "checkpoints")
     before = {p: open(p, "rb").read()
               for p in glob.glob(os.path.join(checkpoint_dir, "*"))}
 
     # Resuming under a new --lr is another experiment: say so.
-    result = run_launcher("mnist", *diverging_args, "--max_steps=12",
-                          "--allow_config_change", *common)
+    result = run_in_process("mnist", *diverging_args, "--max_steps=12",
+                            "--allow_config_change", *common)
     self.assertEqual(result.returncode, EXIT_DIVERGED, result.stderr[-3000:])
     self.assertNotIn("Traceback", result.stderr)
     errors = error_lines(result)
@@ -79,7 +83,7 @@ class PreemptionTest(absltest.TestCase):
     args = ["--opt=entropy_sgd", "--model=mnistfc", "--L=2", "--epochs=4",
             "--deterministic", f"--data_dir={MNIST}", f"--log_dir={log_dir}",
             "--batch_size=20", "--log_every_steps=1"]
-    whole = run_launcher("mnist", *args, "--run_name=whole")
+    whole = run_in_process("mnist", *args, "--run_name=whole")
     self.assertEqual(whole.returncode, 0, whole.stderr[-3000:])
 
     command = launcher_command("mnist") + args + ["--run_name=cut"]
@@ -99,7 +103,7 @@ class PreemptionTest(absltest.TestCase):
     self.assertBetween(saved_step, 13, 39)
     self.assertNotEqual(saved_step % 10, 0)  # Not an epoch checkpoint.
 
-    resumed = run_launcher("mnist", *args, "--run_name=cut")
+    resumed = run_in_process("mnist", *args, "--run_name=cut")
     self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
     self.assertIn("Resuming from", resumed.stderr)
     expected = checkpoints.checkpoint_model_variables(

@@ -1,4 +1,8 @@
-"""//launch:landscape on tiny real runs of //launch:mnist, as a user runs it."""
+"""//launch:landscape on tiny real runs of //launch:mnist, as a user runs it.
+
+The runs train in process (`run_in_process`); //launch:landscape runs as a
+binary.
+"""
 
 import json
 import os
@@ -15,7 +19,7 @@ from entropy_sgd.train import checkpoints
 from launch.launcher_testing import error_lines
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
-from launch.launcher_testing import run_launcher
+from launch.launcher_testing import run_in_process
 from launch.launcher_testing import TESTDATA
 
 MNIST = os.path.join(TESTDATA, "mnist")
@@ -30,7 +34,7 @@ SMALL = ["--batches=2", "--top_k=3", "--lanczos_iterations=8", "--probes=4",
 
 
 def train(log_dir, name, *args):
-  result = run_launcher(
+  result = run_in_process(
       "mnist", "--model=mnistfc", "--batch_size=20", "--max_steps=3",
       f"--data_dir={MNIST}", f"--log_dir={log_dir}", f"--run_name={name}",
       "--recalibration_batches=1", *args)
@@ -166,9 +170,9 @@ class LandscapeLauncherTest(parameterized.TestCase):
       np.testing.assert_array_equal(value, untracked[name], err_msg=name)
 
   def test_bad_tracking_interval_is_one_line(self):
-    result = run_launcher("mnist", "--track_flatness_every_steps=0",
-                          f"--data_dir={MNIST}",
-                          f"--log_dir={os.path.join(self.root, 'bad')}")
+    result = run_in_process("mnist", "--track_flatness_every_steps=0",
+                            f"--data_dir={MNIST}",
+                            f"--log_dir={os.path.join(self.root, 'bad')}")
     self.assertEqual(result.returncode, 1)
     errors = error_lines(result)
     self.assertLen(errors, 1, result.stderr[-2000:])

@@ -46,11 +46,12 @@ def run_in_process(dataset, *args, tf_config=None, env=None):
 
   The same flag definitions, parsing and `error:` exit as the binary, on a
   fresh set of flags, without the seconds a new process spends importing
-  TensorFlow. For the cases that fail before training: bad flags, settings,
-  data, TF_CONFIG. What only a process shows (absl's own flag errors, log
-  lines, exit codes as the shell sees them) stays with `run_launcher`.
-  `returncode` is the SystemExit code (0 without one); stdout and stderr
-  are what `run` printed.
+  TensorFlow: bad flags, settings, data and TF_CONFIG, and training runs
+  whose result, not their process, is under test. What only a process shows
+  (absl's own flag errors, exit codes as the shell sees them, signals, the
+  oneDNN setting the binary makes before TensorFlow starts) stays with
+  `run_launcher`. `returncode` is the SystemExit code (0 without one);
+  stdout is what `run` printed, stderr that and its absl log lines.
   """
   # Here, not at the top: tests that only start processes skip TensorFlow.
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -63,6 +64,7 @@ def run_in_process(dataset, *args, tf_config=None, env=None):
   stdout, stderr = io.StringIO(), io.StringIO()
   code = 0
   with contextlib.ExitStack() as stack:
+    stack.enter_context(_log_lines_into(stderr))
     stack.enter_context(mock.patch.dict(os.environ, environ))
     if tf_config is None:
       os.environ.pop("TF_CONFIG", None)
@@ -74,6 +76,25 @@ def run_in_process(dataset, *args, tf_config=None, env=None):
       code = e.code
   return subprocess.CompletedProcess([dataset, *args], code, stdout.getvalue(),
                                      stderr.getvalue())
+
+
+@contextlib.contextmanager
+def _log_lines_into(stream):
+  """Sends Python logging's INFO and higher records, formatted as absl
+  prints them, to `stream` alone (not also to the test's log)."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  handler = logging.StreamHandler(stream)
+  handler.setFormatter(absl_logging.PythonFormatter())
+  root, absl_logger = logging.getLogger(), logging.getLogger("absl")
+  handlers, level = root.handlers[:], absl_logger.level
+  root.handlers[:] = [handler]
+  absl_logger.setLevel(min(level or logging.INFO, logging.INFO))
+  try:
+    yield
+  finally:
+    root.handlers[:] = handlers
+    absl_logger.setLevel(level)
 
 
 def error_lines(result):

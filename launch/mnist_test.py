@@ -1,7 +1,8 @@
 """The MNIST launcher as a user runs it: smoke runs, seeds, loops, bad data.
 
-Bad flags and data run the launcher's `run` in process (`run_in_process`);
-one corrupt file goes through the binary.
+The launcher's `run` runs in process (`run_in_process`: the binary's flags,
+presets and exit, without a new TensorFlow process); one smoke run, `--help`
+and one corrupt file go through the binary.
 """
 
 import gzip
@@ -33,13 +34,13 @@ def copy_mnist(destination):
 
 class MnistLauncherTest(parameterized.TestCase):
 
-  @parameterized.parameters(("mnistfc", "entropy_sgd", "mnist"),
-                            ("lenet", "entropy_sgd", "mnist_gz"),
-                            ("lenet", "sgd", "mnist"),
-                            ("mnistfc", "nesterov", "mnist_gz"))
-  def test_smoke_run(self, model, opt, folder):
+  @parameterized.parameters(("mnistfc", "entropy_sgd", "mnist", run_in_process),
+                            ("lenet", "entropy_sgd", "mnist_gz", run_launcher),
+                            ("lenet", "sgd", "mnist", run_in_process),
+                            ("mnistfc", "nesterov", "mnist_gz", run_in_process))
+  def test_smoke_run(self, model, opt, folder, run):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher("mnist", f"--opt={opt}", f"--model={model}",
+    result = run("mnist", f"--opt={opt}", f"--model={model}",
                           "--L=2", "--max_steps=5",
                           f"--data_dir={os.path.join(TESTDATA, folder)}",
                           f"--log_dir={log_dir}", *TINY)
@@ -65,7 +66,7 @@ class MnistLauncherTest(parameterized.TestCase):
                          opt=("adam", "entropy_sgd"))
   def test_paper_recipe_records_the_papers_values(self, model, opt):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher("mnist", "--recipe=paper", f"--opt={opt}",
+    result = run_in_process("mnist", "--recipe=paper", f"--opt={opt}",
                           f"--model={model}", "--max_steps=3",
                           f"--data_dir={MNIST}", f"--log_dir={log_dir}",
                           "--L=2" if opt == "entropy_sgd" else "--L=20",
@@ -101,7 +102,7 @@ class MnistLauncherTest(parameterized.TestCase):
                             ("lenet", "mixed_float16"))
   def test_mixed_precision_smoke_run(self, model, precision):
     log_dir = self.create_tempdir().full_path
-    result = run_launcher("mnist", "--opt=nesterov", f"--model={model}",
+    result = run_in_process("mnist", "--opt=nesterov", f"--model={model}",
                           f"--precision={precision}", "--max_steps=3",
                           f"--data_dir={MNIST}", f"--log_dir={log_dir}",
                           *TINY)
@@ -128,7 +129,7 @@ class MnistLauncherTest(parameterized.TestCase):
               "--deterministic", f"--data_dir={MNIST}", f"--log_dir={log_dir}",
               "--batch_size=20", "--log_every_steps=10"]
     for name, loop in (("one", "1"), ("seven", "7")):
-      result = run_launcher("mnist", *common, f"--steps_per_loop={loop}",
+      result = run_in_process("mnist", *common, f"--steps_per_loop={loop}",
                             f"--run_name={name}")
       self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     one = checkpoints.checkpoint_model_variables(os.path.join(log_dir, "one"))
@@ -146,12 +147,12 @@ class MnistLauncherTest(parameterized.TestCase):
     log_dir = self.create_tempdir().full_path
     args = ["--opt=sgd", "--model=mnistfc", "--epochs=1", f"--data_dir={MNIST}",
             f"--log_dir={log_dir}", *TINY]
-    first = run_launcher("mnist", *args, "--seeds=0,1")
+    first = run_in_process("mnist", *args, "--seeds=0,1")
     self.assertEqual(first.returncode, 0, first.stderr[-3000:])
     self.assertEqual(first.stdout.count("summary: outer_steps=10"), 2)
     self.assertCountEqual(os.listdir(log_dir), [
         "mnist_mnistfc_sgd_seed0", "mnist_mnistfc_sgd_seed1"])
-    again = run_launcher("mnist", *args, "--seeds=0,1,2")
+    again = run_in_process("mnist", *args, "--seeds=0,1,2")
     self.assertEqual(again.returncode, 0, again.stderr[-3000:])
     self.assertEqual(again.stderr.count("already finished"), 2)
     self.assertLen(os.listdir(log_dir), 3)
@@ -164,7 +165,7 @@ class MnistLauncherTest(parameterized.TestCase):
     args = ["--opt=entropy_sgd", "--model=mnistfc", "--L=2",
             f"--data_dir={MNIST}", f"--log_dir={log_dir}", "--run_name=run",
             *TINY]
-    first = run_launcher("mnist", *args, "--noise_kernel=off",
+    first = run_in_process("mnist", *args, "--noise_kernel=off",
                          "--max_steps=2")
     self.assertEqual(first.returncode, 0, first.stderr[-3000:])
     path = os.path.join(log_dir, "run", "config.json")
@@ -175,7 +176,7 @@ class MnistLauncherTest(parameterized.TestCase):
     config["noise_implementation"] = "kernel"
     with open(path, "w") as f:
       json.dump(config, f)
-    refused = run_launcher("mnist", *args, "--noise_kernel=off",
+    refused = run_in_process("mnist", *args, "--noise_kernel=off",
                            "--max_steps=4")
     self.assertEqual(refused.returncode, 1)
     self.assertNotIn("Traceback", refused.stderr)
@@ -186,7 +187,7 @@ class MnistLauncherTest(parameterized.TestCase):
     self.assertIn("--noise_kernel=on, on a machine where the kernel loads",
                   errors[0])
     self.assertIn("--allow_config_change", errors[0])
-    accepted = run_launcher("mnist", *args, "--noise_kernel=off",
+    accepted = run_in_process("mnist", *args, "--noise_kernel=off",
                             "--max_steps=4", "--allow_config_change")
     self.assertEqual(accepted.returncode, 0, accepted.stderr[-3000:])
     self.assertIn("summary: outer_steps=4", accepted.stdout)

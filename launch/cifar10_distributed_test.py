@@ -1,5 +1,9 @@
 """The CIFAR-10 launcher on several devices and several worker processes.
 
+Each run is a tiny Entropy-SGD run (WRN-10-1, L = 2, 2 outer steps, then
+BatchNorm recalibration, evaluation and a checkpoint) with synchronised
+BatchNorm and op determinism, on testdata/.
+
 One device and 2 replicas run the launcher in process, on 2 logical CPUs
 configured before TensorFlow starts (`setUpModule`). 4 replicas run in a
 subprocess: a second MirroredStrategy of another size in one process reuses
@@ -7,10 +11,6 @@ the first's collective group keys, and TensorFlow refuses the synchronised
 BatchNorm's all-reduce ("joining a group with size4, but that group has
 size 2"). MultiWorkerMirroredStrategy needs one process per worker. BUILD
 sets TF_ENABLE_ONEDNN_OPTS=1, as the launchers do, so all compute alike.
-Each run is a
-tiny Entropy-SGD run (WRN-10-1, L = 2, 2 outer steps, then BatchNorm
-recalibration, evaluation and a checkpoint) with synchronised BatchNorm and
-op determinism, on testdata/.
 """
 
 import json

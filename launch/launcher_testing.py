@@ -51,7 +51,8 @@ def run_in_process(dataset, *args, tf_config=None, env=None):
   (absl's own flag errors, exit codes as the shell sees them, signals, the
   oneDNN setting the binary makes before TensorFlow starts) stays with
   `run_launcher`. `returncode` is the SystemExit code (0 without one);
-  stdout is what `run` printed, stderr that and its absl log lines.
+  stdout is what `run` printed; stderr is what it printed there and every
+  log record (absl's format, INFO and up) it made.
   """
   # Here, not at the top: tests that only start processes skip TensorFlow.
   from absl import flags  # pylint: disable=g-import-not-at-top

@@ -34,10 +34,11 @@ def copy_mnist(destination):
 
 class MnistLauncherTest(parameterized.TestCase):
 
-  @parameterized.parameters(("mnistfc", "entropy_sgd", "mnist", run_in_process),
-                            ("lenet", "entropy_sgd", "mnist_gz", run_launcher),
-                            ("lenet", "sgd", "mnist", run_in_process),
-                            ("mnistfc", "nesterov", "mnist_gz", run_in_process))
+  @parameterized.parameters(
+      ("mnistfc", "entropy_sgd", "mnist", run_in_process),
+      ("lenet", "entropy_sgd", "mnist_gz", run_launcher),  # The binary.
+      ("lenet", "sgd", "mnist", run_in_process),
+      ("mnistfc", "nesterov", "mnist_gz", run_in_process))
   def test_smoke_run(self, model, opt, folder, run):
     log_dir = self.create_tempdir().full_path
     result = run("mnist", f"--opt={opt}", f"--model={model}",

@@ -16,7 +16,8 @@ for run in /work/runs/cifar10_100/*/; do
   cp $run/config.json $run/events.out.tfevents.* $dest/$name.tmp/
   cp $run/checkpoints/$ckpt.* $dest/$name.tmp/checkpoints/
   printf 'model_checkpoint_path: "%s"\nall_model_checkpoint_paths: "%s"\n' $ckpt $ckpt > $dest/$name.tmp/checkpoints/checkpoint
-  [ $alive = 1 ] && kill -CONT $pid
+  # pause.sh STOP leaves /work/runs/paused: a snapshot must not wake a paused trainer.
+  [ $alive = 1 ] && [ ! -e /work/runs/paused ] && kill -CONT $pid
   rm -rf $dest/$name; mv $dest/$name.tmp $dest/$name
   echo "$name at $ckpt"
 done

@@ -1,7 +1,8 @@
 """//launch:landscape on tiny real runs of //launch:mnist, as a user runs it.
 
 The runs train in process (`run_in_process`); //launch:landscape runs as a
-binary.
+binary for the full report, the mirrored strategy and one error, and in
+process (`run_landscape_in_process`) for the other errors.
 """
 
 import json
@@ -20,6 +21,7 @@ from launch.launcher_testing import error_lines
 from launch.launcher_testing import launcher_command
 from launch.launcher_testing import launcher_env
 from launch.launcher_testing import run_in_process
+from launch.launcher_testing import run_landscape_in_process
 from launch.launcher_testing import TESTDATA
 
 MNIST = os.path.join(TESTDATA, "mnist")
@@ -222,8 +224,11 @@ class LandscapeLauncherTest(parameterized.TestCase):
     else:
       args = []
     output_dir = os.path.join(self.root, f"out_{case}")
-    result = analyse(*args, f"--output_dir={output_dir}",
-                     f"--data_dir={MNIST}", *SMALL)
+    # One error through the binary (the line as a shell sees it), the rest
+    # in process.
+    run = analyse if case == "missing_run_dir" else run_landscape_in_process
+    result = run(*args, f"--output_dir={output_dir}", f"--data_dir={MNIST}",
+                 *SMALL)
     self.assertEqual(result.returncode, 1)
     self.assertNotIn("Traceback", result.stderr)
     errors = error_lines(result)

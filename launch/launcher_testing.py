@@ -55,11 +55,27 @@ def run_in_process(dataset, *args, tf_config=None, env=None):
   log record (absl's format, INFO and up) it made.
   """
   # Here, not at the top: tests that only start processes skip TensorFlow.
-  from absl import flags  # pylint: disable=g-import-not-at-top
   from entropy_sgd.cli import launcher  # pylint: disable=g-import-not-at-top
+  return _run_captured(
+      dataset, args, lambda flag_values: launcher.define_flags(
+          dataset, flag_values),
+      lambda flag_values: launcher.run(dataset, flag_values), tf_config, env)
+
+
+def run_landscape_in_process(*args):
+  """//launch:landscape's `run` in this process, as `run_in_process`."""
+  from entropy_sgd.cli import landscape_tool  # pylint: disable=g-import-not-at-top
+  return _run_captured("landscape", args, landscape_tool.define_flags,
+                       landscape_tool.run)
+
+
+def _run_captured(program, args, define_flags, run, tf_config=None, env=None):
+  """`define_flags(flag_values)` on fresh flags, parses `args`, then
+  `run(flag_values)` with TF_CONFIG, `env`, output and logs captured."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flag_values = flags.FlagValues()
-  launcher.define_flags(dataset, flag_values)
-  flag_values([dataset, *args])
+  define_flags(flag_values)
+  flag_values([program, *args])
   environ = {"TF_CONFIG": tf_config} if tf_config is not None else {}
   environ.update(env or {})
   stdout, stderr = io.StringIO(), io.StringIO()
@@ -72,10 +88,10 @@ def run_in_process(dataset, *args, tf_config=None, env=None):
     stack.enter_context(contextlib.redirect_stdout(stdout))
     stack.enter_context(contextlib.redirect_stderr(stderr))
     try:
-      launcher.run(dataset, flag_values)
+      run(flag_values)
     except SystemExit as e:
       code = e.code
-  return subprocess.CompletedProcess([dataset, *args], code, stdout.getvalue(),
+  return subprocess.CompletedProcess([program, *args], code, stdout.getvalue(),
                                      stderr.getvalue())
 
 

@@ -232,10 +232,14 @@ def local_entropy(objective: hessian.Objective, gamma: float,
   step_sizes = step_fraction / (gamma + betas * curvature)
   mean_losses = np.zeros((chains, num_betas))
 
-  def normal(chain, stage, step):
+  @tf.function  # One trace: eager key folding costs more than f here.
+  def draw(chain, stage, step):
     key = noise_lib.step_key(seed, stage, step, stream=chain)
-    return noise_lib.standard_normal(key, x.size, tf.as_dtype(
-        x.dtype)).numpy()
+    return noise_lib.standard_normal(key, x.size, tf.as_dtype(x.dtype))
+
+  def normal(chain, stage, step):
+    return draw(*(tf.constant(i, tf.int64) for i in (chain, stage, step))
+                ).numpy()
 
   done = 0
   try:

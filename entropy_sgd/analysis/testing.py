@@ -54,3 +54,24 @@ def quadratic_objective(quadratic, accuracy=None, batch_size=1,
   return hessian.Objective(per_example, [quadratic.x],
                            constant_batches(batch_size=batch_size),
                            **objective_kwargs)
+
+
+class NumpyQuadraticObjective:
+  """f(x) = 1/2 x^T A x in NumPy with the accessors the sampling measures
+  use (`get_flat`, `set_flat`, `loss_and_accuracy`): for closed-form tests
+  that evaluate f tens of thousands of times. Accuracy as above."""
+
+  def __init__(self, matrix, x0, accuracy=None):
+    self._matrix = np.asarray(matrix, np.float64)
+    self._x = np.array(x0, np.float64)
+    self._accuracy = accuracy
+
+  def get_flat(self):
+    return self._x.copy()
+
+  def set_flat(self, flat):
+    self._x = np.array(flat, np.float64)
+
+  def loss_and_accuracy(self):
+    loss = 0.5 * self._x @ self._matrix @ self._x
+    return loss, self._accuracy(loss) if self._accuracy else 0.0

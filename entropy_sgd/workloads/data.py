@@ -516,12 +516,26 @@ def fit_zca(images: np.ndarray, bias: float = ZCA_BIAS):
   maps (Bell & Sejnowski 1997; Krizhevsky 2009, App. A).
   """
   images = np.asarray(images, np.float64)
+  num_images, dim = images.shape
   mean = images.mean(axis=0)
   centred = images - mean
-  covariance = centred.T @ centred / (len(images) - 1)
-  eigenvalues, eigenvectors = np.linalg.eigh(covariance)
-  scale = 1.0 / (np.sqrt(np.maximum(eigenvalues, 0.0)) + bias)
-  return mean, (eigenvectors * scale) @ eigenvectors.T
+  if num_images > dim:
+    covariance = centred.T @ centred / (num_images - 1)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    scale = 1.0 / (np.sqrt(np.maximum(eigenvalues, 0.0)) + bias)
+    return mean, (eigenvectors * scale) @ eigenvectors.T
+  # Fewer images than dimensions: C's non-zero eigenpairs come from the
+  # small Gram matrix G = Y Y^T (G u = lambda u gives v = Y^T u / sqrt(
+  # lambda)), and every other direction has lambda = 0, so scale 1 / bias
+  # exactly (eigh of C would give it round-off eigenvalues instead).
+  gram = centred @ centred.T / (num_images - 1)
+  eigenvalues, u = np.linalg.eigh(gram)
+  keep = eigenvalues > eigenvalues.max() * num_images * np.finfo(float).eps
+  eigenvalues = eigenvalues[keep]
+  eigenvectors = centred.T @ u[:, keep] / np.sqrt(eigenvalues *
+                                                  (num_images - 1))
+  scale = 1.0 / (np.sqrt(eigenvalues) + bias) - 1.0 / bias
+  return mean, (eigenvectors * scale) @ eigenvectors.T + np.eye(dim) / bias
 
 
 def _zca_statistics(chunks, num_images):

@@ -239,6 +239,25 @@ class GcnZcaTest(tf.test.TestCase):
     self.assertAllClose(mean, expected_mean, rtol=1e-12)
     self.assertAllClose(matrix, expected_matrix, rtol=1e-7, atol=1e-9)
 
+  def test_fewer_images_than_dimensions_match_the_full_svd(self):
+    # The Gram-matrix route against V diag(1 / (S + bias)) V^T over the full
+    # SVD (V square, the d - n missing singular values 0); its round-off
+    # singular values (~1e-14) stay far below the bias.
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=(30, 80)) @ rng.normal(size=(80, 80)) + 2.0
+    bias = 1e-3
+    mean, matrix = data.fit_zca(images, bias=bias)
+    _, singular_values, vt = np.linalg.svd(
+        (images - images.mean(axis=0)) / np.sqrt(len(images) - 1))
+    padded = np.zeros(80)
+    padded[:len(singular_values)] = singular_values
+    self.assertAllClose(mean, images.mean(axis=0), rtol=1e-12)
+    self.assertAllClose(matrix, (vt.T / (padded + bias)) @ vt, rtol=1e-7,
+                        atol=1e-9)
+    # 29 whitened directions (rank n - 1), the other 51 scaled by 1 / bias.
+    self.assertAllClose(np.sort(np.linalg.eigvalsh(matrix))[29:],
+                        np.full(51, 1.0 / bias), rtol=1e-9)
+
   def test_pipeline_fits_on_the_training_split_only(self):
     cifar = make_data(preprocess="gcn_zca", validation_examples=20)
     images, _, _ = generator.make_split("cifar10", "train")
@@ -246,7 +265,8 @@ class GcnZcaTest(tf.test.TestCase):
     gcn = data.global_contrast_normalize(flat)
     # The mean is the training images' alone. (With 180 images in 3072
     # dimensions the matrix is singular but for the bias: `fit_zca` itself is
-    # checked against the SVD route above, on well-conditioned data.)
+    # checked against the SVD route above, also for fewer images than
+    # dimensions.)
     self.assertAllClose(cifar.mean, gcn[:180].mean(axis=0), atol=1e-6)
     with_holdout_in = make_data(preprocess="gcn_zca")
     self.assertNotAllClose(with_holdout_in.mean, cifar.mean)

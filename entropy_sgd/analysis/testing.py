@@ -38,18 +38,13 @@ def constant_batches(num_batches=1, batch_size=1, strategy=None):
   return hessian.Batches(strategy, lambda context: dataset, num_batches)
 
 
-def quadratic_objective(quadratic, accuracy=None, batch_size=1,
-                        **objective_kwargs):
-  """The `hessian.Objective` whose every example's loss is `quadratic()`.
-
-  Its accuracy is `accuracy(loss)`, or 0 without one (PAC-Bayes flatness
-  reads it as 1 - error).
-  """
+def quadratic_objective(quadratic, batch_size=1, **objective_kwargs):
+  """The `hessian.Objective` whose every example's loss is `quadratic()`
+  (accuracy 0)."""
   def per_example(images, unused_labels):
     ones = tf.ones([tf.shape(images)[0]], tf.float64)
     loss = quadratic()
-    hits = accuracy(loss) if accuracy else 0.0 * loss
-    return loss * ones, hits * ones
+    return loss * ones, 0.0 * loss * ones
 
   return hessian.Objective(per_example, [quadratic.x],
                            constant_batches(batch_size=batch_size),
@@ -58,8 +53,10 @@ def quadratic_objective(quadratic, accuracy=None, batch_size=1,
 
 class NumpyQuadraticObjective:
   """f(x) = 1/2 x^T A x in NumPy with the accessors the sampling measures
-  use (`get_flat`, `set_flat`, `loss_and_accuracy`): for closed-form tests
-  that evaluate f tens of thousands of times. Accuracy as above."""
+  use (`get_flat`, `set_flat`, `loss_and_accuracy`), for closed-form tests
+  that evaluate f tens of thousands of times. Its accuracy is
+  `accuracy(loss)`, or 0 without one (PAC-Bayes flatness reads it as
+  1 - error)."""
 
   def __init__(self, matrix, x0, accuracy=None):
     self._matrix = np.asarray(matrix, np.float64)

@@ -81,7 +81,7 @@ class ModelTest(parameterized.TestCase):
     # (batch 8): logits <= 1.4% (bfloat16) and 0.2% (float16); gradients
     # up to 25% and 7.2% (All-CNN's first layer; batch 16 gave 1.6%, 0.3%,
     # 27% and 8% at twice the cost: TensorFlow's float16 filter gradient on
-    # CPUs is slow, 70 s for All-CNN at batch 16), growing towards the input:
+    # CPUs is slow, 73 s for All-CNN at batch 16), growing towards the input:
     # each BatchNorm's backward pass subtracts the batch mean of the
     # incoming gradient, which cancels most of it and leaves its rounding.
     # That is far below minibatch noise, but the bounds are loose.

@@ -1,7 +1,8 @@
 // A CPU kernel for the Langevin noise of `entropy_sgd/noise.py`: the same
 // Philox4x32-10 words as TensorFlow's `stateless_uniform` (bit for bit) and
-// the same Box-Muller map, in vectorisable loops. TensorFlow's Philox kernel
-// is scalar (about 3 ns per word per core here); this one is about 0.5 ns.
+// the same Box-Muller map, in vectorised loops. TensorFlow's Philox kernel
+// is scalar (about 3 ns per word per core); this one is about 0.4 ns with
+// AVX-512 (Xeon, measured), Box-Muller about 0.5 ns per value.
 //
 // Two ops share the Philox part: LangevinPhiloxWords (the words, for
 // tests) and LangevinStandardNormal (the normals).
@@ -20,6 +21,10 @@
 #include <functional>
 #include <vector>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -36,12 +41,16 @@ using ::tensorflow::TensorShape;
 
 constexpr int64_t kWordsPerChunk = int64_t{1} << 18;  // noise.BITS_PER_CHUNK
 constexpr int64_t kBlocksPerChunk = kWordsPerChunk / 4;
+// Philox4x32's multipliers and Weyl key increments.
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
 
 // Philox4x32-10 (Salmon et al. 2011) of one chunk's blocks [begin, end),
 // words written to out[4 * b + j]; counter + b with a 128-bit carry, as in
-// TensorFlow's PhiloxRandom::Skip.
-void PhiloxBlocks(uint64_t key, uint64_t counter_lo, uint64_t counter_hi,
-                  int64_t begin, int64_t end, uint32_t* __restrict out) {
+// TensorFlow's PhiloxRandom::Skip. The plain loop, for any CPU and for the
+// blocks the vector loop leaves.
+void PhiloxBlocksScalar(uint64_t key, uint64_t counter_lo, uint64_t counter_hi,
+                        int64_t begin, int64_t end, uint32_t* __restrict out) {
   const uint32_t k0 = static_cast<uint32_t>(key);
   const uint32_t k1 = static_cast<uint32_t>(key >> 32);
 #pragma omp simd
@@ -53,22 +62,143 @@ void PhiloxBlocks(uint64_t key, uint64_t counter_lo, uint64_t counter_hi,
     uint32_t a = k0, d = k1;
 #pragma GCC unroll 10
     for (int round = 0; round < 10; ++round) {
-      const uint64_t p0 = uint64_t{0xD2511F53u} * c0;
-      const uint64_t p1 = uint64_t{0xCD9E8D57u} * c2;
+      const uint64_t p0 = uint64_t{kPhiloxM0} * c0;
+      const uint64_t p1 = uint64_t{kPhiloxM1} * c2;
       const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ a;
       const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ d;
       c1 = static_cast<uint32_t>(p1);
       c3 = static_cast<uint32_t>(p0);
       c0 = n0;
       c2 = n2;
-      a += 0x9E3779B9u;
-      d += 0xBB67AE85u;
+      a += kPhiloxW0;
+      d += kPhiloxW1;
     }
     out[4 * b] = c0;
     out[4 * b + 1] = c1;
     out[4 * b + 2] = c2;
     out[4 * b + 3] = c3;
   }
+}
+
+// The vector loop. Each 64-bit lane holds one 32-bit word of one block in
+// its low half, so one unsigned 32x32->64 multiply (vpmuludq) gives a whole
+// Philox product; the high halves carry junk that the multiplies ignore and
+// the final packing drops. Compilers vectorise the plain loop with 32-bit
+// lanes, which costs about twice as much (1.0 against 0.37 ns per word and
+// core on an AVX-512 Xeon, measured).
+#if defined(__AVX512F__)
+struct PhiloxLanes {
+  using V = __m512i;
+  static constexpr int kBlocks = 8;
+  static V Set(uint64_t x) { return _mm512_set1_epi64(static_cast<long long>(x)); }
+  static V Iota() { return _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0); }
+  static V Add(V a, V b) { return _mm512_add_epi64(a, b); }
+  static V Multiply(V a, V b) { return _mm512_mul_epu32(a, b); }
+  static V High(V a) { return _mm512_srli_epi64(a, 32); }
+  static V Xor3(V a, V b, V c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
+  // Lane i: words (low[i], high[i]) of block i as one 64-bit pair.
+  static V Pack(V low, V high) {
+    return _mm512_ternarylogic_epi64(low, Set(0xFFFFFFFFu),
+                                     _mm512_slli_epi64(high, 32), 0xEA);
+  }
+  // Blocks in order: pairs (w01[i], w23[i]) for i = 0..7.
+  static void Store(V w01, V w23, uint32_t* out) {
+    _mm512_storeu_si512(out, _mm512_permutex2var_epi64(
+        w01, _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0), w23));
+    _mm512_storeu_si512(out + 16, _mm512_permutex2var_epi64(
+        w01, _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4), w23));
+  }
+};
+#define ENTROPY_SGD_PHILOX_LANES 1
+#elif defined(__AVX2__)
+struct PhiloxLanes {
+  using V = __m256i;
+  static constexpr int kBlocks = 4;
+  static V Set(uint64_t x) { return _mm256_set1_epi64x(static_cast<long long>(x)); }
+  static V Iota() { return _mm256_set_epi64x(3, 2, 1, 0); }
+  static V Add(V a, V b) { return _mm256_add_epi64(a, b); }
+  static V Multiply(V a, V b) { return _mm256_mul_epu32(a, b); }
+  static V High(V a) { return _mm256_srli_epi64(a, 32); }
+  static V Xor3(V a, V b, V c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
+  static V Pack(V low, V high) {
+    return _mm256_or_si256(_mm256_and_si256(low, Set(0xFFFFFFFFu)),
+                           _mm256_slli_epi64(high, 32));
+  }
+  static void Store(V w01, V w23, uint32_t* out) {
+    const V even = _mm256_unpacklo_epi64(w01, w23);  // blocks 0, 2
+    const V odd = _mm256_unpackhi_epi64(w01, w23);   // blocks 1, 3
+    _mm256_storeu_si256(reinterpret_cast<V*>(out),
+                        _mm256_permute2x128_si256(even, odd, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<V*>(out + 8),
+                        _mm256_permute2x128_si256(even, odd, 0x31));
+  }
+};
+#define ENTROPY_SGD_PHILOX_LANES 1
+#endif
+
+#ifdef ENTROPY_SGD_PHILOX_LANES
+// Independent groups in flight at once hide the multiplies' latency.
+constexpr int kPhiloxGroups = 4;
+constexpr int64_t kVectorBlocks = kPhiloxGroups * PhiloxLanes::kBlocks;
+
+// Blocks with 64-bit counters lo_first + i (no carry among them) and high
+// counter word hi, for i in [0, kVectorBlocks), written to out[4 * i + j].
+void PhiloxVectorBlocks(const PhiloxLanes::V* round_k0,
+                        const PhiloxLanes::V* round_k1, uint64_t lo_first,
+                        uint64_t hi, uint32_t* out) {
+  using L = PhiloxLanes;
+  const L::V m0 = L::Set(kPhiloxM0), m1 = L::Set(kPhiloxM1);
+  L::V c0[kPhiloxGroups], c1[kPhiloxGroups], c2[kPhiloxGroups], c3[kPhiloxGroups];
+  for (int g = 0; g < kPhiloxGroups; ++g) {
+    c0[g] = L::Add(L::Set(lo_first + g * L::kBlocks), L::Iota());
+    c1[g] = L::High(c0[g]);
+    c2[g] = L::Set(hi);
+    c3[g] = L::High(c2[g]);
+  }
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    for (int g = 0; g < kPhiloxGroups; ++g) {
+      const L::V p0 = L::Multiply(m0, c0[g]);
+      const L::V p1 = L::Multiply(m1, c2[g]);
+      c0[g] = L::Xor3(L::High(p1), c1[g], round_k0[round]);
+      c2[g] = L::Xor3(L::High(p0), c3[g], round_k1[round]);
+      c1[g] = p1;
+      c3[g] = p0;
+    }
+  }
+  for (int g = 0; g < kPhiloxGroups; ++g) {
+    L::Store(L::Pack(c0[g], c1[g]), L::Pack(c2[g], c3[g]),
+             out + 4 * L::kBlocks * g);
+  }
+}
+#endif
+
+// PhiloxBlocksScalar's words, by the vector loop where the CPU has one.
+void PhiloxBlocks(uint64_t key, uint64_t counter_lo, uint64_t counter_hi,
+                  int64_t begin, int64_t end, uint32_t* __restrict out) {
+  int64_t b = begin;
+#ifdef ENTROPY_SGD_PHILOX_LANES
+  if (end - begin >= kVectorBlocks) {
+    PhiloxLanes::V round_k0[10], round_k1[10];
+    uint32_t a = static_cast<uint32_t>(key), d = static_cast<uint32_t>(key >> 32);
+    for (int round = 0; round < 10; ++round) {
+      round_k0[round] = PhiloxLanes::Set(a);
+      round_k1[round] = PhiloxLanes::Set(d);
+      a += kPhiloxW0;
+      d += kPhiloxW1;
+    }
+    for (; b + kVectorBlocks <= end; b += kVectorBlocks) {
+      const uint64_t lo = counter_lo + static_cast<uint64_t>(b);
+      if (lo + (kVectorBlocks - 1) < lo) {  // The carry falls inside.
+        PhiloxBlocksScalar(key, counter_lo, counter_hi, b, b + kVectorBlocks, out);
+        continue;
+      }
+      PhiloxVectorBlocks(round_k0, round_k1, lo,
+                         counter_hi + (lo < counter_lo ? 1 : 0), out + 4 * b);
+    }
+  }
+#endif
+  PhiloxBlocksScalar(key, counter_lo, counter_hi, b, end, out);
 }
 
 inline float BitsToFloat(uint32_t bits) {
@@ -357,29 +487,39 @@ StepFunction PickStep(bool velocity, bool nesterov, bool decay_before,
   return PickDecay<true, false>(decay_before, aliased, noise);
 }
 
-// Philox words [first, last) of the chunked stream of FillWords, into out.
+// Philox words [first, last) of the chunked stream of FillWords, into out:
+// whole blocks straight into out, a partial first or last block through a
+// four-word buffer.
 void WordsRange(const uint64_t* keys, const uint64_t* counters, int64_t first,
                 int64_t last, uint32_t* out) {
-  uint32_t block_words[4 * 64];
   while (first < last) {
     const int64_t chunk = first / kWordsPerChunk;
     const int64_t chunk_first = chunk * kWordsPerChunk;
-    const int64_t stop = std::min(last, chunk_first + kWordsPerChunk);
-    // Whole blocks, at most 64 at a time, copied out word by word.
-    int64_t word = first;
-    while (word < stop) {
-      const int64_t block = (word - chunk_first) / 4;
-      const int64_t block_end = std::min<int64_t>(
-          block + 64, (stop - chunk_first + 3) / 4);
+    int64_t word = first - chunk_first;  // Within the chunk from here on.
+    const int64_t stop = std::min(last, chunk_first + kWordsPerChunk) - chunk_first;
+    // Blocks [begin, end) of this chunk, block `begin` at dst.
+    auto blocks = [&](int64_t begin, int64_t end, uint32_t* dst) {
       PhiloxBlocks(keys[chunk], counters[2 * chunk], counters[2 * chunk + 1],
-                   block, block_end, block_words - 4 * block);
-      const int64_t copy_end = std::min(stop, chunk_first + 4 * block_end);
-      for (int64_t w = word; w < copy_end; ++w) {
-        *out++ = block_words[w - chunk_first - 4 * block];
-      }
-      word = copy_end;
+                   begin, end, dst - 4 * begin);
+    };
+    auto partial_block = [&](int64_t count) {
+      uint32_t block[4];
+      blocks(word / 4, word / 4 + 1, block);
+      std::memcpy(out, block + word % 4, sizeof(uint32_t) * count);
+      out += count;
+      word += count;
+    };
+    if (word % 4 != 0 || stop - word < 4) {
+      partial_block(std::min(stop, word - word % 4 + 4) - word);
     }
-    first = stop;
+    const int64_t whole = (stop - word) / 4;
+    if (whole > 0) {
+      blocks(word / 4, word / 4 + whole, out);
+      out += 4 * whole;
+      word += 4 * whole;
+    }
+    if (word < stop) partial_block(stop - word);
+    first = chunk_first + stop;
   }
 }
 

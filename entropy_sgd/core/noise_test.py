@@ -8,6 +8,7 @@ from unittest import mock
 from absl.testing import absltest
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import gen_stateless_random_ops_v2
 
 from entropy_sgd.core import build_noise_kernel
 from entropy_sgd.core import noise
@@ -138,6 +139,22 @@ class KernelAgreementTest(absltest.TestCase):
       np.testing.assert_array_equal(
           noise.philox_words(key, num_words).numpy(),
           noise.random_bits(key, num_words).numpy(), f"{num_words} words")
+
+  def test_philox_words_carry_the_counter_as_tensorflow_does(self):
+    # The vector loop takes blocks in groups of up to 32; here the 64-bit
+    # counter word wraps inside a group, and the high word wraps too.
+    kernel = noise.load_kernel().kernel
+    key = tf.constant([0x0123456789ABCDEF], tf.uint64)
+    for counter_lo, counter_hi in ((2**64 - 37, 5), (2**64 - 1, 2**64 - 1),
+                                   (2**63 - 64, 0)):
+      counter = tf.constant([counter_lo, counter_hi], tf.uint64)
+      num_words = 4 * 100 + 3
+      expected = gen_stateless_random_ops_v2.stateless_random_uniform_full_int_v2(
+          shape=[num_words], key=key, counter=counter, alg=1,  # Philox
+          dtype=tf.uint32)
+      np.testing.assert_array_equal(
+          kernel.langevin_philox_words(key, counter, num_words=num_words),
+          expected, f"counter ({counter_lo}, {counter_hi})")
 
   def test_normals_match_float64_box_muller(self):
     for num_values in (1, 2, 7, noise.BITS_PER_CHUNK + 3):

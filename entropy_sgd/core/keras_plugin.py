@@ -54,6 +54,9 @@ from entropy_sgd.core import distribution
 from entropy_sgd.core import langevin as langevin_lib
 from entropy_sgd.core import onednn
 
+# algorithm.py's defaults, the one place they are written.
+_DEFAULTS = algorithm.Hyperparameters()
+
 onednn.advise_if_off()  # Keras users import TensorFlow themselves.
 
 _PACKAGE = "entropy_sgd"
@@ -102,16 +105,16 @@ class EntropySGD(keras.optimizers.Optimizer):
 
   def __init__(self,
                learning_rate=1.0,
-               num_langevin_steps: int = 20,
+               num_langevin_steps: int = _DEFAULTS.num_langevin_steps,
                langevin_learning_rate: float = 0.1,
-               gamma: float = 0.03,
-               scoping: float = 1e-3,
-               noise: float = 1e-4,
-               alpha: float = 0.75,
-               weight_decay: float = 0.0,
+               gamma: float = _DEFAULTS.gamma,
+               scoping: float = _DEFAULTS.scoping,
+               noise: float = _DEFAULTS.noise,
+               alpha: float = _DEFAULTS.alpha,
+               weight_decay: float = _DEFAULTS.weight_decay,
                conventions: Union[str, algorithm.Conventions,
                                   dict] = "paper",
-               seed: int = 0,
+               seed: int = _DEFAULTS.seed,
                name: str = "entropy_sgd",
                **kwargs):
     for unsupported in _UNSUPPORTED:

@@ -39,6 +39,9 @@ from entropy_sgd.core import langevin as langevin_lib
 from entropy_sgd.core import noise as noise_lib
 from entropy_sgd.core import updates as update_rules
 
+# algorithm.py's defaults, the one place they are written.
+_DEFAULTS = algorithm.Hyperparameters()
+
 FloatLike = Union[float, tf.Variable, tf.Tensor]
 
 
@@ -476,15 +479,15 @@ class EntropySGD(Optimizer):
 
   def __init__(self,
                learning_rate: FloatLike = 1.0,
-               num_langevin_steps: int = 20,
+               num_langevin_steps: int = _DEFAULTS.num_langevin_steps,
                langevin_learning_rate: FloatLike = 0.1,
-               gamma: float = 0.03,
-               scoping: float = 1e-3,
-               noise: float = 1e-4,
-               alpha: float = 0.75,
-               weight_decay: float = 0.0,
+               gamma: float = _DEFAULTS.gamma,
+               scoping: float = _DEFAULTS.scoping,
+               noise: float = _DEFAULTS.noise,
+               alpha: float = _DEFAULTS.alpha,
+               weight_decay: float = _DEFAULTS.weight_decay,
                conventions: Union[str, Conventions] = "paper",
-               seed: int = 0,
+               seed: int = _DEFAULTS.seed,
                jit_compile: bool = False,
                name: Optional[str] = None):
     """Constructs Entropy-SGD.

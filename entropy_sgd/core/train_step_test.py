@@ -263,13 +263,15 @@ class EntropySGDStepTest(tf.test.TestCase, parameterized.TestCase):
     self.assertGreater(float(metrics[0]["anchor_to_mean_distance"]), 0.0)
 
 
+# (name, momentum, nesterov, weight_decay) of the SGD cases.
+SGD_VARIANTS = (("plain", 0.0, False, 0.0),
+                ("momentum", 0.9, False, 5e-3),
+                ("nesterov", 0.9, True, 5e-3))
+
+
 class SGDStepTest(tf.test.TestCase, parameterized.TestCase):
 
-  @parameterized.named_parameters(
-      ("plain", 0.0, False, 0.0),
-      ("momentum", 0.9, False, 5e-3),
-      ("nesterov", 0.9, True, 5e-3),
-  )
+  @parameterized.named_parameters(*SGD_VARIANTS)
   def test_matches_numpy_sgd(self, momentum, nesterov, weight_decay):
     x, y = make_data(5)
     optimizer = optimizers.SGD(0.3, momentum=momentum, nesterov=nesterov,
@@ -459,11 +461,7 @@ class Float64Test(tf.test.TestCase, parameterized.TestCase):
     assert_close_relative(self, final, expected, rtol=1e-12)
     self.assertEqual(metrics[-1]["loss"].dtype, tf.float32)
 
-  @parameterized.named_parameters(
-      ("plain", 0.0, False, 0.0),
-      ("momentum", 0.9, False, 5e-3),
-      ("nesterov", 0.9, True, 5e-3),
-  )
+  @parameterized.named_parameters(*SGD_VARIANTS)
   def test_sgd_matches_numpy(self, momentum, nesterov, weight_decay):
     x, y = make_data(5)
     optimizer = optimizers.SGD(0.3, momentum=momentum, nesterov=nesterov,

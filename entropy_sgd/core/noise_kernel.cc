@@ -137,19 +137,21 @@ struct PhiloxLanes {
 #endif
 
 #ifdef ENTROPY_SGD_PHILOX_LANES
-// Independent groups in flight at once hide the multiplies' latency.
+// Up to four independent groups in flight at once hide the multiplies'
+// latency.
 constexpr int kPhiloxGroups = 4;
-constexpr int64_t kVectorBlocks = kPhiloxGroups * PhiloxLanes::kBlocks;
 
 // Blocks with 64-bit counters lo_first + i (no carry among them) and high
-// counter word hi, for i in [0, kVectorBlocks), written to out[4 * i + j].
+// counter word hi, for i in [0, kGroups * PhiloxLanes::kBlocks), written to
+// out[4 * i + j].
+template <int kGroups>
 void PhiloxVectorBlocks(const PhiloxLanes::V* round_k0,
                         const PhiloxLanes::V* round_k1, uint64_t lo_first,
                         uint64_t hi, uint32_t* out) {
   using L = PhiloxLanes;
   const L::V m0 = L::Set(kPhiloxM0), m1 = L::Set(kPhiloxM1);
-  L::V c0[kPhiloxGroups], c1[kPhiloxGroups], c2[kPhiloxGroups], c3[kPhiloxGroups];
-  for (int g = 0; g < kPhiloxGroups; ++g) {
+  L::V c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  for (int g = 0; g < kGroups; ++g) {
     c0[g] = L::Add(L::Set(lo_first + g * L::kBlocks), L::Iota());
     c1[g] = L::High(c0[g]);
     c2[g] = L::Set(hi);
@@ -157,7 +159,7 @@ void PhiloxVectorBlocks(const PhiloxLanes::V* round_k0,
   }
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
-    for (int g = 0; g < kPhiloxGroups; ++g) {
+    for (int g = 0; g < kGroups; ++g) {
       const L::V p0 = L::Multiply(m0, c0[g]);
       const L::V p1 = L::Multiply(m1, c2[g]);
       c0[g] = L::Xor3(L::High(p1), c1[g], round_k0[round]);
@@ -166,10 +168,31 @@ void PhiloxVectorBlocks(const PhiloxLanes::V* round_k0,
       c3[g] = p0;
     }
   }
-  for (int g = 0; g < kPhiloxGroups; ++g) {
+  for (int g = 0; g < kGroups; ++g) {
     L::Store(L::Pack(c0[g], c1[g]), L::Pack(c2[g], c3[g]),
              out + 4 * L::kBlocks * g);
   }
+}
+
+// Blocks [b, end) in steps of kGroups vectors while they last; returns the
+// first block not done.
+template <int kGroups>
+int64_t PhiloxVectorSteps(const PhiloxLanes::V* round_k0,
+                          const PhiloxLanes::V* round_k1, uint64_t key,
+                          uint64_t counter_lo, uint64_t counter_hi, int64_t b,
+                          int64_t end, uint32_t* out) {
+  constexpr int64_t kStep = kGroups * PhiloxLanes::kBlocks;
+  for (; b + kStep <= end; b += kStep) {
+    const uint64_t lo = counter_lo + static_cast<uint64_t>(b);
+    if (lo + (kStep - 1) < lo) {  // The carry falls inside.
+      PhiloxBlocksScalar(key, counter_lo, counter_hi, b, b + kStep, out);
+      continue;
+    }
+    PhiloxVectorBlocks<kGroups>(round_k0, round_k1, lo,
+                                counter_hi + (lo < counter_lo ? 1 : 0),
+                                out + 4 * b);
+  }
+  return b;
 }
 #endif
 
@@ -178,7 +201,7 @@ void PhiloxBlocks(uint64_t key, uint64_t counter_lo, uint64_t counter_hi,
                   int64_t begin, int64_t end, uint32_t* __restrict out) {
   int64_t b = begin;
 #ifdef ENTROPY_SGD_PHILOX_LANES
-  if (end - begin >= kVectorBlocks) {
+  if (end - begin >= PhiloxLanes::kBlocks) {
     PhiloxLanes::V round_k0[10], round_k1[10];
     uint32_t a = static_cast<uint32_t>(key), d = static_cast<uint32_t>(key >> 32);
     for (int round = 0; round < 10; ++round) {
@@ -187,15 +210,10 @@ void PhiloxBlocks(uint64_t key, uint64_t counter_lo, uint64_t counter_hi,
       a += kPhiloxW0;
       d += kPhiloxW1;
     }
-    for (; b + kVectorBlocks <= end; b += kVectorBlocks) {
-      const uint64_t lo = counter_lo + static_cast<uint64_t>(b);
-      if (lo + (kVectorBlocks - 1) < lo) {  // The carry falls inside.
-        PhiloxBlocksScalar(key, counter_lo, counter_hi, b, b + kVectorBlocks, out);
-        continue;
-      }
-      PhiloxVectorBlocks(round_k0, round_k1, lo,
-                         counter_hi + (lo < counter_lo ? 1 : 0), out + 4 * b);
-    }
+    b = PhiloxVectorSteps<kPhiloxGroups>(round_k0, round_k1, key, counter_lo,
+                                         counter_hi, b, end, out);
+    b = PhiloxVectorSteps<1>(round_k0, round_k1, key, counter_lo, counter_hi,
+                             b, end, out);
   }
 #endif
   PhiloxBlocksScalar(key, counter_lo, counter_hi, b, end, out);
@@ -487,43 +505,113 @@ StepFunction PickStep(bool velocity, bool nesterov, bool decay_before,
   return PickDecay<true, false>(decay_before, aliased, noise);
 }
 
-// Philox words [first, last) of the chunked stream of FillWords, into out:
-// whole blocks straight into out, a partial first or last block through a
-// four-word buffer.
-void WordsRange(const uint64_t* keys, const uint64_t* counters, int64_t first,
-                int64_t last, uint32_t* out) {
-  while (first < last) {
-    const int64_t chunk = first / kWordsPerChunk;
-    const int64_t chunk_first = chunk * kWordsPerChunk;
-    int64_t word = first - chunk_first;  // Within the chunk from here on.
-    const int64_t stop = std::min(last, chunk_first + kWordsPerChunk) - chunk_first;
-    // Blocks [begin, end) of this chunk, block `begin` at dst.
-    auto blocks = [&](int64_t begin, int64_t end, uint32_t* dst) {
-      PhiloxBlocks(keys[chunk], counters[2 * chunk], counters[2 * chunk + 1],
-                   begin, end, dst - 4 * begin);
-    };
-    auto partial_block = [&](int64_t count) {
-      uint32_t block[4];
-      blocks(word / 4, word / 4 + 1, block);
-      std::memcpy(out, block + word % 4, sizeof(uint32_t) * count);
-      out += count;
-      word += count;
-    };
-    if (word % 4 != 0 || stop - word < 4) {
-      partial_block(std::min(stop, word - word % 4 + 4) - word);
-    }
-    const int64_t whole = (stop - word) / 4;
-    if (whole > 0) {
-      blocks(word / 4, word / 4 + whole, out);
-      out += 4 * whole;
-      word += 4 * whole;
-    }
-    if (word < stop) partial_block(stop - word);
-    first = chunk_first + stop;
+// Philox blocks [begin, end) of the chunked stream of FillWords (block b
+// holds words 4b..4b+3), into out, split where chunks change.
+void GlobalBlocks(const uint64_t* keys, const uint64_t* counters,
+                  int64_t begin, int64_t end, uint32_t* out) {
+  while (begin < end) {
+    const int64_t chunk = begin / kBlocksPerChunk;
+    const int64_t chunk_first = chunk * kBlocksPerChunk;
+    const int64_t stop = std::min(end, chunk_first + kBlocksPerChunk);
+    PhiloxBlocks(keys[chunk], counters[2 * chunk], counters[2 * chunk + 1],
+                 begin - chunk_first, stop - chunk_first,
+                 out - 4 * (begin - chunk_first));
+    out += 4 * (stop - begin);
+    begin = stop;
   }
 }
 
 constexpr int64_t kPairsPerTile = 1024;
+constexpr int64_t kPairsPerGroup = 64;
+
+// The Philox words of one tile of pairs [first, last): the whole blocks
+// around radius words [first, last), then those around angle words
+// [P + first, P + last), drawn a slice at a time.
+class TileWords {
+ public:
+  void Plan(int64_t tile, int64_t num_pairs) {
+    first_ = tile * kPairsPerTile;
+    last_ = std::min(num_pairs, first_ + kPairsPerTile);
+    radius_begin_ = first_ / 4;  // kPairsPerTile is a multiple of 4.
+    const int64_t radius_end = (last_ + 3) / 4;
+    angle_begin_ = (num_pairs + first_) / 4;
+    const int64_t angle_end = (num_pairs + last_ + 3) / 4;
+    angle_offset_ = 4 * (radius_end - radius_begin_) + num_pairs + first_ -
+                    4 * angle_begin_;
+    num_radius_blocks_ = radius_end - radius_begin_;
+    num_blocks_ = num_radius_blocks_ + angle_end - angle_begin_;
+    drawn_ = 0;
+  }
+
+  // Draws the next `count` blocks of the plan (fewer at its end).
+  void Draw(const uint64_t* keys, const uint64_t* counters, int64_t count) {
+    const int64_t stop = std::min(num_blocks_, drawn_ + count);
+    while (drawn_ < stop) {
+      const bool radius = drawn_ < num_radius_blocks_;
+      const int64_t part_stop = radius ? std::min(stop, num_radius_blocks_) : stop;
+      const int64_t global = radius ? radius_begin_ + drawn_
+                                    : angle_begin_ + drawn_ - num_radius_blocks_;
+      GlobalBlocks(keys, counters, global, global + part_stop - drawn_,
+                   words_ + 4 * drawn_);
+      drawn_ = part_stop;
+    }
+  }
+
+  int64_t first() const { return first_; }
+  int64_t last() const { return last_; }
+  int64_t num_blocks() const { return num_blocks_; }
+  // Radius and angle words of pair first() + i at radius()[i], angle()[i].
+  const uint32_t* radius() const { return words_; }
+  const uint32_t* angle() const { return words_ + angle_offset_; }
+
+ private:
+  static constexpr int64_t kMaxBlocks = 2 * (kPairsPerTile / 4) + 3;
+  uint32_t words_[4 * kMaxBlocks];
+  int64_t first_, last_, radius_begin_, angle_begin_, angle_offset_;
+  int64_t num_radius_blocks_, num_blocks_, drawn_;
+};
+
+// Updates tiles [tile_begin, tile_end) with their noise: update(a, b,
+// normals) updates positions [a, b) of the concatenation. Box-Muller and
+// the update run a group of kPairsPerGroup pairs at a time, and each group
+// also draws a slice of the next tile's Philox words, so the draw's
+// arithmetic overlaps the update's memory traffic instead of adding to it.
+template <typename Update>
+void NoisyTiles(const uint64_t* keys, const uint64_t* counters,
+                int64_t num_pairs, int64_t total, int64_t tile_begin,
+                int64_t tile_end, const Update& update) {
+  TileWords tiles[2];
+  float cosines[kPairsPerGroup], sines[kPairsPerGroup];
+  tiles[0].Plan(tile_begin, num_pairs);
+  tiles[0].Draw(keys, counters, tiles[0].num_blocks());
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    TileWords& current = tiles[(tile - tile_begin) % 2];
+    TileWords& next = tiles[(tile - tile_begin + 1) % 2];
+    const bool has_next = tile + 1 < tile_end;
+    const int64_t num_groups =
+        (current.last() - current.first() + kPairsPerGroup - 1) / kPairsPerGroup;
+    int64_t slice = 0;
+    if (has_next) {
+      next.Plan(tile + 1, num_pairs);
+      // Whole vectors of 8 blocks per slice.
+      slice = 8 * ((next.num_blocks() + 8 * num_groups - 1) / (8 * num_groups));
+    }
+    for (int64_t group = 0; group < num_groups; ++group) {
+      const int64_t offset = group * kPairsPerGroup;
+      const int64_t first = current.first() + offset;
+      const int64_t last = std::min(current.last(), first + kPairsPerGroup);
+      BoxMuller(current.radius() + offset, current.angle() + offset, 0,
+                last - first, cosines, sines);
+      update(first, last, cosines);
+      const int64_t sine_last = std::min(total, num_pairs + last);
+      if (num_pairs + first < sine_last) {
+        update(num_pairs + first, sine_last, sines);
+      }
+      if (has_next) next.Draw(keys, counters, slice);
+    }
+    if (has_next) next.Draw(keys, counters, next.num_blocks());
+  }
+}
 
 class LangevinFusedStepOp : public OpKernel {
  public:
@@ -631,25 +719,15 @@ class LangevinFusedStepOp : public OpKernel {
     ParallelFor(
         context, num_tiles,
         /*cost_per_unit=*/20000, [&](int64_t tile_begin, int64_t tile_end) {
-          uint32_t radius_words[kPairsPerTile], angle_words[kPairsPerTile];
-          float cosines[kPairsPerTile], sines[kPairsPerTile];
-          for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-            const int64_t first = tile * kPairsPerTile;
-            const int64_t last = std::min(num_pairs, first + kPairsPerTile);
-            const int64_t count = last - first;
-            if (noise_) {
-              WordsRange(key_values, counter_values, first, last,
-                         radius_words);
-              WordsRange(key_values, counter_values, num_pairs + first,
-                         num_pairs + last, angle_words);
-              BoxMuller(radius_words, angle_words, 0, count, cosines, sines);
-            }
-            update(first, last, noise_ ? cosines : nullptr);
-            const int64_t sine_last = std::min(total, num_pairs + last);
-            if (num_pairs + first < sine_last) {
-              update(num_pairs + first, sine_last, noise_ ? sines : nullptr);
-            }
+          if (noise_) {
+            NoisyTiles(key_values, counter_values, num_pairs, total,
+                       tile_begin, tile_end, update);
+            return;
           }
+          const int64_t first = tile_begin * kPairsPerTile;
+          const int64_t last = std::min(num_pairs, tile_end * kPairsPerTile);
+          update(first, last, nullptr);
+          update(num_pairs + first, std::min(total, num_pairs + last), nullptr);
         });
   }
 

@@ -42,24 +42,26 @@ def _settings(flag_values: flags.FlagValues) -> landscape.Settings:
   return landscape.Settings(**values)
 
 
+# One-line summary parts: (key in the results, its text).
+_SUMMARY_PARTS = (
+    ("hessian_top_eigenvalues",
+     lambda r: f"lambda_max {r['hessian_top_eigenvalues'][0]:.4g}"),
+    ("hessian_trace", lambda r: f"trace {r['hessian_trace']:.4g} +- "
+                                f"{r['hessian_trace_stderr']:.2g}"),
+    ("local_entropy_deficit", lambda r: f"local-entropy deficit "
+                                        f"{r['local_entropy_deficit']:.4g} nats"),
+    ("epsilon_sharpness",
+     lambda r: f"epsilon-sharpness {r['epsilon_sharpness']:.4g}%"),
+    ("adaptive_sharpness_worst",
+     lambda r: f"adaptive sharpness {r['adaptive_sharpness_worst']:.4g} "
+               f"(average {r['adaptive_sharpness_average']:.4g})"),
+    ("pac_bayes_sigma", lambda r: f"PAC-Bayes sigma' {r['pac_bayes_sigma']:.4g}"),
+)
+
+
 def _summary(results) -> str:
-  parts = []
-  if "hessian_top_eigenvalues" in results:
-    parts.append(f"lambda_max {results['hessian_top_eigenvalues'][0]:.4g}")
-  if "hessian_trace" in results:
-    parts.append(f"trace {results['hessian_trace']:.4g} +- "
-                 f"{results['hessian_trace_stderr']:.2g}")
-  if "local_entropy_deficit" in results:
-    parts.append(f"local-entropy deficit "
-                 f"{results['local_entropy_deficit']:.4g} nats")
-  if "epsilon_sharpness" in results:
-    parts.append(f"epsilon-sharpness {results['epsilon_sharpness']:.4g}%")
-  if "adaptive_sharpness_worst" in results:
-    parts.append(f"adaptive sharpness {results['adaptive_sharpness_worst']:.4g}"
-                 f" (average {results['adaptive_sharpness_average']:.4g})")
-  if "pac_bayes_sigma" in results:
-    parts.append(f"PAC-Bayes sigma' {results['pac_bayes_sigma']:.4g}")
-  return ", ".join(parts)
+  return ", ".join(text(results) for key, text in _SUMMARY_PARTS
+                   if key in results)
 
 
 def _fail(message: str):

@@ -523,6 +523,7 @@ void GlobalBlocks(const uint64_t* keys, const uint64_t* counters,
 
 constexpr int64_t kPairsPerTile = 1024;
 constexpr int64_t kPairsPerGroup = 64;
+static_assert(kPairsPerTile % 4 == 0, "tiles start on Philox blocks");
 
 // The Philox words of one tile of pairs [first, last): the whole blocks
 // around radius words [first, last), then those around angle words
@@ -532,7 +533,7 @@ class TileWords {
   void Plan(int64_t tile, int64_t num_pairs) {
     first_ = tile * kPairsPerTile;
     last_ = std::min(num_pairs, first_ + kPairsPerTile);
-    radius_begin_ = first_ / 4;  // kPairsPerTile is a multiple of 4.
+    radius_begin_ = first_ / 4;
     const int64_t radius_end = (last_ + 3) / 4;
     angle_begin_ = (num_pairs + first_) / 4;
     const int64_t angle_end = (num_pairs + last_ + 3) / 4;
@@ -565,7 +566,8 @@ class TileWords {
   const uint32_t* angle() const { return words_ + angle_offset_; }
 
  private:
-  static constexpr int64_t kMaxBlocks = 2 * (kPairsPerTile / 4) + 3;
+  // At most 256 radius blocks and 257 angle blocks (unaligned).
+  static constexpr int64_t kMaxBlocks = 2 * (kPairsPerTile / 4) + 1;
   uint32_t words_[4 * kMaxBlocks];
   int64_t first_, last_, radius_begin_, angle_begin_, angle_offset_;
   int64_t num_radius_blocks_, num_blocks_, drawn_;
